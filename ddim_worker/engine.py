@@ -1,0 +1,341 @@
+"""The editing engine: batched DDIM inversion under the source prompt, then sampling under the edit prompt.
+
+One ``EditEngine`` holds one pipeline (loaded once) and edits lists of rows: rows that share (steps, start step, eta)
+run together, every UNet call carries the whole group (doubled for classifier-free guidance), prompts are encoded once
+per distinct string, and rows that share an image, source prompt and inversion settings are inverted once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddim_worker import sampler
+from ddim_worker.denoiser import Conditioning, GuidedUNet
+from ddim_worker.models import choose_device, choose_dtype, load_pipeline, model_fingerprint
+from ddim_worker.sampler import Denoiser, Schedule, Trajectory
+
+log = logging.getLogger(__name__)
+
+#: Distinct prompt strings kept encoded; a job reuses a few source prompts many times, so this rarely evicts.
+PROMPT_CACHE_SIZE = 4096
+
+#: PIL modes the engine converts to RGB itself; anything else (16-bit, float) must go through ``images.decode_image``.
+CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr"}
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder reads and was cut, as diffusers cuts it."""
+
+
+@dataclass
+class EditRow:
+    """One edit: an image and its prompts and settings. Defaults are the textbook's (SD 1.5, 50 steps, start 10)."""
+
+    image: Image.Image | np.ndarray  # any size; RGB uint8 (H, W, 3) arrays are taken as they are
+    source_prompt: str
+    edit_prompt: str
+    negative_prompt: str = ""
+    num_steps: int = 50
+    start_step: int = 10  # sampling runs over tau[start_step:], so inversion stops at level tau[start_step]
+    guidance_scale: float = 3.5  # CFG scale while sampling with the edit prompt
+    inversion_guidance: float = 3.5  # CFG scale while inverting with the source prompt
+    seed: int = 0  # seeds eta noise and, with ``vae_sample``, the VAE posterior sample
+    eta: float = 0.0
+    cached: Trajectory | None = None  # a stored trajectory for this row (latents (L, 1, C, h, w)), if any
+
+    def inversion_key(self) -> tuple:
+        """Rows with equal keys invert to the same trajectory, so a batch inverts them once."""
+        return (_pixels_digest(self.image), self.source_prompt, self.negative_prompt, float(self.inversion_guidance),
+                int(self.num_steps))
+
+
+@dataclass
+class EditOutput:
+    image: np.ndarray  # (H, W, 3) uint8
+    trajectory: Trajectory  # this row's inversion trajectory from x0 to tau[start_step] (or deeper, if cached)
+    inversion_passes: int  # denoiser evaluations spent inverting this row (0 when cached or shared)
+    sampling_passes: int
+    cache_hit: bool
+    shared_inversion: bool = False  # inverted once together with an identical earlier row of the batch
+
+
+@dataclass
+class _Stats:
+    edits: int = 0
+    inversions: int = 0
+    prompt_encodings: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _pixels_digest(image: Image.Image | np.ndarray) -> str:
+    array = np.asarray(image)
+    return hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()
+
+
+def validate_settings(num_steps: Any, start_step: Any, guidance_scale: Any, inversion_guidance: Any = 1.0,
+                      eta: Any = 0.0) -> None:
+    """Raise ``ValueError`` naming the first bad setting; never run with a silently wrong value."""
+    for name, value in (("num_steps", num_steps), ("start_step", start_step)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
+    for name, value in (("guidance_scale", guidance_scale), ("inversion_guidance", inversion_guidance),
+                        ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+class EditEngine:
+    """Loads a Stable Diffusion 1.x pipeline once and edits batches of rows with DDIM inversion.
+
+    ``denoiser`` defaults to the pipeline's UNet with classifier-free guidance; tests pass an analytic one.
+    """
+
+    def __init__(self, pipe: Any, *, size: int = 512, denoiser: Denoiser | None = None, vae_sample: bool = False,
+                 fingerprint: str = "unknown"):
+        if not isinstance(size, int) or size <= 0 or size % 8:
+            raise ValueError(f"size must be a positive multiple of 8, got {size!r}")
+        if size % pipe.vae_scale_factor:
+            raise ValueError(f"size {size} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor}")
+        self.pipe = pipe
+        self.size = size
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        self.guided_unet = GuidedUNet(pipe.unet)
+        self.denoiser: Denoiser = denoiser if denoiser is not None else self.guided_unet
+        self.vae_sample = vae_sample
+        self.fingerprint = fingerprint
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.stats = _Stats()
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._schedules: dict[int, Schedule] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, device: str = "auto", dtype: str = "auto", size: int = 512,
+                        storage_options: dict | None = None, **kwargs: Any) -> EditEngine:
+        """Load the pipeline once (local folder, hub id or ``s3://`` folder); bf16/fp16 on CUDA, fp32 on CPU."""
+        torch_device = choose_device(device)
+        torch_dtype = choose_dtype(dtype, torch_device)
+        pipe = load_pipeline(model, torch_device, torch_dtype, storage_options)
+        return cls(pipe, size=size, fingerprint=model_fingerprint(model, storage_options), **kwargs)
+
+    # -- schedule ------------------------------------------------------------------------------------------------
+    def schedule(self, num_steps: int) -> Schedule:
+        if num_steps not in self._schedules:
+            self._schedules[num_steps] = Schedule.from_config(self.scheduler_config, num_steps)
+        return self._schedules[num_steps]
+
+    # -- prompts -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, L, D) embeddings through diffusers' ``encode_prompt``; each distinct string is encoded once."""
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r}")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if missing:
+            self._warn_truncated(missing)
+            embeds, _ = self.pipe.encode_prompt(
+                missing, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            self.stats.prompt_encodings += len(missing)
+            for prompt, embed in zip(missing, embeds):
+                self._prompt_cache[prompt] = embed
+            while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.popitem(last=False)
+        for prompt in prompts:
+            self._prompt_cache.move_to_end(prompt)
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def _warn_truncated(self, prompts: Sequence[str]) -> None:
+        """CLIP reads at most ``model_max_length`` tokens; say which prompts lose their tail, as diffusers does."""
+        tokenizer = self.pipe.tokenizer
+        limit = tokenizer.model_max_length
+        for prompt in prompts:
+            n_tokens = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            if n_tokens > limit:
+                warnings.warn(f"prompt of {n_tokens} tokens truncated to the text encoder's {limit}: "
+                              f"{prompt[:60]!r}...", PromptTruncatedWarning, stacklevel=3)
+
+    def conditioning(self, prompts: Sequence[str], negative_prompts: Sequence[str],
+                     guidance: Sequence[float]) -> Conditioning:
+        embeds = self.encode_prompts(list(prompts) + list(negative_prompts))
+        n = len(prompts)
+        return Conditioning(embeds[:n], embeds[n:], torch.tensor([float(g) for g in guidance], device=self.device))
+
+    # -- images --------------------------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        """(B, 3, size, size) in [-1, 1]: RGB, shorter side resized to ``size``, centre-cropped."""
+        from ddim_worker.images import preprocess as resize_and_crop
+
+        arrays = []
+        for i, image in enumerate(images):
+            if isinstance(image, np.ndarray):
+                if image.size == 0:
+                    raise ValueError(f"image {i} is empty (shape {image.shape})")
+                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                    raise ValueError(f"image {i}: arrays must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+                if image.shape[:2] == (self.size, self.size):
+                    arrays.append(image)
+                    continue
+                image = Image.fromarray(image)
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"image {i} must be a PIL image or a uint8 array, got {type(image).__name__}")
+            if image.width == 0 or image.height == 0:
+                raise ValueError(f"image {i} is empty ({image.width}x{image.height})")
+            if image.mode not in CONVERTIBLE_MODES:
+                raise ValueError(f"image {i} has unsupported mode {image.mode!r}; decode it with "
+                                 "ddim_worker.images.decode_image, which converts 16-bit and float images")
+            arrays.append(resize_and_crop(image.convert("RGB"), self.size))
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        return pixels.to(torch.float32) / 127.5 - 1.0
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """x0 latents (B, 4, size/8, size/8), float32: the posterior mean, or a per-row seeded sample."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        latents = dist.mean.float()
+        if self.vae_sample:
+            if seeds is None:
+                raise ValueError("vae_sample needs per-row seeds: an unseeded sample makes the job non-deterministic")
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                                 for s in seeds]).to(latents.device)
+            latents = latents + dist.std.float() * noise
+        return latents * vae.config.scaling_factor
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, H, W, 3) uint8 images from x0 latents, through ``vae.decode`` and the pipeline's image processor."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images = self.pipe.image_processor.postprocess(images.float(), output_type="pt")  # (B, 3, H, W) in [0, 1]
+        return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    # -- the two loops -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def invert(self, x: torch.Tensor, source_prompts: Sequence[str], negative_prompts: Sequence[str],
+               guidance: Sequence[float], num_steps: int, start_step: int, from_level: int | None = None,
+               refine: int = 0) -> Trajectory:
+        """Invert latents ``x`` (at ``from_level``, default x0) up to level ``tau[start_step]``: n - s steps from x0."""
+        validate_settings(num_steps, start_step, 0.0, min(guidance, default=0.0))
+        cond = self.conditioning(source_prompts, negative_prompts, guidance)
+        return sampler.invert(self.denoiser, x.to(self.device, torch.float32), self.schedule(num_steps), cond,
+                              to_level=start_step, from_level=from_level, refine=refine)
+
+    @torch.inference_mode()
+    def sample(self, x: torch.Tensor, prompts: Sequence[str], negative_prompts: Sequence[str],
+               guidance: Sequence[float], num_steps: int, start_step: int = 0, seeds: Sequence[int] | None = None,
+               eta: float = 0.0) -> torch.Tensor:
+        """DDIM-sample latents ``x`` at level ``tau[start_step]`` down to x0 (start_step 0 and noise: text-to-image)."""
+        validate_settings(num_steps, start_step, min(guidance, default=0.0), 0.0, eta)
+        cond = self.conditioning(prompts, negative_prompts, guidance)
+        noise = None
+        if eta > 0:
+            if seeds is None:
+                raise ValueError("eta > 0 needs per-row seeds")
+            generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+
+            def noise(_: int) -> torch.Tensor:
+                return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(self.device)
+
+        return sampler.sample(self.denoiser, x.to(self.device, torch.float32), self.schedule(num_steps), cond,
+                              start_level=start_step, eta=eta, noise=noise)
+
+    # -- the edit ------------------------------------------------------------------------------------------------
+    def edit(self, rows: Sequence[EditRow]) -> list[EditOutput]:
+        """Invert each row under its source prompt, sample it under its edit prompt, decode. Order is kept."""
+        for i, row in enumerate(rows):
+            try:
+                validate_settings(row.num_steps, row.start_step, row.guidance_scale, row.inversion_guidance, row.eta)
+            except ValueError as exc:
+                raise ValueError(f"row {i}: {exc}") from None
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((int(row.num_steps), int(row.start_step), float(row.eta)), []).append(i)
+        outputs: list[EditOutput | None] = [None] * len(rows)
+        for (num_steps, start_step, eta), index in groups.items():
+            for i, out in zip(index, self._edit_group([rows[i] for i in index], num_steps, start_step, eta)):
+                outputs[i] = out
+        self.stats.edits += len(rows)
+        return outputs  # type: ignore[return-value]
+
+    def _edit_group(self, rows: list[EditRow], num_steps: int, start_step: int, eta: float) -> list[EditOutput]:
+        schedule = self.schedule(num_steps)
+        target = schedule.label(start_step)
+        per_row: list[Trajectory | None] = [None] * len(rows)
+        inversion_passes = [0] * len(rows)
+        shared = [False] * len(rows)
+        cache_hit = [False] * len(rows)
+
+        # Rows whose stored trajectory already reaches tau[s] need no inversion at all.
+        todo: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            stored = row.cached
+            if stored is not None and target in stored.timesteps:
+                per_row[i] = stored
+                cache_hit[i] = True
+            else:
+                todo.setdefault(row.inversion_key(), []).append(i)
+
+        # One inversion per distinct (image, source prompt, inversion settings); rows continuing a shallower stored
+        # trajectory start from its deepest level, the others from x0, so they are inverted in separate calls.
+        leaders = [members[0] for members in todo.values()]
+        by_start: dict[int, list[int]] = {}
+        for i in leaders:
+            stored = rows[i].cached
+            start = schedule.level_of(stored.deepest) if stored is not None else schedule.num_steps
+            by_start.setdefault(start, []).append(i)
+        for from_level, members in by_start.items():
+            batch = [rows[i] for i in members]
+            if from_level == schedule.num_steps:
+                x = self.encode_images(self.preprocess([r.image for r in batch]), [r.seed for r in batch])
+                prefix = None
+            else:
+                prefix = torch.cat([r.cached.latents for r in batch], dim=1)  # (L, B, C, h, w)
+                x = prefix[-1]
+            new = self.invert(x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
+                              [r.inversion_guidance for r in batch], num_steps, start_step, from_level=from_level)
+            if prefix is not None:
+                new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
+                                 torch.cat([prefix.to(new.latents), new.latents[1:]]))
+                for i in members:
+                    cache_hit[i] = True
+            for j, i in enumerate(members):
+                per_row[i] = new.rows([j])
+                inversion_passes[i] = from_level - start_step
+        for members in todo.values():
+            for i in members[1:]:
+                per_row[i] = per_row[members[0]]
+                shared[i] = True
+                cache_hit[i] = cache_hit[members[0]]
+        self.stats.inversions += len(leaders)
+
+        start = torch.cat([traj.at(target) for traj in per_row]).to(self.device, torch.float32)  # (B, C, h, w)
+        x0 = self.sample(start, [r.edit_prompt for r in rows], [r.negative_prompt for r in rows],
+                         [r.guidance_scale for r in rows], num_steps, start_step, [r.seed for r in rows], eta)
+        images = self.decode(x0)
+        return [
+            EditOutput(images[i], _to_cpu(per_row[i]), inversion_passes[i], num_steps - start_step, cache_hit[i],
+                       shared[i])
+            for i in range(len(rows))
+        ]
+
+
+def _to_cpu(trajectory: Trajectory) -> Trajectory:
+    return Trajectory(list(trajectory.timesteps), trajectory.latents.detach().to("cpu", torch.float32))

@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from ddim_worker import sampler
+from ddim_worker import schedule as sch
 from ddim_worker.denoiser import Conditioning, GuidedUNet
+from ddim_worker.inversion import parse_method
 from ddim_worker.models import choose_device, choose_dtype, load_pipeline, model_fingerprint
 from ddim_worker.sampler import Denoiser, Schedule, Trajectory
 
@@ -51,12 +53,15 @@ class EditRow:
     inversion_guidance: float = 3.5  # CFG scale while inverting with the source prompt
     seed: int = 0  # seeds eta noise and, with ``vae_sample``, the VAE posterior sample
     eta: float = 0.0
+    inversion: str = "ddim"  # ddim | negative-prompt | fixed-point:K | noise (see ``inversion``)
     cached: Trajectory | None = None  # a stored trajectory for this row (latents (L, 1, C, h, w)), if any
 
     def inversion_key(self) -> tuple:
         """Rows with equal keys invert to the same trajectory, so a batch inverts them once."""
-        return (_pixels_digest(self.image), self.source_prompt, self.negative_prompt, float(self.inversion_guidance),
-                int(self.num_steps))
+        key = (_pixels_digest(self.image), self.source_prompt, self.negative_prompt, float(self.inversion_guidance),
+               int(self.num_steps), str(parse_method(self.inversion)))
+        # "noise" draws seeded noise: rows share it only when their seeds agree too.
+        return key + (int(self.seed),) if parse_method(self.inversion).name == "noise" else key
 
 
 @dataclass
@@ -263,6 +268,7 @@ class EditEngine:
         for i, row in enumerate(rows):
             try:
                 validate_settings(row.num_steps, row.start_step, row.guidance_scale, row.inversion_guidance, row.eta)
+                parse_method(row.inversion)
             except ValueError as exc:
                 raise ValueError(f"row {i}: {exc}") from None
         groups: dict[tuple, list[int]] = {}
@@ -274,6 +280,14 @@ class EditEngine:
                 outputs[i] = out
         self.stats.edits += len(rows)
         return outputs  # type: ignore[return-value]
+
+    def _forward_noise(self, x0: torch.Tensor, seeds: Sequence[int], schedule: Schedule,
+                       start_step: int) -> Trajectory:
+        """The img2img baseline: q(x_tau[s] | x0) with per-row seeded noise, no inversion."""
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s) + 2))
+                             for s in seeds]).to(x0)
+        noisy = sch.add_noise(x0, noise, float(schedule.alphas[start_step]))
+        return Trajectory([sampler.CLEAN_TIMESTEP, schedule.label(start_step)], torch.stack([x0, noisy]))
 
     def _edit_group(self, rows: list[EditRow], num_steps: int, start_step: int, eta: float) -> list[EditOutput]:
         schedule = self.schedule(num_steps)
@@ -296,12 +310,13 @@ class EditEngine:
         # One inversion per distinct (image, source prompt, inversion settings); rows continuing a shallower stored
         # trajectory start from its deepest level, the others from x0, so they are inverted in separate calls.
         leaders = [members[0] for members in todo.values()]
-        by_start: dict[int, list[int]] = {}
+        by_start: dict[tuple[int, str], list[int]] = {}
         for i in leaders:
             stored = rows[i].cached
             start = schedule.level_of(stored.deepest) if stored is not None else schedule.num_steps
-            by_start.setdefault(start, []).append(i)
-        for from_level, members in by_start.items():
+            by_start.setdefault((start, str(parse_method(rows[i].inversion))), []).append(i)
+        for (from_level, method_name), members in by_start.items():
+            method = parse_method(method_name)
             batch = [rows[i] for i in members]
             if from_level == schedule.num_steps:
                 x = self.encode_images(self.preprocess([r.image for r in batch]), [r.seed for r in batch])
@@ -309,8 +324,14 @@ class EditEngine:
             else:
                 prefix = torch.cat([r.cached.latents for r in batch], dim=1)  # (L, B, C, h, w)
                 x = prefix[-1]
-            new = self.invert(x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
-                              [r.inversion_guidance for r in batch], num_steps, start_step, from_level=from_level)
+            if method.name == "noise":
+                new = self._forward_noise(x, [r.seed for r in batch], schedule, start_step)
+                passes = 0
+            else:
+                new = self.invert(x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
+                                  [r.inversion_guidance for r in batch], num_steps, start_step,
+                                  from_level=from_level, refine=method.refine)
+                passes = (from_level - start_step) * (1 + method.refine)
             if prefix is not None:
                 new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
                                  torch.cat([prefix.to(new.latents), new.latents[1:]]))
@@ -318,7 +339,7 @@ class EditEngine:
                     cache_hit[i] = True
             for j, i in enumerate(members):
                 per_row[i] = new.rows([j])
-                inversion_passes[i] = from_level - start_step
+                inversion_passes[i] = passes
         for members in todo.values():
             for i in members[1:]:
                 per_row[i] = per_row[members[0]]
@@ -327,7 +348,9 @@ class EditEngine:
         self.stats.inversions += len(leaders)
 
         start = torch.cat([traj.at(target) for traj in per_row]).to(self.device, torch.float32)  # (B, C, h, w)
-        x0 = self.sample(start, [r.edit_prompt for r in rows], [r.negative_prompt for r in rows],
+        # negative-prompt inversion samples with the source prompt as the unconditional branch.
+        uncond = [r.source_prompt if parse_method(r.inversion).source_as_uncond else r.negative_prompt for r in rows]
+        x0 = self.sample(start, [r.edit_prompt for r in rows], uncond,
                          [r.guidance_scale for r in rows], num_steps, start_step, [r.seed for r in rows], eta)
         images = self.decode(x0)
         return [

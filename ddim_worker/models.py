@@ -61,6 +61,32 @@ def local_model_path(model: str, storage_options: dict | None = None) -> str:
     return str(target)
 
 
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).expanduser().exists()
+
+
+def check_model(model: str, storage_options: dict | None = None) -> None:
+    """Fail fast, before any worker starts, when a model folder is missing or is not a diffusers pipeline."""
+    if _is_remote(model):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
+        try:
+            found = fs.exists(root.rstrip("/") + "/model_index.json")
+        except Exception as exc:  # noqa: BLE001 - credentials, endpoint, bucket errors
+            raise ModelLoadError(f"cannot reach model {model!r}: {type(exc).__name__}: {exc}") from exc
+        if not found:
+            raise ModelLoadError(f"model {model!r} has no model_index.json: not a diffusers pipeline folder")
+        return
+    if _looks_like_path(model):
+        path = Path(model.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder {model!r} does not exist (give a local folder, an s3:// URL or a "
+                                 "hub id)")
+        if not (path / "model_index.json").exists():
+            raise ModelLoadError(f"model folder {model!r} has no model_index.json: not a diffusers pipeline folder")
+
+
 def model_fingerprint(model: str, storage_options: dict | None = None) -> str:
     """A short hash that changes when the model does: configs and weight file names and sizes (not their bytes,
     which would mean reading gigabytes). Hub ids without a local copy are fingerprinted by name."""
@@ -83,9 +109,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     source = local_model_path(model, storage_options)
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_like_path and not Path(source).expanduser().is_dir():
-        raise ModelLoadError(f"model folder {model!r} does not exist (give a local folder, an s3:// URL or a hub id)")
+    check_model(source)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source, dtype=dtype, safety_checker=None, requires_safety_checker=False

@@ -1,0 +1,36 @@
+# ddim-edit: `make test` and `make demo` work on a fresh clone with nothing installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL  := models/tiny
+OUT    := out
+
+.PHONY: install test demo model clean
+
+# CPU torch 2.13.0 where there is no CUDA (this workplace keeps that wheel on disk); the default CUDA build otherwise.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing torch with CUDA"; $(BIN)/pip install -q 'torch>=2.4,<=2.14.1'; \
+	else \
+		echo "no CUDA: installing CPU torch 2.13.0"; $(BIN)/pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+$(MODEL)/model_index.json: $(STAMP)
+	$(BIN)/ddim-edit make-tiny-model $(MODEL)
+
+model: $(MODEL)/model_index.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP) $(MODEL)/model_index.json
+	$(BIN)/python -m jobs.demo --model $(MODEL) --output $(OUT)
+
+clean:
+	rm -rf $(VENV) $(MODEL) $(OUT) *.egg-info

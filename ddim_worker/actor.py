@@ -1,0 +1,95 @@
+"""The Ray Data callable class: loads the engine once, edits batches. Thin on purpose: no maths, no storage.
+
+Used as ``ds.map_batches(EditActor, compute=ActorPoolStrategy(size=N), num_gpus=G, fn_constructor_kwargs=...)``;
+resources are set there, at the call site. Rows that failed upstream pass through untouched; a batch that fails in
+the engine is retried row by row, so one poisoned row fails alone (``engine_error``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddim_worker.engine import EditEngine, EditRow
+from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
+from ddim_worker.rows import FAILED
+from ddim_worker.stages import PENDING
+
+log = logging.getLogger(__name__)
+
+
+class EditActor:
+    def __init__(self, model: str, size: int, device: str = "auto", dtype: str = "auto",
+                 storage_options: dict | None = None, num_threads: int | None = None, eta: float = 0.0):
+        if num_threads:
+            torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
+        self.engine = EditEngine.from_pretrained(model, device=device, dtype=dtype, size=size,
+                                                 storage_options=storage_options)
+        self.eta = eta
+
+    def _row(self, batch: dict[str, np.ndarray], i: int) -> EditRow:
+        blob = batch["cache_blob"][i]
+        return EditRow(
+            image=batch["pixels"][i], source_prompt=str(batch["source_prompt"][i]),
+            edit_prompt=str(batch["edit_prompt"][i]), negative_prompt=str(batch["negative_prompt"][i] or ""),
+            num_steps=int(batch["num_steps"][i]), start_step=int(batch["start_step"][i]),
+            guidance_scale=float(batch["guidance_scale"][i]),
+            inversion_guidance=float(batch["inversion_guidance"][i]), seed=int(batch["seed"][i]), eta=self.eta,
+            inversion=str(batch["inversion"][i]),
+            cached=self._cached(blob),
+        )
+
+    @staticmethod
+    def _cached(blob: Any) -> Any:
+        if blob is None or not len(blob):
+            return None
+        try:
+            return decode_trajectory(bytes(blob))
+        except Exception as exc:  # noqa: BLE001 - a corrupt cache entry is a miss; the write stage replaces it
+            log.warning("ignoring unreadable latent-cache entry: %s", exc)
+            return None
+
+    def _edit_rows(self, batch: dict[str, np.ndarray], index: list[int]) -> dict[int, Any]:
+        """Outputs by row, or the exception for rows that fail even alone."""
+        try:
+            return dict(zip(index, self.engine.edit([self._row(batch, i) for i in index])))
+        except Exception as exc:  # noqa: BLE001 - isolate the poisoned row(s) by retrying one at a time
+            if len(index) == 1:
+                return {index[0]: exc}
+            log.warning("engine failed on a batch of %d rows (%s); retrying row by row", len(index), exc)
+            results: dict[int, Any] = {}
+            for i in index:
+                results.update(self._edit_rows(batch, [i]))
+            return results
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        pending = [i for i in range(n) if (batch["status"][i] or PENDING) == PENDING]
+        started = time.perf_counter()
+        with torch.inference_mode():
+            outputs = self._edit_rows(batch, pending) if pending else {}
+        per_row_seconds = (time.perf_counter() - started) / max(len(pending), 1)
+        size = self.engine.size
+        edited = np.zeros((n, size, size, 3), dtype=np.uint8)
+        blobs = np.array([b""] * n, dtype=object)
+        inversion_passes, sampling_passes = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        cache_hit = np.zeros(n, bool)
+        status, code, error = batch["status"].copy(), batch["error_code"].copy(), batch["error"].copy()
+        for i, out in outputs.items():
+            if isinstance(out, Exception):
+                status[i], code[i], error[i] = FAILED, "engine_error", f"{type(out).__name__}: {out}"
+                continue
+            edited[i] = out.image
+            inversion_passes[i], sampling_passes[i], cache_hit[i] = (out.inversion_passes, out.sampling_passes,
+                                                                     out.cache_hit)
+            if out.inversion_passes > 0 and str(batch["inversion"][i]) != "noise":
+                blobs[i] = encode_trajectory_blob(out.trajectory)  # new levels: the write stage stores them
+        result = {k: v for k, v in batch.items() if k not in ("pixels", "cache_blob")}
+        result.update(edited=edited, trajectory_blob=blobs, inversion_passes=inversion_passes,
+                      sampling_passes=sampling_passes, cache_hit=cache_hit, status=status, error_code=code,
+                      error=error, engine_seconds=np.full(n, per_row_seconds))
+        return result

@@ -1,0 +1,65 @@
+"""The latent cache: inversion trajectories as safetensors, keyed by everything that determines them.
+
+A later edit of the same image and source prompt, with any edit prompt, reads the stored level instead of inverting;
+a deeper start step continues from the deepest stored level and the object is rewritten with the longer trajectory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ddim_worker import storage
+from ddim_worker.sampler import Trajectory
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything an inversion trajectory depends on."""
+
+    image_sha256: str  # of the preprocessed pixels, so two URLs of the same picture share an entry
+    source_prompt: str
+    negative_prompt: str
+    model_fingerprint: str
+    num_steps: int
+    inversion_guidance: float
+    size: int
+    dtype: str
+    method: str
+
+    def digest(self) -> str:
+        payload = json.dumps({"v": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+
+def cache_uri(cache_root: str, key: CacheKey) -> str:
+    digest = key.digest()
+    return storage.join_uri(cache_root, digest[:2], f"{digest}.safetensors")
+
+
+def encode_trajectory_blob(trajectory: Trajectory) -> bytes:
+    """One row's trajectory (latents (L, 1, C, h, w) or (L, C, h, w)) as safetensors bytes, labelled by timestep."""
+    latents = trajectory.latents
+    if latents.dim() == 5:
+        latents = latents[:, 0]
+    tensors = {f"t{t}" if t >= 0 else "x0": latents[i].contiguous().to(torch.float32)
+               for i, t in enumerate(trajectory.timesteps)}
+    metadata = {"timesteps": json.dumps(trajectory.timesteps), "format": str(FORMAT_VERSION)}
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def decode_trajectory(data: bytes) -> Trajectory:
+    """Back to a one-row ``Trajectory`` with latents (L, 1, C, h, w)."""
+    tensors = load_safetensors(data)
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    timesteps = json.loads(metadata["timesteps"])
+    latents = torch.stack([tensors[f"t{t}" if t >= 0 else "x0"] for t in timesteps])[:, None]
+    return Trajectory(timesteps, latents)

@@ -1,0 +1,287 @@
+"""Reading the Parquet manifest: files, column mapping, per-row settings, stable and safe ids.
+
+The driver reads every column but the embedded image bytes (those stay in the file and are read by the CPU fetch
+tasks, by row group), so a manifest of a million rows with embedded images never passes through the driver's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import posixpath
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ddim_worker.rows import RowError
+
+#: Our column names. ``image_url`` or ``image`` is required, and both prompts.
+OUR_COLUMNS = (
+    "id", "image_url", "image", "source_prompt", "edit_prompt", "negative_prompt", "num_steps", "start_step",
+    "guidance_scale", "inversion_guidance", "seed", "inversion",
+)
+SETTING_COLUMNS = ("num_steps", "start_step", "guidance_scale", "inversion_guidance", "seed", "inversion")
+
+#: Ids become object keys (``images/<id>.png``): letters, digits, ``._-`` only, not starting with a dot, bounded.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+#: Prompts longer than this (characters) are refused: CLIP reads 77 tokens, so most of such a prompt is ignored.
+DEFAULT_MAX_PROMPT_CHARS = 1000
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used (missing file or column, bad mapping): one clear message."""
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """Job-wide settings; a manifest column overrides them per row, and a null means the default."""
+
+    num_steps: int = 50
+    start_step: int = 10
+    guidance_scale: float = 3.5
+    inversion_guidance: float = 3.5
+    seed: int = 0
+    negative_prompt: str = ""
+    inversion: str = "ddim"
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+
+
+@dataclass(frozen=True)
+class ManifestFiles:
+    files: tuple[str, ...]  # full URIs (protocol included for remote files)
+    base_uri: str  # the manifest's own folder: relative image paths resolve against it
+    is_local: bool
+
+
+def parse_column_map(text: str | None) -> dict[str, str]:
+    """``"image_url=URL,source_prompt=TEXT"`` -> ``{"image_url": "URL", ...}``; unknown names of ours are an error."""
+    mapping: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        ours, sep, theirs = part.partition("=")
+        ours, theirs = ours.strip(), theirs.strip()
+        if not sep or not ours or not theirs:
+            raise ManifestError(f"--columns entry {part!r} is not of the form ours=theirs")
+        if ours not in OUR_COLUMNS:
+            raise ManifestError(f"--columns: {ours!r} is not one of our columns: {', '.join(OUR_COLUMNS)}")
+        mapping[ours] = theirs
+    return mapping
+
+
+def find_manifest_files(uri: str, storage_options: dict | None = None) -> ManifestFiles:
+    """A Parquet file, a folder of them or a glob, local or any fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    is_local = protocol in ("file", "local")
+
+    def full(p: str) -> str:
+        return p if is_local else f"{protocol}://{p}"
+
+    if any(ch in path for ch in "*?["):
+        files = sorted(fs.glob(path))
+        base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+    elif fs.isdir(path):
+        files = sorted(f for f in fs.find(path) if f.endswith((".parquet", ".pq")))
+        base = path
+    elif fs.exists(path):
+        files, base = [path], posixpath.dirname(path)
+    else:
+        raise ManifestError(f"manifest {uri!r} does not exist")
+    if not files:
+        raise ManifestError(f"manifest {uri!r} has no Parquet files")
+    return ManifestFiles(tuple(full(f) for f in files), full(base), is_local)
+
+
+def resolve_columns(names: list[str], mapping: Mapping[str, str]) -> dict[str, str]:
+    """ours -> the manifest's column, for every column of ours present; errors list the manifest's columns."""
+    available = ", ".join(names)
+    for ours, theirs in mapping.items():
+        if theirs not in names:
+            raise ManifestError(f"--columns maps {ours!r} to {theirs!r}, which the manifest lacks; "
+                                f"its columns are: {available}")
+    resolved = {c: c for c in OUR_COLUMNS if c in names and c not in mapping.values()}
+    resolved.update(mapping)
+    if "image_url" not in resolved and "image" not in resolved:
+        raise ManifestError(f"the manifest has no image column (image_url or image; map yours with --columns "
+                            f"image_url=... or image=...); its columns are: {available}")
+    for needed in ("source_prompt", "edit_prompt"):
+        if needed not in resolved:
+            raise ManifestError(f"the manifest has no {needed} column (map yours with --columns {needed}=...); "
+                                f"its columns are: {available}")
+    return resolved
+
+
+def _embedded_bytes(value: Any) -> tuple[bytes | None, str | None]:
+    """(bytes, path) of an embedded image: the Hugging Face ``Image`` struct or plain binary."""
+    if value is None:
+        return None, None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), None
+    if isinstance(value, Mapping):
+        data = value.get("bytes")
+        return (bytes(data) if data is not None else None), value.get("path")
+    raise RowError("not_an_image", f"the image column holds {type(value).__name__}, not bytes or an Image struct")
+
+
+def read_rows(uri: str, mapping: Mapping[str, str] | None = None, storage_options: dict | None = None,
+              limit: int | None = None) -> tuple[list[dict], ManifestFiles]:
+    """One dict per manifest row with our column names, in manifest order, plus where the files are.
+
+    Embedded images are not returned: a row carries ``image_ref = (file, row_group, row_in_group)`` and an
+    ``image_digest`` (for ids), and ``fetch`` reads the bytes later. ``manifest_row`` numbers rows from 0.
+    """
+    manifest = find_manifest_files(uri, storage_options)
+    rows: list[dict] = []
+    columns: dict[str, str] | None = None
+    for file_index, file_uri in enumerate(manifest.files):
+        with fsspec.open(file_uri, "rb", **(storage_options or {})) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            file_columns = resolve_columns(names, mapping or {})
+            if columns is not None and file_columns != columns:
+                raise ManifestError(f"{file_uri} has different columns from the manifest's first file")
+            columns = file_columns
+            text_columns = [theirs for ours, theirs in columns.items() if ours != "image"]
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=list(dict.fromkeys(columns.values())))
+                for k, record in enumerate(_records(table, columns, text_columns)):
+                    record["manifest_row"] = len(rows)
+                    if "image" in columns and not record.get("image_url"):
+                        try:
+                            data, path = _embedded_bytes(record.pop("image", None))
+                        except RowError as exc:
+                            record["row_error"] = (exc.code, exc.message)
+                            data, path = None, None
+                        if data is not None:
+                            record["image_ref"] = (file_index, group, k)
+                            record["image_digest"] = hashlib.sha256(data).hexdigest()
+                        elif path:
+                            record["image_url"] = path
+                    record.pop("image", None)
+                    rows.append(record)
+                    if limit is not None and len(rows) >= limit:
+                        return rows, manifest
+    return rows, manifest
+
+
+def _records(table: pa.Table, columns: Mapping[str, str], text_columns: list[str]) -> Iterator[dict]:
+    data = {ours: table.column(theirs).to_pylist() for ours, theirs in columns.items()}
+    for i in range(table.num_rows):
+        yield {ours: values[i] for ours, values in data.items()}
+
+
+def read_embedded_image(manifest: ManifestFiles, ref: tuple[int, int, int], column: str,
+                        storage_options: dict | None = None) -> bytes:
+    """The bytes of one embedded image, read from its row group (fetch tasks cache the group per batch)."""
+    file_index, group, k = ref
+    with fsspec.open(manifest.files[file_index], "rb", **(storage_options or {})) as handle:
+        table = pq.ParquetFile(handle).read_row_group(group, columns=[column])
+    data, _ = _embedded_bytes(table.column(column)[k].as_py())
+    return data or b""
+
+
+# -- per-row settings --------------------------------------------------------------------------------------------
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RowError("bad_setting", f"{name} must be an integer, got {value!r}")
+    if isinstance(value, str):
+        value = value.strip()
+        try:
+            value = float(value)
+        except ValueError:
+            raise RowError("bad_setting", f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise RowError("bad_setting", f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    if not isinstance(value, int):
+        raise RowError("bad_setting", f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise RowError("bad_setting", f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise RowError("bad_setting", f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise RowError("bad_setting", f"{name} must be finite, got {value!r}")
+    return number
+
+
+def row_settings(record: Mapping[str, Any], defaults: RowDefaults) -> dict[str, Any]:
+    """The settings one row runs with (its own where given, the job's where null), validated; raises RowError."""
+    def pick(name: str) -> Any:
+        value = record.get(name)
+        return getattr(defaults, name) if value is None or (isinstance(value, float) and math.isnan(value)) \
+            else value
+
+    settings = {
+        "num_steps": _as_int("num_steps", pick("num_steps")),
+        "start_step": _as_int("start_step", pick("start_step")),
+        "guidance_scale": _as_float("guidance_scale", pick("guidance_scale")),
+        "inversion_guidance": _as_float("inversion_guidance", pick("inversion_guidance")),
+        "seed": _as_int("seed", pick("seed")),
+        "inversion": str(pick("inversion")).strip(),
+    }
+    n, s = settings["num_steps"], settings["start_step"]
+    if not 1 <= n <= 1000:
+        raise RowError("bad_setting", f"num_steps must be in [1, 1000], got {n}")
+    if not 0 <= s < n:
+        raise RowError("bad_setting", f"start_step must be in [0, num_steps={n}), got {s}")
+    for name in ("guidance_scale", "inversion_guidance"):
+        if not 0 <= settings[name] <= 100:
+            raise RowError("bad_setting", f"{name} must be in [0, 100], got {settings[name]}")
+    if not 0 <= settings["seed"] < 2**63:
+        raise RowError("bad_setting", f"seed must be in [0, 2**63), got {settings['seed']}")
+    from ddim_worker.inversion import parse_method
+
+    try:
+        parse_method(settings["inversion"])
+    except ValueError as exc:
+        raise RowError("bad_setting", str(exc)) from None
+    for name in ("source_prompt", "edit_prompt", "negative_prompt"):
+        value = record.get(name) if name != "negative_prompt" else pick(name)
+        if not isinstance(value, str):
+            raise RowError("bad_prompt", f"{name} must be text, got {type(value).__name__}")
+        if name != "negative_prompt" and not value.strip():
+            raise RowError("bad_prompt", f"{name} is empty")
+        if len(value) > defaults.max_prompt_chars:
+            raise RowError("bad_prompt", f"{name} has {len(value)} characters, over the limit of "
+                                         f"{defaults.max_prompt_chars} (--max-prompt-chars); CLIP reads 77 tokens")
+        settings[name] = value
+    return settings
+
+
+def row_id(record: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> str:
+    """The row's own id if it has one (checked: ids become object keys), else a stable hash of its content."""
+    given = record.get("id")
+    if given is not None and not (isinstance(given, float) and math.isnan(given)):
+        text = str(given)
+        if not SAFE_ID.match(text) or ".." in text:
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise RowError("bad_setting", f"id {shown!r} cannot be used as an object key: ids are 1-128 characters "
+                                          "of letters, digits, '.', '_' and '-', not starting with '.', without '..'")
+        return text
+    content = {
+        "image": record.get("image_url") or record.get("image_digest"),
+        "source_prompt": record.get("source_prompt"),
+        "edit_prompt": record.get("edit_prompt"),
+        "negative_prompt": record.get("negative_prompt"),
+        "settings": {k: record.get(k) for k in SETTING_COLUMNS},
+    }
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return f"r-{digest[:20]}"
+
+
+def defaults_dict(defaults: RowDefaults) -> dict[str, Any]:
+    return asdict(defaults)

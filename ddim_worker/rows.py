@@ -1,0 +1,68 @@
+"""Per-row outcomes: the stable error codes and the results-table schema every row ends up in."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+#: Stable error codes (the ``error_code`` column); the human ``error`` column says what exactly went wrong.
+ERROR_CODES = (
+    "fetch_failed",  # the image could not be read (network error, 4xx, storage error) after retries
+    "fetch_timeout",  # the image source did not answer within --fetch-timeout
+    "not_found",  # 404 / missing object / missing file
+    "too_large",  # over --max-download-bytes or --max-pixels (decompression bombs are refused before decoding)
+    "not_an_image",  # empty, or not a format Pillow reads
+    "bad_image",  # truncated, corrupt or smaller than --min-image-side
+    "bad_setting",  # a per-row setting or id that cannot be used
+    "bad_prompt",  # a missing, empty, non-text or over-long prompt
+    "unsafe_url",  # refused by the URL policy (private network, local file outside the manifest, unknown scheme)
+    "duplicate_id",  # a second row with an id already in the manifest
+    "engine_error",  # the engine failed on this row alone
+    "write_failed",  # the outputs could not be written
+)
+
+
+class RowError(Exception):
+    """A row-level failure with a stable code; it fails that row and never the job."""
+
+    def __init__(self, code: str, message: str):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+#: The results table, one row per manifest row.
+RESULTS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image_url", pa.string()),
+    ("source_prompt", pa.string()),
+    ("edit_prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("num_steps", pa.int64()),
+    ("start_step", pa.int64()),
+    ("guidance_scale", pa.float64()),
+    ("inversion_guidance", pa.float64()),
+    ("seed", pa.int64()),
+    ("inversion", pa.string()),
+    ("status", pa.string()),
+    ("error_code", pa.string()),
+    ("error", pa.string()),
+    ("output_uri", pa.string()),
+    ("latent_uri", pa.string()),
+    ("cache_hit", pa.bool_()),
+    ("inversion_passes", pa.int64()),
+    ("sampling_passes", pa.int64()),
+    ("unet_passes", pa.int64()),
+    ("seconds", pa.float64()),
+    ("manifest_row", pa.int64()),
+])
+
+
+def results_table(rows: list[dict]) -> pa.Table:
+    """Rows as a table in the results schema (missing fields null), sorted by manifest order."""
+    rows = sorted(rows, key=lambda r: (r.get("manifest_row") is None, r.get("manifest_row") or 0))
+    columns = {f.name: [r.get(f.name) for r in rows] for f in RESULTS_SCHEMA}
+    return pa.table(columns, schema=RESULTS_SCHEMA)

@@ -1,0 +1,199 @@
+"""Object storage helpers over fsspec: local paths, ``s3://`` and anything else fsspec can open.
+
+Why these wrappers exist:
+
+- Every object is written whole or not at all, so a killed worker never leaves a half image/latent that a rerun
+  would mistake for finished work (local disk: temp file + fsync + ``os.replace``; object stores: one PUT).
+- s3fs caches directory listings per process; the job decides "already done?" from listings that other processes
+  (other Ray workers, an earlier run) change, so ``exists``/``list_names`` always look at the store itself.
+- A dead bucket or wrong credentials should fail the job before any GPU time is spent (``check_writable``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = [
+    "StorageError",
+    "join_uri",
+    "filesystem",
+    "write_bytes",
+    "read_bytes",
+    "exists",
+    "list_names",
+    "remove",
+    "check_writable",
+]
+
+#: Name prefix of the probe object ``check_writable`` writes and deletes.
+PROBE_PREFIX = ".ddim-edit-probe-"
+
+# Temp files of in-flight local writes (``.<name>.tmp-<uuid hex>``) and probe objects are never "results".
+_INTERNAL_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$|^" + re.escape(PROBE_PREFIX))
+
+
+class StorageError(OSError):
+    """The output location cannot be used (missing bucket, bad credentials, read-only folder, ...)."""
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path segments onto a local path or a URL (``s3://bucket/prefix``) with single slashes.
+
+    Parts are always relative to ``base`` (``os.path.join`` would drop everything before a part starting with
+    ``/``); URLs are joined with ``/`` whatever the OS, local paths with ``os.path.join``.
+    """
+    clean = [p.strip("/") for p in parts if p and p.strip("/")]
+    if not clean:
+        return base
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        lead = "/" if rest.startswith("/") else ""  # file:///abs/path keeps its root
+        body = rest.strip("/")
+        return f"{scheme}://{lead}" + "/".join([body, *clean] if body else clean)
+    return os.path.join(base, *clean)
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem for ``uri`` and the path inside it (protocol stripped)."""
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop cached listings for ``path`` and its parents (s3fs keeps a per-process dircache)."""
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # pragma: no cover - caches are an optimisation, never a reason to fail
+        pass
+
+
+def _fsync_dir(folder: str) -> None:
+    """Persist the rename itself (the directory entry), where the OS allows opening a directory."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to ``uri`` atomically: readers see the old object, or the new one whole, never a part.
+
+    Local disk: temp file in the same folder, fsync, ``os.replace`` (parent folders are created).
+    Object stores: a single ``pipe`` (one PUT for our sizes; S3 makes a PUT visible only once complete).
+    """
+    fs, path = filesystem(uri, storage_options)
+    if _is_local(fs):
+        folder, name = os.path.split(path)
+        folder = folder or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(folder)
+        return
+    fs.pipe_file(path, bytes(data))
+    _invalidate(fs, path)
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole object (raises ``FileNotFoundError`` when it does not exist)."""
+    fs, path = filesystem(uri, storage_options)
+    return fs.cat_file(path)
+
+
+def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``uri`` exists now, including objects written by other processes since our last listing."""
+    fs, path = filesystem(uri, storage_options)
+    _invalidate(fs, path)
+    return bool(fs.exists(path))
+
+
+def list_names(
+    prefix_uri: str, storage_options: dict[str, Any] | None = None, suffix: str | None = None
+) -> list[str]:
+    """Sorted basenames of the objects directly under ``prefix_uri`` (no sub-folders; ``[]`` if it is missing).
+
+    Reads the store itself, not a cached listing, so objects written by other workers are seen. Temp files of
+    in-flight local writes and ``check_writable`` probes are left out. ``suffix`` keeps only names ending in it.
+    """
+    fs, path = filesystem(prefix_uri, storage_options)
+    path = path.rstrip("/") or path
+    _invalidate(fs, path)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    names: list[str] = []
+    own = fs._strip_protocol(path).rstrip("/")
+    for entry in entries:
+        if entry.get("type") != "file":
+            continue
+        full = str(entry["name"]).rstrip("/")
+        if full == own:  # ``ls`` on an object returns the object itself: it is not "under" the prefix
+            continue
+        name = posixpath.basename(full)
+        if not name or _INTERNAL_NAME.match(name):
+            continue
+        if suffix is not None and not name.endswith(suffix):
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def remove(uri: str, storage_options: dict[str, Any] | None = None, missing_ok: bool = True) -> None:
+    """Delete one object; a missing object is fine unless ``missing_ok`` is False."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        if _is_local(fs):
+            os.unlink(path)
+        else:
+            if not missing_ok and not exists(uri, storage_options):
+                raise FileNotFoundError(uri)
+            fs.rm_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    finally:
+        _invalidate(fs, path)
+
+
+def check_writable(output_uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write and delete a small probe object under ``output_uri`` so a dead bucket or bad credentials fail fast.
+
+    Raises ``StorageError`` naming the URI and the cause; the original exception is chained.
+    """
+    probe = join_uri(output_uri, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"ddim-edit write probe\n", storage_options)
+        remove(probe, storage_options)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot write there"
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise StorageError(f"output location {output_uri!r} is not writable ({cause})") from exc

@@ -1,0 +1,209 @@
+"""Which image URLs a job may fetch: the pure policy half of ``fetch.py`` (no I/O but an injectable DNS resolver).
+
+Manifests come from users, so an image URL is untrusted input: without these checks a manifest line such as
+``http://169.254.169.254/latest/meta-data/...`` or ``file:///etc/passwd`` would make a worker read cloud credentials or
+local files and hand them back as "images" (SSRF / local file disclosure).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import posixpath
+import re
+import socket
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlsplit
+
+import fsspec
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
+
+
+class FetchError(Exception):
+    """A failed fetch. ``code`` is one of ``fetch_failed``, ``fetch_timeout``, ``not_found``, ``too_large``,
+    ``unsafe_url``; ``retryable`` marks transient failures (5xx, 429, resets, timeouts)."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    # Off by default: a worker usually runs inside a VPC next to metadata services and internal APIs (SSRF).
+    allow_private_network: bool = False
+    # Off by default: only files in the manifest's own folder, so a manifest cannot read e.g. ~/.aws/credentials.
+    allow_local_files: bool = False
+    # Per connect and per read, not for the whole body: a healthy server sends *something* well within 30 s.
+    timeout_s: float = 30.0
+    # Retries after the first try, for transient errors only (5xx, 429, resets, timeouts).
+    retries: int = 3
+    # Sleep before retry k (0-based) is backoff_s * 2**k: 0.5, 1, 2 s, about 3.5 s in all with the defaults.
+    backoff_s: float = 0.5
+    # 50 MiB is far above any real photo but bounds a worker's memory against huge or endless bodies.
+    max_bytes: int = 50 * 2**20
+    # What browsers and CDNs need in practice; more is almost always a loop.
+    max_redirects: int = 5
+
+
+Resolver = Callable[[str, "int | None"], "list[str]"]
+
+
+def default_resolver(host: str, port: int | None) -> list[str]:
+    """All addresses ``host`` resolves to (what a connection could end up using), in order, without duplicates."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:  # 2002:AABB:CCDD::/48
+        return ip.sixtofour
+    if ip in ipaddress.IPv6Network("64:ff9b::/96"):  # NAT64 well-known prefix
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def is_public_address(ip: str) -> bool:
+    """True only for globally routable unicast addresses; False for anything unparsable (fail closed)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(addr)
+        if inner is not None:
+            return is_public_address(str(inner))
+    # is_global alone is not enough: it is True for multicast (224/4); is_private covers 10/8, 172.16/12,
+    # 192.168/16, fc00::/7 (and more); CGNAT 100.64/10 is neither private nor global.
+    return addr.is_global and not (
+        addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local  # 169.254/16 (cloud metadata 169.254.169.254), fe80::/10
+        or addr.is_multicast
+        or addr.is_unspecified
+        or addr.is_reserved
+    )
+
+
+# What inet_aton accepts as an IPv4 literal: "127.1", "2130706433", "0x7f000001", "0177.0.0.1".
+_LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$", re.IGNORECASE)
+
+
+def _literal_addresses(host: str) -> list[str] | None:
+    """The address of an IP-literal host, parsed here (no resolver involved), or None for a name."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.match(host):
+        try:
+            return [socket.inet_ntoa(socket.inet_aton(host))]  # same parse the C library does when connecting
+        except OSError:
+            raise FetchError("unsafe_url", f"malformed IPv4 address {host!r}") from None
+    return None
+
+
+def check_http_url(url: str, policy: FetchPolicy, resolve: Resolver = default_resolver) -> list[str]:
+    """Check one http(s) hop before connecting to it; returns the addresses the host resolved to."""
+    # Parse with urllib3, the parser requests connects with: urllib.parse disagrees on some inputs
+    # ("http://127.0.0.1\\@evil.com/" is evil.com to urlsplit but 127.0.0.1 to requests).
+    try:
+        parts = parse_url(url.strip())
+    except LocationParseError as e:
+        raise FetchError("unsafe_url", f"malformed URL {url!r}: {e}") from None
+    if (parts.scheme or "").lower() not in ("http", "https"):
+        raise FetchError("unsafe_url", f"{url!r} is not an http(s) URL")
+    host, port = (parts.host or "").strip("[]"), parts.port
+    if not host:
+        raise FetchError("unsafe_url", f"{url!r} has no host")
+    addresses = _literal_addresses(host)
+    if addresses is None:
+        try:
+            addresses = list(resolve(host, port))
+        except (OSError, UnicodeError) as e:
+            raise FetchError("fetch_failed", f"cannot resolve {host!r}: {e}") from None
+        if not addresses:
+            raise FetchError("fetch_failed", f"{host!r} resolved to no address")
+    if not policy.allow_private_network:
+        bad = [a for a in addresses if not is_public_address(a)]
+        if bad:
+            raise FetchError(
+                "unsafe_url",
+                f"{url} resolves to non-public address {', '.join(bad)}; pass --allow-private-network to allow it",
+            )
+    return addresses
+
+
+def resolve_local_path(url_or_path: str, base_dir: str | None, policy: FetchPolicy) -> str:
+    """The real path of a plain path or ``file://`` URL, refused (``unsafe_url``) outside the manifest's folder.
+
+    The check is on the realpath (symlinks resolved); a symlink swapped in between this check and the open is not
+    covered (TOCTOU), which is acceptable for a folder the job's own user controls.
+    """
+    path = url_or_path
+    if urlsplit(url_or_path).scheme.lower() == "file":
+        parts = urlsplit(url_or_path)
+        if parts.netloc not in ("", "localhost"):
+            raise FetchError("unsafe_url", f"{url_or_path}: file URLs on another host are not supported")
+        path = unquote(parts.path)
+    if not path:
+        raise FetchError("unsafe_url", f"{url_or_path!r} is an empty path")
+    if not os.path.isabs(path):
+        path = os.path.join(base_dir if base_dir is not None else os.getcwd(), path)
+    real = os.path.realpath(path)
+    if policy.allow_local_files:
+        return real
+    if base_dir is None:
+        raise FetchError(
+            "unsafe_url",
+            f"{url_or_path} is a local path but the manifest is not local; pass --allow-local-files to allow it",
+        )
+    base = os.path.realpath(base_dir)
+    if os.path.commonpath([real, base]) != base:
+        raise FetchError(
+            "unsafe_url",
+            f"{url_or_path} is outside the manifest's folder {base}; pass --allow-local-files to allow it",
+        )
+    return real
+
+
+# fsspec protocols that would bypass the checks above: local disk, generic network clients that reach any host
+# (SSRF), and wrappers/chaining that take another URL inside them.
+_FSSPEC_REFUSED = frozenset(
+    "file local asynclocal async_wrapper asyncwrapper generic dir data ftp sftp ssh smb webdav webhdfs hdfs "
+    "arrow_hdfs http https git dvc jupyter jlab dask pyscript root reference zip tar libarchive cached filecache "
+    "simplecache blockcache".split()
+)
+
+
+def classify(url: str) -> str:
+    """``"http"``, ``"local"`` (plain path or ``file://``) or ``"fsspec"`` (s3://, gs://, memory://...)."""
+    scheme = urlsplit(url).scheme.lower()
+    if not scheme:
+        return "local"
+    if scheme in ("http", "https"):
+        return "http"
+    if scheme == "file":
+        return "local"
+    if scheme not in _FSSPEC_REFUSED and scheme in fsspec.available_protocols() and "://" in url:
+        if "::" in url:
+            raise FetchError("unsafe_url", f"chained fsspec URLs are not allowed: {url}")
+        return "fsspec"
+    raise FetchError("unsafe_url", f"unknown URL scheme {scheme!r}")
+
+
+def join_relative(base_uri: str, rel: str) -> str:
+    """``rel`` (a relative path from a manifest) under the remote folder ``base_uri``; refused if it climbs out."""
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise FetchError("unsafe_url", f"{rel} is outside the manifest's folder {base_uri}")
+    return base_uri.rstrip("/") + "/" + norm

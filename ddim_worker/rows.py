@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
@@ -61,8 +63,25 @@ RESULTS_SCHEMA = pa.schema([
 ])
 
 
+def _coerce(value: object, type_: pa.DataType) -> object:
+    """Ray's NumPy batches turn nulls into NaN and ints into NumPy scalars; the table wants None and Python values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if pa.types.is_string(type_):
+        return str(value)
+    if pa.types.is_integer(type_):
+        return int(value)
+    if pa.types.is_floating(type_):
+        return float(value)
+    if pa.types.is_boolean(type_):
+        return bool(value)
+    return value
+
+
 def results_table(rows: list[dict]) -> pa.Table:
     """Rows as a table in the results schema (missing fields null), sorted by manifest order."""
     rows = sorted(rows, key=lambda r: (r.get("manifest_row") is None, r.get("manifest_row") or 0))
-    columns = {f.name: [r.get(f.name) for r in rows] for f in RESULTS_SCHEMA}
+    columns = {f.name: [_coerce(r.get(f.name), f.type) for r in rows] for f in RESULTS_SCHEMA}
     return pa.table(columns, schema=RESULTS_SCHEMA)

@@ -130,8 +130,9 @@ def _embedded_bytes(value: Any) -> tuple[bytes | None, str | None]:
 
 
 def read_rows(uri: str, mapping: Mapping[str, str] | None = None, storage_options: dict | None = None,
-              limit: int | None = None) -> tuple[list[dict], ManifestFiles]:
-    """One dict per manifest row with our column names, in manifest order, plus where the files are.
+              limit: int | None = None) -> tuple[list[dict], ManifestFiles, dict[str, str]]:
+    """One dict per manifest row with our column names, in manifest order, where the files are, and the column
+    mapping used (ours -> theirs).
 
     Embedded images are not returned: a row carries ``image_ref = (file, row_group, row_in_group)`` and an
     ``image_digest`` (for ids), and ``fetch`` reads the bytes later. ``manifest_row`` numbers rows from 0.
@@ -166,8 +167,8 @@ def read_rows(uri: str, mapping: Mapping[str, str] | None = None, storage_option
                     record.pop("image", None)
                     rows.append(record)
                     if limit is not None and len(rows) >= limit:
-                        return rows, manifest
-    return rows, manifest
+                        return rows, manifest, columns
+    return rows, manifest, columns or {}
 
 
 def _records(table: pa.Table, columns: Mapping[str, str], text_columns: list[str]) -> Iterator[dict]:

@@ -32,10 +32,10 @@ from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from ddim_worker.manifest import (
     DEFAULT_MAX_PROMPT_CHARS,
     ManifestError,
+    ManifestFiles,
     RowDefaults,
     parse_column_map,
     read_rows,
-    resolve_columns,
     row_id,
     row_settings,
 )
@@ -122,6 +122,7 @@ class Plan:
     finished: list[dict]  # result rows decided by the driver: invalid rows (failed) and done rows (skipped)
     total: int
     image_column: str | None
+    manifest: ManifestFiles
 
 
 def _previous_results(config: JobConfig) -> dict[str, dict]:
@@ -136,7 +137,7 @@ def _previous_results(config: JobConfig) -> dict[str, dict]:
 
 def plan_rows(config: JobConfig) -> Plan:
     mapping = parse_column_map(config.columns)
-    records, manifest = read_rows(config.manifest, mapping, config.storage_options, config.limit)
+    records, manifest, columns = read_rows(config.manifest, mapping, config.storage_options, config.limit)
     defaults = config.defaults()
     done_ids = set() if config.overwrite else {
         name.removesuffix(".png")
@@ -178,15 +179,7 @@ def plan_rows(config: JobConfig) -> Plan:
     work.sort(key=lambda r: (str(r["image_url"] or ""), r["ref_file"], r["ref_group"], r["ref_row"],
                              r["source_prompt"], r["negative_prompt"], r["num_steps"], r["inversion_guidance"],
                              r["inversion"], r["manifest_row"]))
-    columns = resolve_columns(_first_columns(manifest), mapping)
-    return Plan(work, finished, len(records), columns.get("image"))
-
-
-def _first_columns(manifest) -> list[str]:
-    import fsspec
-
-    with fsspec.open(manifest.files[0], "rb") as handle:
-        return pq.ParquetFile(handle).schema_arrow.names
+    return Plan(work, finished, len(records), columns.get("image"), manifest)
 
 
 # -- running ------------------------------------------------------------------------------------------------------
@@ -216,13 +209,9 @@ class Progress:
 def _init_ray(config: JobConfig) -> None:
     import ray
 
-    if ray.is_initialized():
-        return
-    address = config.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(log_to_driver=False)
+    if not ray.is_initialized():
+        address = config.address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, log_to_driver=False)
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -294,8 +283,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     import torch
 
     dtype = str(choose_dtype(config.dtype, torch.device(config.device))).removeprefix("torch.")
-    _, manifest = read_rows(config.manifest, parse_column_map(config.columns), config.storage_options, limit=1)
-    ctx = StageContext(output_uri=config.output, cache_root=config.cache_root, manifest=manifest, model=config.model,
+    ctx = StageContext(output_uri=config.output, cache_root=config.cache_root, manifest=plan.manifest, model=config.model,
                        model_fingerprint=fingerprint, dtype=dtype, size=config.size, image_column=plan.image_column,
                        storage_options=config.storage_options, policy=config.policy(), max_pixels=config.max_pixels,
                        min_side=config.min_image_side)

@@ -1,0 +1,49 @@
+"""Helpers shared by the job tests: images, manifests, running the job in-process, reading its outputs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ddim_worker import storage
+from jobs.edit import JobConfig, run_job
+
+#: Small settings so a job over a few rows takes seconds on 2 CPU cores.
+FAST = dict(size=64, steps=6, start_step=2, batch_size=4)
+
+
+def picture(seed: int, size: int = 80, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    c = rng.uniform(0.2, 1.0, 3)
+    pixels = np.stack([xx * c[0], yy * c[1], (1 - xx * yy) * c[2]], -1)
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def write_manifest(rows: list[dict], uri: str, storage_options: dict | None = None,
+                   schema: pa.Schema | None = None) -> str:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_options)
+    return uri
+
+
+def run(manifest: str, output: str, model: Path, **overrides: Any) -> dict:
+    settings = {**FAST, **overrides}
+    return run_job(JobConfig(manifest=manifest, output=output, model=str(model), **settings))
+
+
+def results(output: str, storage_options: dict | None = None) -> dict[str, dict]:
+    data = storage.read_bytes(storage.join_uri(output, "results", "results.parquet"), storage_options)
+    rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), f"an id appears twice in the results: {ids}"
+    return {r["id"]: r for r in rows}

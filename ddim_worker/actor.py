@@ -24,11 +24,13 @@ log = logging.getLogger(__name__)
 
 class EditActor:
     def __init__(self, model: str, size: int, device: str = "auto", dtype: str = "auto",
-                 storage_options: dict | None = None, num_threads: int | None = None, eta: float = 0.0):
+                 storage_options: dict | None = None, num_threads: int | None = None, eta: float = 0.0,
+                 batch_size: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
+        # A fixed engine batch size makes every row's output independent of its neighbours (see EditEngine).
         self.engine = EditEngine.from_pretrained(model, device=device, dtype=dtype, size=size,
-                                                 storage_options=storage_options)
+                                                 storage_options=storage_options, batch_size=batch_size)
         self.eta = eta
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> EditRow:

@@ -37,15 +37,23 @@ class GuidedUNet:
     done; ``batch_sizes`` keeps the batch size of every call.
     """
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, pad_to: int | None = None):
         self.unet = unet
+        # Batch invariance: pad every call to ``pad_to`` rows per CFG half (and always run both halves), so a row's
+        # output never depends on how many rows, or which, shared its call. Kernels pick algorithms by batch size.
+        self.pad_to = pad_to
         self.calls = 0
         self.row_passes = 0
         self.batch_sizes: list[int] = []
 
     def __call__(self, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
+        rows = x.shape[0]
+        if self.pad_to is not None and rows < self.pad_to:
+            x, cond = pad_rows(x, self.pad_to), Conditioning(pad_rows(cond.text, self.pad_to), pad_rows(cond.uncond, self.pad_to),
+                                                          pad_rows(cond.guidance, self.pad_to, value=1.0))
+        guided = cond.guided or self.pad_to is not None
         dtype = self.unet.dtype
-        if cond.guided:
+        if guided:
             model_input = torch.cat([x, x]).to(dtype)  # (2B, C, h, w): uncond rows first, as diffusers does
             context = torch.cat([cond.uncond, cond.text]).to(dtype)
         else:
@@ -53,10 +61,19 @@ class GuidedUNet:
         timestep = torch.full((model_input.shape[0],), t, device=x.device, dtype=torch.long)
         out = self.unet(model_input, timestep, encoder_hidden_states=context, return_dict=False)[0]
         self.calls += 1
-        self.row_passes += x.shape[0]
+        self.row_passes += rows
         self.batch_sizes.append(model_input.shape[0])
-        if not cond.guided:
+        if not guided:
             return out.to(x.dtype)
         eps_uncond, eps_text = out.float().chunk(2)
         w = cond.guidance.to(device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
-        return (eps_uncond + w * (eps_text - eps_uncond)).to(x.dtype)
+        eps = eps_uncond + w * (eps_text - eps_uncond)
+        if self.pad_to is not None:  # w = 1 rows: exactly the text branch, as in an unguided call
+            eps = torch.where(w == 1, eps_text, eps)
+        return eps[:rows].to(x.dtype)
+
+
+def pad_rows(tensor: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
+    """``tensor`` with rows of ``value`` appended up to ``rows`` (dimension 0)."""
+    extra = rows - tensor.shape[0]
+    return torch.cat([tensor, tensor.new_full((extra, *tensor.shape[1:]), value)]) if extra > 0 else tensor

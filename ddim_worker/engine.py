@@ -21,7 +21,7 @@ from PIL import Image
 
 from ddim_worker import sampler
 from ddim_worker import schedule as sch
-from ddim_worker.denoiser import Conditioning, GuidedUNet
+from ddim_worker.denoiser import Conditioning, GuidedUNet, pad_rows
 from ddim_worker.inversion import parse_method
 from ddim_worker.models import choose_device, choose_dtype, load_pipeline, model_fingerprint
 from ddim_worker.sampler import Denoiser, Schedule, Trajectory
@@ -112,7 +112,7 @@ class EditEngine:
     """
 
     def __init__(self, pipe: Any, *, size: int = 512, denoiser: Denoiser | None = None, vae_sample: bool = False,
-                 fingerprint: str = "unknown"):
+                 fingerprint: str = "unknown", batch_size: int | None = None):
         if not isinstance(size, int) or size <= 0 or size % 8:
             raise ValueError(f"size must be a positive multiple of 8, got {size!r}")
         if size % pipe.vae_scale_factor:
@@ -121,7 +121,12 @@ class EditEngine:
         self.size = size
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
-        self.guided_unet = GuidedUNet(pipe.unet)
+        # ``batch_size``: run every model call on exactly this many rows (padding partial batches, splitting larger
+        # ones), so each row's pixels are the same bytes whatever it was batched with. Costs the padding only.
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.guided_unet = GuidedUNet(pipe.unet, pad_to=batch_size)
         self.denoiser: Denoiser = denoiser if denoiser is not None else self.guided_unet
         self.vae_sample = vae_sample
         self.fingerprint = fingerprint
@@ -155,9 +160,10 @@ class EditEngine:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
         if missing:
             self._warn_truncated(missing)
-            embeds, _ = self.pipe.encode_prompt(
-                missing, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
+            # One prompt per call when batch invariance is on: an embedding must not depend on its neighbours.
+            chunks = [[p] for p in missing] if self.batch_size is not None else [missing]
+            embeds = torch.cat([self.pipe.encode_prompt(chunk, self.device, num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=False)[0] for chunk in chunks])
             self.stats.prompt_encodings += len(missing)
             for prompt, embed in zip(missing, embeds):
                 self._prompt_cache[prompt] = embed
@@ -208,13 +214,26 @@ class EditEngine:
                                  "ddim_worker.images.decode_image, which converts 16-bit and float images")
             arrays.append(resize_and_crop(image.convert("RGB"), self.size))
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        return pixels.to(torch.float32) / 127.5 - 1.0
+        # contiguous (NCHW): a permuted view would run channels-last kernels on some calls and not on others
+        return (pixels.to(torch.float32) / 127.5 - 1.0).contiguous()
+
+    def _vae_call(self, fn: Any, x: torch.Tensor) -> Any:
+        """``fn(x)``, in padded chunks of ``batch_size`` rows when batch invariance is on."""
+        if self.batch_size is None:
+            return fn(x)
+        parts = [fn(pad_rows(x[i:i + self.batch_size], self.batch_size)) for i in range(0, x.shape[0], self.batch_size)]
+        n = [min(self.batch_size, x.shape[0] - i) for i in range(0, x.shape[0], self.batch_size)]
+        if isinstance(parts[0], torch.Tensor):
+            return torch.cat([p[:k] for p, k in zip(parts, n)])
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(torch.cat([p.parameters[:k] for p, k in zip(parts, n)]))
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """x0 latents (B, 4, size/8, size/8), float32: the posterior mean, or a per-row seeded sample."""
         vae = self.pipe.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        dist = self._vae_call(lambda chunk: vae.encode(chunk).latent_dist, pixels.to(self.device, vae.dtype))
         latents = dist.mean.float()
         if self.vae_sample:
             if seeds is None:
@@ -222,13 +241,14 @@ class EditEngine:
             noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                                  for s in seeds]).to(latents.device)
             latents = latents + dist.std.float() * noise
-        return latents * vae.config.scaling_factor
+        return (latents * vae.config.scaling_factor).contiguous()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(B, H, W, 3) uint8 images from x0 latents, through ``vae.decode`` and the pipeline's image processor."""
         vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images = self._vae_call(lambda chunk: vae.decode(chunk, return_dict=False)[0],
+                                latents.to(vae.dtype) / vae.config.scaling_factor)
         images = self.pipe.image_processor.postprocess(images.float(), output_type="pt")  # (B, 3, H, W) in [0, 1]
         return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -275,9 +295,12 @@ class EditEngine:
         for i, row in enumerate(rows):
             groups.setdefault((int(row.num_steps), int(row.start_step), float(row.eta)), []).append(i)
         outputs: list[EditOutput | None] = [None] * len(rows)
+        step = self.batch_size or len(rows)
         for (num_steps, start_step, eta), index in groups.items():
-            for i, out in zip(index, self._edit_group([rows[i] for i in index], num_steps, start_step, eta)):
-                outputs[i] = out
+            for k in range(0, len(index), step):
+                chunk = index[k:k + step]
+                for i, out in zip(chunk, self._edit_group([rows[i] for i in chunk], num_steps, start_step, eta)):
+                    outputs[i] = out
         self.stats.edits += len(rows)
         return outputs  # type: ignore[return-value]
 

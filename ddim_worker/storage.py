@@ -197,3 +197,23 @@ def check_writable(output_uri: str, storage_options: dict[str, Any] | None = Non
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot write there"
         cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise StorageError(f"output location {output_uri!r} is not writable ({cause})") from exc
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+
+
+def remove_stale_temp_files(prefix_uri: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Delete temp files a killed writer left under a local prefix (object stores have none: a PUT is whole).
+
+    Only safe when no writer of this output is running, i.e. at the start of a job; returns how many were removed.
+    """
+    fs, root = filesystem(prefix_uri, storage_options)
+    if not _is_local(fs) or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if _TEMP_NAME.match(name):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed

@@ -210,8 +210,9 @@ def _init_ray(config: JobConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        address = config.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, log_to_driver=False)
+        # No address: a new local instance ("local"), never a stale cluster recorded in /tmp/ray by `ray start`.
+        address = config.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, log_to_driver=False)
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -236,10 +237,13 @@ def _dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_size:
     engine_cpus = 1 if config.gpus_per_actor > 0 else config.cpus_per_actor
     ds = ds.map_batches(
         EditActor,
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        # Elastic between 1 and --actors: a job goes on when a node with an actor is lost and cannot be replaced.
+        # Ray Data restarts dead engine actors and retries their tasks (max_restarts=-1, max_task_retries=-1).
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors),
         fn_constructor_kwargs={"model": model, "size": config.size, "dtype": config.dtype,
                                "device": config.device, "storage_options": config.storage_options,
-                               "num_threads": max(int(engine_cpus), 1), "eta": config.eta},
+                               "num_threads": max(int(engine_cpus), 1), "eta": config.eta,
+                               "batch_size": batch_size},
         batch_size=batch_size,
         batch_format="numpy",
         num_gpus=config.gpus_per_actor or None,
@@ -275,6 +279,9 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     except OSError as exc:
         raise JobError(f"cannot write to --output {config.output}: {exc}") from None
     model = _resolve_model(config)
+    for prefix in {config.output, config.cache_root}:
+        if removed := storage.remove_stale_temp_files(prefix, config.storage_options):
+            log.warning("removed %d partial files a killed earlier run left under %s", removed, prefix)
     try:
         plan = plan_rows(config)
     except (ManifestError, OSError) as exc:

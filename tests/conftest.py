@@ -71,6 +71,7 @@ def ray_session() -> Iterator[Any]:
         yield ray.get_runtime_context()
         return
     ctx = ray.init(
+        address="local",  # a new instance, never a cluster a `ray start` recorded in /tmp/ray
         num_cpus=4,
         num_gpus=0,
         object_store_memory=512 * 2**20,

@@ -41,9 +41,15 @@ def run(manifest: str, output: str, model: Path, **overrides: Any) -> dict:
     return run_job(JobConfig(manifest=manifest, output=output, model=str(model), **settings))
 
 
-def results(output: str, storage_options: dict | None = None) -> dict[str, dict]:
+def result_rows(output: str, storage_options: dict | None = None) -> list[dict]:
+    """The results table as it is, in manifest order."""
     data = storage.read_bytes(storage.join_uri(output, "results", "results.parquet"), storage_options)
-    rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+    return pq.read_table(pa.BufferReader(data)).to_pylist()
+
+
+def results(output: str, storage_options: dict | None = None) -> dict[str, dict]:
+    """Results by id; an id appears once, except on rows that failed as a duplicate of an earlier row."""
+    rows = [r for r in result_rows(output, storage_options) if r["error_code"] != "duplicate_id"]
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), f"an id appears twice in the results: {ids}"
     return {r["id"]: r for r in rows}

@@ -192,3 +192,28 @@ def test_prompts_are_encoded_once(engine):
     engine.encode_prompts(["one prompt", "another prompt", "one prompt"])
     engine.encode_prompts(["one prompt"])
     assert engine.stats.prompt_encodings - before == 2
+
+
+@pytest.fixture
+def one_thread():
+    """CPU kernels split work across threads by batch: bitwise batch invariance holds per thread count (a job's CPU
+    actor runs torch on the cores it was given, 1 by default)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fixed_batch_size_makes_rows_independent_of_their_neighbours(tiny_model_path, one_thread):
+    engine = EditEngine.from_pretrained(str(tiny_model_path), size=64, batch_size=3)
+    rows = [EditRow(test_image(i), "a cat", f"a dog {i}", num_steps=6, start_step=2, seed=i,
+                    guidance_scale=1.0 if i == 2 else 3.5) for i in range(5)]
+    together = engine.edit(rows)  # chunks of 3 + 2 (padded to 3)
+    for i in (0, 2, 4):
+        [alone] = engine.edit([rows[i]])
+        assert np.array_equal(alone.image, together[i].image), i
+        assert torch.equal(alone.trajectory.latents, together[i].trajectory.latents), i
+    shuffled = engine.edit([rows[4], rows[2], rows[0]])
+    for j, i in enumerate((4, 2, 0)):
+        assert np.array_equal(shuffled[j].image, together[i].image), i
+    assert set(engine.guided_unet.batch_sizes) == {6}  # always the padded, doubled batch

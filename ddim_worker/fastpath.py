@@ -1,0 +1,146 @@
+"""Fast-path switches for the engine's pipeline, each reversible so the benchmark can measure it on and off.
+
+- attention kernel: ``sdpa`` (diffusers' ``AttnProcessor2_0``, ``F.scaled_dot_product_attention``: flash /
+  memory-efficient kernels on CUDA, the fused CPU kernel on CPU) or ``math`` / ``eager`` (``AttnProcessor``: explicit
+  ``baddbmm`` + softmax + ``bmm``, materialising the (tokens x tokens) score matrix);
+- memory format: ``channels_last`` conv weights for the UNet and the VAE (cuDNN / oneDNN pick NHWC kernels, and the
+  activations follow the weights' format);
+- ``torch.compile`` of the UNet, in place (``Module.compile``), so every holder of ``pipe.unet`` (the engine's
+  ``GuidedUNet``) runs the compiled forward;
+
+plus two helpers the engine and the job can use: :func:`auto_batch_size` (rows per engine call from free GPU memory)
+and :func:`pinned_to_device` (host-to-device copies through pinned memory).
+
+Nothing here imports Ray; diffusers is imported only when an attention processor is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Attention implementations :func:`set_attention` knows. ``eager`` is another name for ``math``.
+ATTENTION = ("sdpa", "math", "eager")
+
+GiB = 2**30
+
+#: Peak activation memory of one row at 512 px in a 16-bit dtype (bf16 / fp16), in bytes. A row is one edit inside a
+#: batched engine call: the UNet runs it twice (classifier-free guidance), and the VAE decodes it at full resolution.
+#: The VAE decoder dominates: its last up block holds several (128 channels x 512 x 512) activations at once
+#: (~67 MB each in 16-bit), plus the (256 x 512 x 512) upsampled input before it; the UNet's largest activations are
+#: (320 x 64 x 64) per sample (~2.6 MB) and a dozen of them are live for the skip connections. We count 1.5 GiB per
+#: row, about 1.5x what those tensors add up to, as head-room for allocator fragmentation and cuDNN workspaces.
+#: The benchmark records ``torch.cuda.max_memory_allocated`` at each batch size, so this estimate can be checked.
+ROW_BYTES_512_16BIT = int(1.5 * GiB)
+
+#: Free memory left untouched by :func:`auto_batch_size`: 10 % plus 2 GiB for the CUDA context, cuDNN / cuBLAS
+#: workspaces and whatever else shares the device.
+RESERVE_FRACTION = 0.10
+RESERVE_BYTES = 2 * GiB
+
+#: Batches larger than this stop paying off on current GPUs (an H100 is saturated by ~16 rows of SD 1.5 at 512 px,
+#: i.e. 32 UNet samples per call) and make the job's progress coarse.
+MAX_AUTO_BATCH = 32
+
+
+def set_attention(pipe: Any, attention: str = "sdpa") -> None:
+    """Use ``F.scaled_dot_product_attention`` (``sdpa``) or the explicit matmul/softmax path (``math``/``eager``)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for module in (pipe.unet, getattr(pipe, "vae", None)):
+        if module is not None and hasattr(module, "set_attn_processor"):
+            module.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def set_channels_last(pipe: Any, enabled: bool = True) -> None:
+    """Put the UNet's and the VAE's conv weights in channels_last (NHWC) or back in the default (NCHW) format."""
+    memory_format = torch.channels_last if enabled else torch.contiguous_format
+    for module in (pipe.unet, getattr(pipe, "vae", None)):
+        if module is not None:
+            module.to(memory_format=memory_format)
+
+
+def set_compile(pipe: Any, enabled: bool = True, mode: str | None = None, dynamic: bool = False) -> None:
+    """``torch.compile`` the UNet's forward in place (``Module.compile``), or drop the compiled forward again.
+
+    In place, so ``pipe.unet`` stays the same object: the engine's ``GuidedUNet`` and its ``.dtype`` / ``.device``
+    keep working. ``dynamic=False`` compiles once per batch shape; the first call at each shape pays the compile.
+    """
+    unet = pipe.unet
+    if enabled:
+        unet.compile(mode=mode, dynamic=dynamic)
+    else:
+        unet._compiled_call_impl = None  # what ``Module.compile`` sets; None is the eager forward
+
+
+def is_compiled(pipe: Any) -> bool:
+    return getattr(pipe.unet, "_compiled_call_impl", None) is not None
+
+
+def apply_fast_path(pipe: Any, *, channels_last: bool, compile_unet: bool, attention: str = "sdpa",
+                    compile_mode: str | None = None) -> dict[str, Any]:
+    """Set attention, memory format and compilation on ``pipe`` (in place) and return what was set.
+
+    Call it again with other values to switch a setting off: every switch is reversible. The dtype is not switched
+    here (it is chosen when the pipeline is loaded: ``EditEngine.from_pretrained(dtype=...)``).
+    """
+    set_attention(pipe, attention)
+    set_channels_last(pipe, channels_last)
+    if compile_unet or is_compiled(pipe):
+        set_compile(pipe, compile_unet, mode=compile_mode)
+    return {"attention": attention, "channels_last": bool(channels_last), "compile_unet": bool(compile_unet),
+            "compile_mode": compile_mode if compile_unet else None}
+
+
+def row_bytes(size: int, dtype: torch.dtype) -> int:
+    """Estimated peak activation bytes of one row at ``size`` px in ``dtype`` (see ``ROW_BYTES_512_16BIT``).
+
+    Activations scale with the pixel count and with the element size.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(ROW_BYTES_512_16BIT * (size / 512) ** 2 * itemsize / 2)
+
+
+def auto_batch_size(free_bytes: int, size: int, dtype: torch.dtype, max_batch: int = MAX_AUTO_BATCH) -> int:
+    """Rows per engine call that fit in ``free_bytes`` of device memory (after the weights are loaded).
+
+    ``(free - 10 % - 2 GiB) // row_bytes(size, dtype)``, clamped to ``[1, max_batch]`` and rounded down to a power of
+    two (so the few shapes a job sees are the ones benchmarked and, with ``torch.compile``, compiled). Examples:
+    80 GB H100 with SD 1.5 loaded in bf16 (~75 GB free) at 512 px -> 32; a 24 GB card (~21 GB free) -> 8; fp32 halves.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    usable = free_bytes * (1 - RESERVE_FRACTION) - RESERVE_BYTES
+    rows = int(usable // row_bytes(size, dtype)) if usable > 0 else 0
+    rows = max(1, min(int(max_batch), rows))
+    return 1 << (rows.bit_length() - 1)
+
+
+def free_device_bytes(device: torch.device | str) -> int | None:
+    """Free memory of a CUDA device (``torch.cuda.mem_get_info``); None on other devices."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def pinned_to_device(array: np.ndarray | torch.Tensor, device: torch.device | str,
+                     non_blocking: bool = True) -> torch.Tensor:
+    """A host array on ``device``: through page-locked (pinned) memory and an asynchronous copy on CUDA.
+
+    Pinned memory lets the copy run by DMA without a staging copy and, with ``non_blocking``, overlap with work
+    already queued on the stream. PyTorch's caching host allocator keeps the pinned buffer alive until the copy is
+    done, so the host tensor may be dropped at once. On other devices this is a plain ``.to(device)``.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=non_blocking)

@@ -27,13 +27,13 @@ ATTENTION = ("sdpa", "math", "eager")
 GiB = 2**30
 
 #: Peak activation memory of one row at 512 px in a 16-bit dtype (bf16 / fp16), in bytes. A row is one edit inside a
-#: batched engine call: the UNet runs it twice (classifier-free guidance), and the VAE decodes it at full resolution.
-#: The VAE decoder dominates: its last up block holds several (128 channels x 512 x 512) activations at once
-#: (~67 MB each in 16-bit), plus the (256 x 512 x 512) upsampled input before it; the UNet's largest activations are
-#: (320 x 64 x 64) per sample (~2.6 MB) and a dozen of them are live for the skip connections. We count 1.5 GiB per
-#: row, about 1.5x what those tensors add up to, as head-room for allocator fragmentation and cuDNN workspaces.
-#: The benchmark records ``torch.cuda.max_memory_allocated`` at each batch size, so this estimate can be checked.
-ROW_BYTES_512_16BIT = int(1.5 * GiB)
+#: batched engine call: the UNet runs it twice (classifier-free guidance) and the VAE decodes it at full resolution,
+#: which dominates (its last up blocks hold several 128- and 256-channel 512 x 512 activations at once). Calibrated
+#: with the sd15 shapes at 512 px in fp32 on CPU: the peak resident memory of an edit grew by 0.62 GiB from one row to
+#: two (4.67 -> 5.29 GiB above the loaded model), i.e. ~0.31 GiB per row in 16-bit. We count 0.75 GiB, 2.4x that, as
+#: head-room for the CUDA caching allocator's fragmentation and cuDNN workspaces. The benchmark records
+#: ``torch.cuda.max_memory_allocated`` at each batch size, so the estimate can be checked on the GPU.
+ROW_BYTES_512_16BIT = int(0.75 * GiB)
 
 #: Free memory left untouched by :func:`auto_batch_size`: 10 % plus 2 GiB for the CUDA context, cuDNN / cuBLAS
 #: workspaces and whatever else shares the device.
@@ -68,11 +68,20 @@ def set_compile(pipe: Any, enabled: bool = True, mode: str | None = None, dynami
     """``torch.compile`` the UNet's forward in place (``Module.compile``), or drop the compiled forward again.
 
     In place, so ``pipe.unet`` stays the same object: the engine's ``GuidedUNet`` and its ``.dtype`` / ``.device``
-    keep working. ``dynamic=False`` compiles once per batch shape; the first call at each shape pays the compile.
+    keep working. ``dynamic=False`` compiles once per batch shape; the first call at each shape pays the compile;
+    ``None`` compiles a second, dynamic graph when a second shape comes. Switching off keeps the compiled forward, so
+    switching on again (same mode) costs nothing.
     """
     unet = pipe.unet
+    if enabled == is_compiled(pipe):
+        return
     if enabled:
-        unet.compile(mode=mode, dynamic=dynamic)
+        stashed = getattr(unet, "_ddim_edit_compiled", None)
+        if stashed is not None and stashed[0] == (mode, dynamic):
+            unet._compiled_call_impl = stashed[1]  # switched back on: the graphs already built are reused
+        else:
+            unet.compile(mode=mode, dynamic=dynamic)
+            unet._ddim_edit_compiled = ((mode, dynamic), unet._compiled_call_impl)
     else:
         unet._compiled_call_impl = None  # what ``Module.compile`` sets; None is the eager forward
 
@@ -82,18 +91,20 @@ def is_compiled(pipe: Any) -> bool:
 
 
 def apply_fast_path(pipe: Any, *, channels_last: bool, compile_unet: bool, attention: str = "sdpa",
-                    compile_mode: str | None = None) -> dict[str, Any]:
+                    compile_mode: str | None = None, compile_dynamic: bool | None = False) -> dict[str, Any]:
     """Set attention, memory format and compilation on ``pipe`` (in place) and return what was set.
 
-    Call it again with other values to switch a setting off: every switch is reversible. The dtype is not switched
+    Call it again with other values to switch a setting off: every switch is reversible (a compiled UNet switched off
+    and on again reuses its graphs). ``compile_dynamic=None`` lets torch.compile mark the batch dimension dynamic
+    after a second batch shape, instead of compiling once per shape. The dtype is not switched
     here (it is chosen when the pipeline is loaded: ``EditEngine.from_pretrained(dtype=...)``).
     """
     set_attention(pipe, attention)
     set_channels_last(pipe, channels_last)
-    if compile_unet or is_compiled(pipe):
-        set_compile(pipe, compile_unet, mode=compile_mode)
+    set_compile(pipe, compile_unet, mode=compile_mode, dynamic=compile_dynamic)
     return {"attention": attention, "channels_last": bool(channels_last), "compile_unet": bool(compile_unet),
-            "compile_mode": compile_mode if compile_unet else None}
+            "compile_mode": compile_mode if compile_unet else None,
+            "compile_dynamic": compile_dynamic if compile_unet else False}
 
 
 def row_bytes(size: int, dtype: torch.dtype) -> int:
@@ -110,7 +121,8 @@ def auto_batch_size(free_bytes: int, size: int, dtype: torch.dtype, max_batch: i
 
     ``(free - 10 % - 2 GiB) // row_bytes(size, dtype)``, clamped to ``[1, max_batch]`` and rounded down to a power of
     two (so the few shapes a job sees are the ones benchmarked and, with ``torch.compile``, compiled). Examples:
-    80 GB H100 with SD 1.5 loaded in bf16 (~75 GB free) at 512 px -> 32; a 24 GB card (~21 GB free) -> 8; fp32 halves.
+    80 GB H100 with SD 1.5 loaded in bf16 (~75 GB free) at 512 px -> 32 (capped); a 24 GB card (~21 GB free) -> 16;
+    the same card in fp32 -> 8; 8 GB free -> 4.
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")

@@ -455,7 +455,7 @@ def cpu_peak_tflops(threads: int, info: dict[str, Any] | None = None) -> tuple[f
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
     """A square GEMM's achieved TFLOP/s on this device and dtype: the practical ceiling MFU is also quoted against."""
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
@@ -789,19 +789,31 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     elif device.type == "cuda" and _lookup(CEILING_TFLOPS, device_name, dname):
         ceiling, ceiling_source = _lookup(CEILING_TFLOPS, device_name, dname), "measured GEMM ceiling (table)"
     else:
-        ceiling, ceiling_source = matmul, f"GEMM measured in this run ({'8192' if device.type == 'cuda' else '1024'}^3)"
+        ceiling, ceiling_source = matmul, f"GEMM measured in this run ({'8192' if device.type == 'cuda' else '2048'}^3)"
 
-    main_fast = fastpath.apply_fast_path(engine.pipe, channels_last=cfg.channels_last, compile_unet=cfg.compile,
-                                         attention=cfg.attention, compile_mode=cfg.compile_mode)
     if cfg.compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    # dynamic=None: a second batch shape gets one dynamic graph instead of a compile per shape.
+    main_fast = fastpath.apply_fast_path(engine.pipe, channels_last=cfg.channels_last, compile_unet=cfg.compile,
+                                         attention=cfg.attention, compile_mode=cfg.compile_mode,
+                                         compile_dynamic=None)
     images = make_images(max(cfg.rows, cfg.group_images), cfg.size, cfg.seed)
     rows = make_rows(images[:cfg.rows], cfg)
     variant_rows = rows[:cfg.variant_rows]
     B = cfg.batch_size
 
-    def tflops(record: dict, kind: str = "engine") -> None:
-        record["tflops"] = per_edit[kind] * record["edits_per_s"] / 1e12
+    def tflops(record: dict) -> None:
+        """Achieved TFLOP/s from the work the record counted: its UNet passes (CFG-doubled), one VAE encode per
+        inversion from x0, one decode per row (the textbook: its own per-edit FLOPs, prompt encodings included)."""
+        if record["name"] == "textbook loop":
+            done = per_edit["textbook"] * record["rows"]
+        else:
+            done = (record["unet_passes"] * flops["unet_cfg"] + record["inversions"] * flops["vae_encode"]
+                    + record["rows"] * flops["vae_decode"])
+        record["flops_per_edit"] = done / record["rows"]
+        record["tflops"] = done / record["seconds"] / 1e12
         record["mfu"] = record["tflops"] / peak if peak else None
         record["mfu_vs_ceiling"] = record["tflops"] / ceiling if ceiling else None
 
@@ -842,18 +854,20 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     warm_rows = [replace(r, edit_prompt=RERUN_PROMPTS[i % len(RERUN_PROMPTS)], cached=out.trajectory)
                  for i, (r, out) in enumerate(zip(rows, main_outputs))]
     warm, _ = time_edits(engine, warm_rows, B, "cache-hit rerun", dtype=dname)
-    tflops(warm, "engine_cache_hit")
+    tflops(warm)
 
     # 5. One inversion per image: 4 x 4 rows, grouped vs spread out.
     grouped, _ = time_edits(engine, group_rows(images, cfg, grouped=True), cfg.group_prompts, "grouped 4x4",
                             dtype=dname)
     ungrouped, _ = time_edits(engine, group_rows(images, cfg, grouped=False), cfg.group_prompts, "ungrouped 4x4",
                               dtype=dname)
+    tflops(grouped)
+    tflops(ungrouped)
 
     # 6. The textbook loop: its own float32 pipeline, as the textbook loads it (no fast path).
     textbook_pipe = load_pipeline(model, device, torch.float32)
     textbook = time_textbook(TextbookEditor(textbook_pipe, device), rows[:cfg.textbook_rows], cfg)
-    tflops(textbook, "textbook")
+    tflops(textbook)
     del textbook_pipe
 
     offload = time_offload(engine, main_outputs, B)
@@ -951,15 +965,17 @@ def _variants(cfg: BenchConfig, engine: EditEngine, rows: list[EditRow], variant
     def apply(fast: dict) -> dict:
         return fastpath.apply_fast_path(engine.pipe, channels_last=fast["channels_last"],
                                         compile_unet=fast["compile_unet"], attention=fast["attention"],
-                                        compile_mode=fast.get("compile_mode"))
+                                        compile_mode=fast.get("compile_mode"),
+                                        compile_dynamic=fast.get("compile_dynamic", False))
 
     # The job's actors build their engine with EditEngine.from_pretrained: diffusers' default attention (SDPA), NCHW,
     # eager, unless JobConfig passes fast-path settings on. Compare the job with exactly that engine.
-    actor_fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False, "compile_mode": None}
+    actor_fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False, "compile_mode": None,
+                  "compile_dynamic": False}
     for name in job_fast_path_fields() if cfg.ray else ():
         actor_fast[name] = main_fast[name]
     if actor_fast["compile_unet"]:
-        actor_fast["compile_mode"] = main_fast["compile_mode"]
+        actor_fast["compile_mode"], actor_fast["compile_dynamic"] = main_fast["compile_mode"], main_fast["compile_dynamic"]
     keys = ("attention", "channels_last", "compile_unet")
     measured = [dict(main_fast)]
     reference = "main"

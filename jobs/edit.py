@@ -89,6 +89,7 @@ class JobConfig:
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     max_failed_fraction: float | None = None
     max_attempts: int = 3
+    engine_resources: dict = field(default_factory=dict)  # custom Ray resources each engine actor needs
 
     @property
     def device(self) -> str:
@@ -239,7 +240,7 @@ def _dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_size:
         EditActor,
         # Elastic between 1 and --actors: a job goes on when a node with an actor is lost and cannot be replaced.
         # Ray Data restarts dead engine actors and retries their tasks (max_restarts=-1, max_task_retries=-1).
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors, initial_size=config.actors),
         fn_constructor_kwargs={"model": model, "size": config.size, "dtype": config.dtype,
                                "device": config.device, "storage_options": config.storage_options,
                                "num_threads": max(int(engine_cpus), 1), "eta": config.eta,
@@ -248,6 +249,7 @@ def _dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_size:
         batch_format="numpy",
         num_gpus=config.gpus_per_actor or None,
         num_cpus=engine_cpus,
+        resources=config.engine_resources or None,
     )
     return ds.map_batches(write_batch, fn_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="numpy",
                           num_cpus=1)
@@ -301,10 +303,12 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     log.info("manifest %s: %d rows, %d to compute, %d already done, %d invalid", config.manifest, plan.total,
              len(plan.work), sum(r["status"] == SKIPPED for r in decided), sum(r["status"] == FAILED for r in decided))
     stopped_early = None
+    attempts = 0
     if plan.work:
         _init_ray(config)
         remaining = plan.work
         for attempt in range(1, config.max_attempts + 1):
+            attempts = attempt
             last_checkpoint = time.monotonic()
             try:
                 for batch in _dataset(config, remaining, ctx, batch_size, model).iter_batches(
@@ -364,6 +368,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         "wall_seconds": round(wall, 3),
         "rows_per_second": round(len(results) / wall, 4) if wall > 0 else None,
         "stopped_early": stopped_early,
+        "attempts": attempts,  # > 1: Ray aborted the dataset (lost node) and the driver re-ran unfinished rows
         "settings": {k: v for k, v in asdict(config).items() if k != "storage_options"},
         "model": config.model,
         "model_fingerprint": fingerprint,
@@ -474,13 +479,16 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS)
     p.add_argument("--max-failed-fraction", type=float, default=None,
                    help="stop early when more than this fraction of computed rows fail (default off)")
+    p.add_argument("--engine-resources", default="{}",
+                   help='custom Ray resources per engine actor, JSON, e.g. {"accelerator_type:A100": 0.01}')
     p.add_argument("--max-attempts", type=int, default=3,
                    help="times the driver re-runs unfinished rows after Ray aborts the dataset (lost node)")
     args = p.parse_args(argv)
     try:
         storage_options = json.loads(args.storage_options)
+        args.engine_resources = json.loads(args.engine_resources)
     except json.JSONDecodeError as exc:
-        p.error(f"--storage-options is not JSON: {exc}")
+        p.error(f"--storage-options / --engine-resources is not JSON: {exc}")
     if args.gpus_per_actor is None:
         import torch
 

@@ -75,7 +75,7 @@ def ray_session() -> Iterator[Any]:
         num_cpus=4,
         num_gpus=0,
         object_store_memory=512 * 2**20,
-        include_dashboard=False,
+        include_dashboard=True,  # the state API (ray.util.state) the fault tests use goes through it
         ignore_reinit_error=True,
         log_to_driver=True,
         configure_logging=True,

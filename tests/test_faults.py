@@ -1,0 +1,189 @@
+"""Faults: a killed engine actor, a lost node, a SIGKILLed driver, a dead bucket, too many failures, the URL policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jobs.edit import JobError
+from tests.jobkit import picture, result_rows, results, run, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _manifest(tmp_path: Path, n: int, name: str = "m.parquet") -> str:
+    rows = []
+    for i in range(n):
+        (tmp_path / f"f{i}.png").write_bytes(picture(200 + i))
+        rows.append({"id": f"f{i}", "image_url": f"f{i}.png", "source_prompt": "a cat",
+                     "edit_prompt": f"a dog {i}", "seed": i})
+    return write_manifest(rows, str(tmp_path / name))
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def _partial_files(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+SLOW = dict(steps=16, start_step=2, batch_size=1)  # long enough to be interrupted mid-job
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_killed_engine_actor_costs_a_retry_not_the_job(tiny_model_path, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    manifest = _manifest(tmp_path, 6)
+    run(manifest, str(tmp_path / "clean"), tiny_model_path, **SLOW)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(summary=run(manifest, str(tmp_path / "out"),
+                                                                    tiny_model_path, **SLOW)))
+    started = time.monotonic()
+    thread.start()
+    killed = None
+    while thread.is_alive() and killed is None and time.monotonic() - started < 120:
+        actors = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                         filters=[("state", "=", "ALIVE")])
+                  if "EditActor" in a.class_name]
+        done = len(list((tmp_path / "out" / "images").glob("*.png"))) if (tmp_path / "out" / "images").exists() \
+            else 0
+        if actors and 1 <= done < 6:
+            os.kill(actors[0].pid, signal.SIGKILL)
+            killed = (actors[0].pid, done)
+        time.sleep(0.1)
+    thread.join(timeout=300)
+    elapsed = time.monotonic() - started
+    assert killed is not None, "the job finished before an actor could be killed"
+    table = results(str(tmp_path / "out"))
+    assert sorted(table) == [f"f{i}" for i in range(6)] and all(r["status"] == "ok" for r in table.values())
+    assert _pngs(tmp_path / "out" / "images") == _pngs(tmp_path / "clean" / "images")
+    assert not _partial_files(tmp_path / "out")
+    print(f"actor kill: pid {killed[0]} killed after {killed[1]} images; job finished in {elapsed:.1f}s")
+
+
+def test_lost_worker_node_is_survived_by_rerunning_unfinished_rows(tiny_model_path, tmp_path):
+    manifest = _manifest(tmp_path, 8)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "node_loss.py"), manifest,
+                           str(tmp_path / "out"), str(tiny_model_path)], capture_output=True, text=True,
+                          timeout=600, env=env, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(lines[-1])
+    assert report["error"] is None, report["error"] + proc.stderr[-3000:]
+    assert report["removed_after_images"] is not None, "the worker node was not removed mid-job"
+    table = results(str(tmp_path / "out"))
+    assert sorted(table) == [f"f{i}" for i in range(8)] and all(r["status"] == "ok" for r in table.values())
+    assert report["summary"]["counts"] == {"ok": 8, "failed": 0, "skipped": 0}
+    if report["summary"]["attempts"] > 1:  # Ray aborted the dataset: the driver said so and re-ran the rest
+        assert "re-running the" in proc.stderr
+    print(f"node loss: removed after {report['removed_after_images']} images; finished in "
+          f"{report['seconds']:.1f}s after {report['summary']['attempts']} dataset attempt(s)")
+
+
+def test_killed_driver_then_rerun_finishes_without_redoing_work(tiny_model_path, tmp_path):
+    manifest = _manifest(tmp_path, 8)
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "jobs" / "edit.py"), manifest, "--output", str(out), "--model",
+               str(tiny_model_path), "--size", "64", "--steps", "16", "--start-step", "2", "--batch-size", "1"]
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    started = time.monotonic()
+    while driver.poll() is None and time.monotonic() - started < 300:
+        if len(list((out / "images").glob("*.png"))) >= 2 if (out / "images").exists() else False:
+            break
+        time.sleep(0.1)
+    assert driver.poll() is None, "the driver finished before it could be killed"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(5)  # the killed driver's Ray workers are shut down by its (now orphaned) cluster
+    first = {p.stem: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    assert 2 <= len(first) < 8, first
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    table = results(str(out))
+    assert sorted(table) == [f"f{i}" for i in range(8)]
+    statuses = {k: v["status"] for k, v in table.items()}
+    assert {k for k, s in statuses.items() if s == "skipped"} == set(first)  # finished before the kill: not redone
+    assert all(s == "ok" for k, s in statuses.items() if k not in first)
+    assert all(table[k]["unet_passes"] == 0 for k in first)
+    for stem, mtime in first.items():
+        assert (out / "images" / f"{stem}.png").stat().st_mtime_ns == mtime  # not rewritten
+    for png in (out / "images").glob("*.png"):
+        Image.open(png).load()  # whole, decodable objects only
+    assert not _partial_files(out)
+    job = json.loads((out / "job.json").read_text())
+    assert job["computed"] == 8 - len(first)
+    print(f"driver kill: {len(first)} rows done before SIGKILL at {time.monotonic() - started:.1f}s")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_unreachable_output_bucket_fails_fast_with_one_message(s3_server, tiny_model_path, tmp_path):
+    manifest = _manifest(tmp_path, 1)
+    started = time.monotonic()
+    with pytest.raises(JobError, match="cannot write to --output s3://no-such-bucket-ddim/out") as info:
+        run(manifest, "s3://no-such-bucket-ddim/out", tiny_model_path, storage_options=s3_server.storage_options)
+    assert time.monotonic() - started < 30
+    assert "\n" not in str(info.value)
+
+
+def test_cli_reports_setup_errors_in_one_line(tiny_model_path, tmp_path):
+    manifest = _manifest(tmp_path, 1)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "edit.py"), manifest, "--output",
+                           str(tmp_path / "out"), "--model", str(tmp_path / "missing-model")],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ddim-edit: error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_max_failed_fraction_stops_early_and_saves_what_is_done(tiny_model_path, tmp_path):
+    rows = [{"id": f"m{i}", "image_url": f"missing-{i}.png", "source_prompt": "a", "edit_prompt": "b"}
+            for i in range(40)]
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    summary = run(manifest, str(tmp_path / "out"), tiny_model_path, max_failed_fraction=0.5, batch_size=1)
+    assert summary["stopped_early"] and "over --max-failed-fraction 0.5" in summary["stopped_early"]
+    table = result_rows(str(tmp_path / "out"))
+    assert len(table) == 40  # every row accounted for: failed, or not run
+    assert {r["status"] for r in table} <= {"failed", "skipped"}
+    assert all(r["error_code"] == "not_found" for r in table if r["status"] == "failed")
+    assert (tmp_path / "out" / "failed.parquet").exists() and (tmp_path / "out" / "job.json").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_url_policy_end_to_end_sends_nothing_to_loopback(http_server, tiny_model_path, tmp_path):
+    (http_server.root / "secret.png").write_bytes(picture(1))
+    port = http_server.port
+    rows = [
+        {"id": "direct", "image_url": http_server.url("secret.png")},
+        {"id": "redirect", "image_url": http_server.url(f"redirect?to=http://127.0.0.1:{port}/secret.png")},
+        {"id": "other-loopback", "image_url": f"http://127.1.2.3:{port}/secret.png"},
+        {"id": "localhost", "image_url": f"http://localhost:{port}/secret.png"},
+        {"id": "decimal", "image_url": f"http://2130706433:{port}/secret.png"},
+        {"id": "metadata", "image_url": "http://169.254.169.254/latest/meta-data/"},
+    ]
+    rows = [{**r, "source_prompt": "a", "edit_prompt": "b"} for r in rows]
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    http_server.reset()
+    run(manifest, str(tmp_path / "out"), tiny_model_path)
+    table = results(str(tmp_path / "out"))
+    assert {k: (v["status"], v["error_code"]) for k, v in table.items()} == {
+        r["id"]: ("failed", "unsafe_url") for r in rows}
+    assert list(http_server.requests) == []  # not one request reached the server

@@ -72,6 +72,10 @@ class EditOutput:
     sampling_passes: int
     cache_hit: bool
     shared_inversion: bool = False  # inverted once together with an identical earlier row of the batch
+    reconstruction: np.ndarray | None = None  # the inversion resampled with the source prompt (measure_fidelity)
+    psnr: float | None = None  # reconstruction vs the preprocessed input, dB
+    ssim: float | None = None
+    latent_mse: float | None = None  # reconstructed vs encoded x0 latent
 
 
 @dataclass
@@ -266,10 +270,20 @@ class EditEngine:
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, prompts: Sequence[str], negative_prompts: Sequence[str],
                guidance: Sequence[float], num_steps: int, start_step: int = 0, seeds: Sequence[int] | None = None,
-               eta: float = 0.0) -> torch.Tensor:
-        """DDIM-sample latents ``x`` at level ``tau[start_step]`` down to x0 (start_step 0 and noise: text-to-image)."""
+               eta: float = 0.0, uncond_steps: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """DDIM-sample latents ``x`` at level ``tau[start_step]`` down to x0 (start_step 0 and noise: text-to-image).
+
+        ``uncond_steps`` maps a row to its per-step unconditional embeddings (n - s, L, D) (null-text inversion).
+        """
         validate_settings(num_steps, start_step, min(guidance, default=0.0), 0.0, eta)
         cond = self.conditioning(prompts, negative_prompts, guidance)
+        cond_at = None
+        if uncond_steps:
+            def cond_at(i: int) -> Conditioning:
+                uncond = cond.uncond.clone()
+                for row, embeds in uncond_steps.items():
+                    uncond[row] = embeds[i - start_step].to(uncond)
+                return Conditioning(cond.text, uncond, cond.guidance)
         noise = None
         if eta > 0:
             if seeds is None:
@@ -280,11 +294,15 @@ class EditEngine:
                 return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(self.device)
 
         return sampler.sample(self.denoiser, x.to(self.device, torch.float32), self.schedule(num_steps), cond,
-                              start_level=start_step, eta=eta, noise=noise)
+                              start_level=start_step, eta=eta, noise=noise, cond_at=cond_at)
 
     # -- the edit ------------------------------------------------------------------------------------------------
-    def edit(self, rows: Sequence[EditRow]) -> list[EditOutput]:
-        """Invert each row under its source prompt, sample it under its edit prompt, decode. Order is kept."""
+    def edit(self, rows: Sequence[EditRow], measure_fidelity: bool = False) -> list[EditOutput]:
+        """Invert each row under its source prompt, sample it under its edit prompt, decode. Order is kept.
+
+        ``measure_fidelity`` also resamples each inversion with its source prompt (n - s more passes) and reports
+        PSNR/SSIM against the preprocessed input and the latent MSE against x0.
+        """
         for i, row in enumerate(rows):
             try:
                 validate_settings(row.num_steps, row.start_step, row.guidance_scale, row.inversion_guidance, row.eta)
@@ -299,7 +317,8 @@ class EditEngine:
         for (num_steps, start_step, eta), index in groups.items():
             for k in range(0, len(index), step):
                 chunk = index[k:k + step]
-                for i, out in zip(chunk, self._edit_group([rows[i] for i in chunk], num_steps, start_step, eta)):
+                for i, out in zip(chunk, self._edit_group([rows[i] for i in chunk], num_steps, start_step, eta,
+                                                          measure_fidelity)):
                     outputs[i] = out
         self.stats.edits += len(rows)
         return outputs  # type: ignore[return-value]
@@ -312,7 +331,30 @@ class EditEngine:
         noisy = sch.add_noise(x0, noise, float(schedule.alphas[start_step]))
         return Trajectory([sampler.CLEAN_TIMESTEP, schedule.label(start_step)], torch.stack([x0, noisy]))
 
-    def _edit_group(self, rows: list[EditRow], num_steps: int, start_step: int, eta: float) -> list[EditOutput]:
+    def _optimize_null_text(self, trajectories: list[Trajectory], rows: list[EditRow], schedule: Schedule,
+                            start_step: int, iterations: int) -> tuple[torch.Tensor, int]:
+        """Null-text embeddings (n - s, B, L, D) for these rows, optimised against their trajectories."""
+        from ddim_worker.null_text import optimize_null_text
+
+        unet = self.pipe.unet
+
+        def eps_fn(x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            return unet(x.to(unet.dtype), timestep, encoder_hidden_states=context.to(unet.dtype),
+                        return_dict=False)[0]
+
+        text = self.encode_prompts([r.source_prompt for r in rows])
+        uncond = self.encode_prompts([r.negative_prompt for r in rows])
+        with torch.inference_mode(False):  # autograd needs tensors made outside inference mode
+            trajectory = Trajectory(list(trajectories[0].timesteps),
+                                    torch.cat([tr.latents for tr in trajectories], dim=1).clone().to(self.device))
+            embeds, evals = optimize_null_text(
+                eps_fn, trajectory, schedule, start_step, text.clone(), uncond.clone(),
+                torch.tensor([float(r.guidance_scale) for r in rows]), iterations)
+        return embeds.detach(), evals
+
+    def _edit_group(self, rows: list[EditRow], num_steps: int, start_step: int, eta: float,
+                    measure_fidelity: bool = False) -> list[EditOutput]:
         schedule = self.schedule(num_steps)
         target = schedule.label(start_step)
         per_row: list[Trajectory | None] = [None] * len(rows)
@@ -370,18 +412,57 @@ class EditEngine:
                 cache_hit[i] = cache_hit[members[0]]
         self.stats.inversions += len(leaders)
 
+        # null-text: per-step unconditional embeddings for sampling from tau[s], optimised once per row and kept
+        # with the trajectory (so the latent cache makes a later edit of the same image skip the optimisation).
+        null_key = f"null_s{target}"
+        null_rows = [i for i, r in enumerate(rows) if parse_method(r.inversion).name == "null-text"]
+        need = [i for i in null_rows if null_key not in per_row[i].extras]
+        if need:
+            iterations = parse_method(rows[need[0]].inversion).param
+            embeds, evals = self._optimize_null_text([per_row[i] for i in need], [rows[i] for i in need], schedule,
+                                                     start_step, iterations)
+            for j, i in enumerate(need):
+                per_row[i] = per_row[i].with_extra(null_key, embeds[:, j:j + 1].cpu())
+                inversion_passes[i] += evals
+        uncond_steps = {i: per_row[i].extras[null_key][:, 0] for i in null_rows}
+
         start = torch.cat([traj.at(target) for traj in per_row]).to(self.device, torch.float32)  # (B, C, h, w)
         # negative-prompt inversion samples with the source prompt as the unconditional branch.
         uncond = [r.source_prompt if parse_method(r.inversion).source_as_uncond else r.negative_prompt for r in rows]
-        x0 = self.sample(start, [r.edit_prompt for r in rows], uncond,
-                         [r.guidance_scale for r in rows], num_steps, start_step, [r.seed for r in rows], eta)
+        guidance = [r.guidance_scale for r in rows]
+        seeds = [r.seed for r in rows]
+        x0 = self.sample(start, [r.edit_prompt for r in rows], uncond, guidance, num_steps, start_step, seeds, eta,
+                         uncond_steps)
         images = self.decode(x0)
-        return [
+        outputs = [
             EditOutput(images[i], _to_cpu(per_row[i]), inversion_passes[i], num_steps - start_step, cache_hit[i],
                        shared[i])
             for i in range(len(rows))
         ]
+        if measure_fidelity:
+            self._measure_fidelity(rows, outputs, start, uncond, guidance, num_steps, start_step, seeds, eta,
+                                   uncond_steps)
+        return outputs
+
+    def _measure_fidelity(self, rows: list[EditRow], outputs: list[EditOutput], start: torch.Tensor,
+                          uncond: list[str], guidance: list[float], num_steps: int, start_step: int,
+                          seeds: list[int], eta: float, uncond_steps: dict[int, torch.Tensor]) -> None:
+        """Resample each inversion with its *source* prompt and compare with the input: how faithful it was."""
+        from ddim_worker.metrics import latent_mse, psnr, ssim
+
+        x0_rec = self.sample(start, [r.source_prompt for r in rows], uncond, guidance, num_steps, start_step, seeds,
+                             eta, uncond_steps)
+        reconstructions = self.decode(x0_rec)
+        inputs = ((self.preprocess([r.image for r in rows]) + 1) * 127.5).round().to(torch.uint8)
+        inputs = inputs.permute(0, 2, 3, 1).numpy()
+        for i, out in enumerate(outputs):
+            out.reconstruction = reconstructions[i]
+            out.psnr = psnr(inputs[i], reconstructions[i])
+            out.ssim = ssim(inputs[i], reconstructions[i])
+            out.latent_mse = latent_mse(out.trajectory.at(sampler.CLEAN_TIMESTEP)[0], x0_rec[i].cpu())
+            out.sampling_passes += num_steps - start_step
 
 
 def _to_cpu(trajectory: Trajectory) -> Trajectory:
-    return Trajectory(list(trajectory.timesteps), trajectory.latents.detach().to("cpu", torch.float32))
+    return Trajectory(list(trajectory.timesteps), trajectory.latents.detach().to("cpu", torch.float32),
+                      {k: v.detach().to("cpu", torch.float32) for k, v in trajectory.extras.items()})

@@ -51,6 +51,8 @@ def encode_trajectory_blob(trajectory: Trajectory) -> bytes:
         latents = latents[:, 0]
     tensors = {f"t{t}" if t >= 0 else "x0": latents[i].contiguous().to(torch.float32)
                for i, t in enumerate(trajectory.timesteps)}
+    for name, value in trajectory.extras.items():  # e.g. null-text embeddings, (S, 1, L, D) -> (S, L, D)
+        tensors[f"extra:{name}"] = (value[:, 0] if value.dim() == 4 else value).contiguous().to(torch.float32)
     metadata = {"timesteps": json.dumps(trajectory.timesteps), "format": str(FORMAT_VERSION)}
     return save_safetensors(tensors, metadata=metadata)
 
@@ -62,4 +64,5 @@ def decode_trajectory(data: bytes) -> Trajectory:
     metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
     timesteps = json.loads(metadata["timesteps"])
     latents = torch.stack([tensors[f"t{t}" if t >= 0 else "x0"] for t in timesteps])[:, None]
-    return Trajectory(timesteps, latents)
+    extras = {k.removeprefix("extra:"): v[:, None] for k, v in tensors.items() if k.startswith("extra:")}
+    return Trajectory(timesteps, latents, extras)

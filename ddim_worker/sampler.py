@@ -8,7 +8,7 @@ Levels are indexed 0..n: level i < n is timestep ``tau[i]`` and level n is the c
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,9 @@ class Trajectory:
 
     timesteps: list[int]
     latents: torch.Tensor
+    # Per-row tensors that belong with the trajectory, batch in dimension 1: e.g. null-text embeddings
+    # ``null_s<t>`` of shape (n - s, B, L, D), optimised for sampling from level t.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def at(self, timestep: int) -> torch.Tensor:
         """The batch of latents at one level, shape (B, C, h, w)."""
@@ -68,7 +71,11 @@ class Trajectory:
         return self.timesteps[-1]
 
     def rows(self, index: torch.Tensor | list[int]) -> Trajectory:
-        return Trajectory(list(self.timesteps), self.latents[:, index])
+        return Trajectory(list(self.timesteps), self.latents[:, index],
+                          {k: v[:, index] for k, v in self.extras.items()})
+
+    def with_extra(self, name: str, value: torch.Tensor) -> Trajectory:
+        return Trajectory(list(self.timesteps), self.latents, {**self.extras, name: value})
 
 
 def invert(
@@ -118,11 +125,13 @@ def sample(
     eta: float = 0.0,
     noise: NoiseSource | None = None,
     callback: Callback | None = None,
+    cond_at: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """DDIM sampling from ``x`` at level ``start_level`` (timestep ``tau[start_level]``) down to x0.
 
     ``n - start_level`` denoiser calls. With ``start_level = 0`` and Gaussian ``x`` this is text-to-image DDIM.
-    ``eta > 0`` draws fresh noise from ``noise(i)`` at every step; the caller seeds it per row.
+    ``eta > 0`` draws fresh noise from ``noise(i)`` at every step; the caller seeds it per row. ``cond_at(i)``, when
+    given, replaces ``cond`` at step i (null-text inversion's per-step unconditional embeddings).
     """
     n = schedule.num_steps
     if not 0 <= start_level < n:
@@ -131,7 +140,7 @@ def sample(
         raise ValueError("eta > 0 needs a noise source so the result is reproducible")
     for i in range(start_level, n):
         t = schedule.timesteps[i]
-        eps = denoiser(x, t, cond)
+        eps = denoiser(x, t, cond_at(i) if cond_at is not None else cond)
         step_noise = noise(i) if eta > 0 else None
         x = sch.ddim_step(x, eps, schedule.alphas[i], schedule.alphas[i + 1], eta=eta, noise=step_noise)
         if callback is not None:

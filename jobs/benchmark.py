@@ -748,6 +748,13 @@ def describe_device(device: torch.device, threads: int) -> tuple[str, dict]:
                   "isa": sorted(info["flags"] & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})}
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not available
+        return None
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -762,6 +769,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="ddim-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     run_started = time.perf_counter()
+    load_before = _loadavg()
 
     # The model: built locally with random weights (same shapes and FLOPs as the arch), loaded the real way.
     started = time.perf_counter()
@@ -936,6 +944,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     report["checks"] = _checks(report, cfg)
     report["targets"] = targets(report)
     report["wall_seconds"] = round(time.perf_counter() - run_started, 1)
+    # Other work on the machine skews CPU timings: the 1-minute load average before and after the run says if any ran.
+    report["load_average"] = {"before": load_before, "after": _loadavg()}
     if not cfg.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return report
@@ -1088,7 +1098,8 @@ def render_markdown(report: dict) -> str:
         f"- peak {_f(report['peak_tflops'], 4)} TFLOP/s ({report['peak_source']}); ceiling "
         f"{_f(report['ceiling_tflops'], 4)} TFLOP/s ({report['ceiling_source']}); GEMM measured here "
         f"{_f(report['matmul_tflops'], 4)} TFLOP/s",
-        f"- benchmark wall time {report['wall_seconds']} s",
+        f"- benchmark wall time {report['wall_seconds']} s; load average (1, 5, 15 min) before "
+        f"{report.get('load_average', {}).get('before')}, after {report.get('load_average', {}).get('after')}",
         "",
         "| ratio | value | target | met |",
         "|---|---|---|---|",

@@ -29,72 +29,72 @@ def test_textbook_pass_count():
     assert benchmark.textbook_passes_per_edit(N, S) == 11 > 2 * (N - S)
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_benchmark_tiny_end_to_end(tiny_model_path, tmp_path):
+def test_benchmark_tiny_without_ray(tiny_model_path, tmp_path):
+    """The whole benchmark but the job, in a process where Ray cannot be imported (the GPU box has no Ray): every
+    key of the JSON, and the counts that hold whatever the speed."""
     out = tmp_path / "bench.json"
-    argv = ["--arch", "tiny", "--model", str(tiny_model_path), "--device", "cpu", "--steps", str(N),
+    argv = ["--arch", "tiny", "--model", str(tiny_model_path), "--device", "cpu", "--no-ray", "--steps", str(N),
             "--start-step", str(S), "--rows", "2", "--batch-size", "2", "--batch-sizes", "1,2", "--variant-rows", "2",
-            "--textbook-rows", "1", "--threads", str(min(2, torch.get_num_threads())), "--work-dir",
-            str(tmp_path / "work"), "--json", str(out)]
-    threads = torch.get_num_threads()
-    try:
-        assert benchmark.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+            "--textbook-rows", "1", "--json", str(out)]
+    code = ("import sys; sys.modules['ray'] = None\n"  # `import ray` raises ImportError
+            "from jobs import benchmark\n"
+            f"assert benchmark.main({argv!r}) == 0\n"
+            "assert sys.modules['ray'] is None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(KEYS) <= set(report), set(KEYS) - set(report)
-    assert Path(str(out.with_suffix(".md"))).read_text().startswith("### `--arch tiny` on ")
+    assert out.with_suffix(".md").read_text().startswith("### `--arch tiny` on ")
+    assert report["job"] == {"skipped": "--no-ray"} and report["job_vs_engine"] is None
 
     # UNet passes per edit = 2 (n - s) in the benchmark's own count, for every configuration.
     assert report["unet_passes_per_edit"] == 2 * (N - S)
     by_config = report["unet_passes_per_edit_by_config"]
-    assert {"main", "batch 1", "attention math", "CFG split in 2 calls"} <= set(by_config)
+    assert {"main", "batch 1", "channels_last off", "attention math", "CFG split in 2 calls"} <= set(by_config)
     assert all(v == 2 * (N - S) for v in by_config.values()), by_config
     split = next(r for r in report["engine"] if r["name"] == "CFG split in 2 calls")
     assert split["unet_calls"] == 2 * (split["rows"] // split["batch_size"]) * 2 * (N - S)  # two calls per step
     # The textbook port really does more: it inverts all the way (n - 2 calls) and samples n - s.
     assert report["textbook"]["unet_passes_per_edit"] == (N - 2) + (N - S) > report["unet_passes_per_edit"]
-    assert report["textbook"]["text_encodings_per_edit"] == 4  # prompts re-encoded at each call, with CFG
+    assert report["textbook"]["text_encodings_per_edit"] == 4  # prompt + negative, re-encoded at each call
     # Cache-hit rerun: sampling only.
     assert report["cache"]["warm"]["unet_passes_per_edit"] == N - S
     assert report["cache"]["warm"]["cache_hits"] == 2
-    # 4 images x 4 prompts: 4 inversions grouped, 16 spread out; in-process and in the job (job.json and results).
+    # 4 images x 4 prompts: 4 inversions when an image's rows share a batch, 16 when they are spread out.
     grouping = report["grouping"]
     assert grouping["grouped"]["inversions"] == 4 and grouping["grouped"]["rows_inverted"] == 4
     assert grouping["ungrouped"]["inversions"] == 16
     assert grouping["grouped"]["unet_passes"] == 4 * (N - S) + 16 * (N - S)
-    job = report["job"]
-    assert job["grouped"]["inversions"] == 4 and job["grouped"]["results_rows_inverted"] == 4
-    assert job["warm"]["cache_hits"] == 2 and job["warm"]["inversions"] == 0
-    assert all(job[k]["counts"]["ok"] == job[k]["rows"] for k in ("cold", "warm", "grouped"))
-    checks = report["checks"]
-    assert checks["unet_passes_per_edit_is_2(n-s)_in_every_config"] and checks["job_all_ok"]
-    # Ratios and MFU are numbers (their values depend on the machine; not checked here).
-    for key in ("engine_vs_textbook", "job_vs_engine", "warm_vs_cold", "grouped_vs_ungrouped", "tflops", "mfu"):
+    assert report["checks"]["unet_passes_per_edit_is_2(n-s)_in_every_config"]
+    # Ratios and MFU are numbers; their values depend on the machine and are not checked here.
+    for key in ("engine_vs_textbook", "warm_vs_cold", "grouped_vs_ungrouped", "tflops", "mfu", "mfu_vs_ceiling"):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["flops"]["unet_cfg"] == 2 * report["flops"]["unet_batch1"] > 0
     assert report["device_info"]["type"] == "cpu" and report["device"]
+    assert set(report["targets"]) == {"engine_vs_textbook", "job_vs_engine", "warm_vs_cold", "grouped_vs_ungrouped"}
 
 
-def test_engine_and_benchmark_run_without_ray(tiny_model_path, tmp_path):
-    """The GPU box has no Ray: the engine and `benchmark.py --no-ray` must import and run with Ray unimportable."""
-    code = (
-        "import sys; sys.modules['ray'] = None\n"  # `import ray` raises ImportError
-        "from jobs import benchmark\n"
-        f"benchmark.main(['--arch', 'tiny', '--model', {str(tiny_model_path)!r}, '--device', 'cpu', '--no-ray',"
-        " '--no-variants', '--steps', '4', '--start-step', '1', '--rows', '1', '--batch-size', '1',"
-        " '--batch-sizes', '1', '--textbook-rows', '1', '--group-images', '2', '--group-prompts', '2',"
-        f" '--json', {str(tmp_path / 'b.json')!r}])\n"
-        "assert sys.modules['ray'] is None\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "b.json").read_text())
-    assert report["job"] == {"skipped": "--no-ray"} and report["job_vs_engine"] is None
-    assert report["unet_passes_per_edit"] == 2 * (4 - 1)
-    assert report["grouping"]["grouped"]["inversions"] == 2
+@pytest.mark.usefixtures("ray_session")
+def test_job_part(tiny_model_path, tmp_path):
+    """The job part on the shared Ray instance: cold, cache-hit rerun through a shared latent cache, and the 4 x 4
+    manifest, whose job.json and results count 4 inversions, not 16."""
+    cfg = benchmark.BenchConfig(arch="tiny", model=str(tiny_model_path), device="cpu", steps=N, start_step=S, rows=4,
+                                batch_size=2, threads=min(2, torch.get_num_threads())).resolved()
+    images = benchmark.make_images(4, cfg.size)
+    fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False}
+    job = benchmark.run_jobs(cfg, str(tiny_model_path), images, tmp_path, fast)
+    for key in ("cold", "warm", "grouped"):
+        assert job[key]["counts"] == {"ok": job[key]["rows"], "failed": 0, "skipped": 0}, job[key]
+    assert job["cold"]["inversions"] == 4 and job["cold"]["unet_passes"] == 4 * 2 * (N - S)
+    assert job["warm"]["cache_hits"] == 4 and job["warm"]["inversions"] == 0
+    assert job["warm"]["unet_passes"] == 4 * (N - S)
+    assert job["grouped"]["rows"] == 16
+    assert job["grouped"]["inversions"] == 4 and job["grouped"]["results_rows_inverted"] == 4
+    assert job["grouped"]["results_inversion_passes"] == 4 * (N - S)
+    # 2 batches of 2 (cold, warm) and 4 of 4 (grouped): a steady-state rate from the PNGs after the first batch.
+    assert all(job[k]["steady_rows_per_s"] > 0 for k in ("cold", "warm", "grouped"))
 
 
 def test_steady_rate_from_png_times(tmp_path):

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODEL  := models/tiny
 OUT    := out
 
-.PHONY: install test demo model clean
+.PHONY: install test demo model clean chromium
 
 # CPU torch 2.13.0 where there is no CUDA (this workplace keeps that wheel on disk); the default CUDA build otherwise.
 $(STAMP): pyproject.toml
@@ -26,7 +26,17 @@ $(MODEL)/model_index.json: $(STAMP)
 
 model: $(MODEL)/model_index.json
 
-test: $(STAMP)
+# The report test opens report.html in headless Chromium (Debian's package). Installed when we are root with apt;
+# elsewhere that one test says it is skipped and why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the report test"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+				|| echo "warning: could not install chromium; the headless report test will be skipped"; \
+		else echo "warning: chromium not found; the headless report test will be skipped"; fi; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) $(MODEL)/model_index.json

@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 class EditActor:
     def __init__(self, model: str, size: int, device: str = "auto", dtype: str = "auto",
                  storage_options: dict | None = None, num_threads: int | None = None, eta: float = 0.0,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, measure_fidelity: bool = False):
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
         # A fixed engine batch size makes every row's output independent of its neighbours (see EditEngine).
         self.engine = EditEngine.from_pretrained(model, device=device, dtype=dtype, size=size,
                                                  storage_options=storage_options, batch_size=batch_size)
         self.eta = eta
+        self.measure_fidelity = measure_fidelity
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> EditRow:
         blob = batch["cache_blob"][i]
@@ -58,7 +59,8 @@ class EditActor:
     def _edit_rows(self, batch: dict[str, np.ndarray], index: list[int]) -> dict[int, Any]:
         """Outputs by row, or the exception for rows that fail even alone."""
         try:
-            return dict(zip(index, self.engine.edit([self._row(batch, i) for i in index])))
+            rows = [self._row(batch, i) for i in index]
+            return dict(zip(index, self.engine.edit(rows, measure_fidelity=self.measure_fidelity)))
         except Exception as exc:  # noqa: BLE001 - isolate the poisoned row(s) by retrying one at a time
             if len(index) == 1:
                 return {index[0]: exc}
@@ -80,6 +82,8 @@ class EditActor:
         blobs = np.array([b""] * n, dtype=object)
         inversion_passes, sampling_passes = np.zeros(n, np.int64), np.zeros(n, np.int64)
         cache_hit = np.zeros(n, bool)
+        reconstructions = np.zeros((n, size, size, 3), dtype=np.uint8) if self.measure_fidelity else None
+        fidelity = {name: np.full(n, np.nan) for name in ("psnr", "ssim", "latent_mse")}
         status, code, error = batch["status"].copy(), batch["error_code"].copy(), batch["error"].copy()
         for i, out in outputs.items():
             if isinstance(out, Exception):
@@ -88,9 +92,16 @@ class EditActor:
             edited[i] = out.image
             inversion_passes[i], sampling_passes[i], cache_hit[i] = (out.inversion_passes, out.sampling_passes,
                                                                      out.cache_hit)
-            if out.inversion_passes > 0 and str(batch["inversion"][i]) != "noise":
+            if out.reconstruction is not None:
+                reconstructions[i] = out.reconstruction
+                for name in fidelity:
+                    fidelity[name][i] = getattr(out, name)
+            if (out.inversion_passes > 0 or out.trajectory.extras and not out.cache_hit) and \
+                    str(batch["inversion"][i]) != "noise":
                 blobs[i] = encode_trajectory_blob(out.trajectory)  # new levels: the write stage stores them
-        result = {k: v for k, v in batch.items() if k not in ("pixels", "cache_blob")}
+        result = {k: v for k, v in batch.items() if k != "cache_blob"}  # pixels go on: the write stage saves inputs
+        if reconstructions is not None:
+            result.update(reconstruction=reconstructions, **fidelity)
         result.update(edited=edited, trajectory_blob=blobs, inversion_passes=inversion_passes,
                       sampling_passes=sampling_passes, cache_hit=cache_hit, status=status, error_code=code,
                       error=error, engine_seconds=np.full(n, per_row_seconds))

@@ -59,6 +59,9 @@ RESULTS_SCHEMA = pa.schema([
     ("sampling_passes", pa.int64()),
     ("unet_passes", pa.int64()),
     ("seconds", pa.float64()),
+    ("psnr", pa.float64()),  # fidelity (--measure-fidelity): reconstruction vs preprocessed input, dB
+    ("ssim", pa.float64()),
+    ("latent_mse", pa.float64()),
     ("manifest_row", pa.int64()),
 ])
 

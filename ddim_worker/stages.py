@@ -70,6 +70,9 @@ def _fetch_image(row: dict, ctx: StageContext, groups: dict) -> bytes:
 
 
 def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict) -> latent_cache.CacheKey:
+    method = str(row["inversion"])
+    if method.startswith("null-text"):  # its embeddings are optimised for one sampling guidance scale
+        method += f"@guidance={float(row['guidance_scale'])}"
     return latent_cache.CacheKey(
         image_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
         source_prompt=row["source_prompt"],
@@ -79,7 +82,7 @@ def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict) -> latent_cache.
         inversion_guidance=float(row["inversion_guidance"]),
         size=ctx.size,
         dtype=ctx.dtype,
-        method=str(row["inversion"]),
+        method=method,
     )
 
 
@@ -143,7 +146,7 @@ def write_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np
     names = list(batch)
     results: dict[str, list] = {k: [] for k in (*RESULT_FIELDS, "status", "error_code", "error", "output_uri",
                                                 "latent_uri", "cache_hit", "inversion_passes", "sampling_passes",
-                                                "unet_passes", "seconds")}
+                                                "unet_passes", "seconds", "psnr", "ssim", "latent_mse")}
     for i in range(n):
         row = {name: batch[name][i] for name in names}
         started = time.perf_counter()
@@ -155,7 +158,14 @@ def write_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np
                 latent_uri = row.get("cache_uri")
                 if blob is not None and len(blob):
                     storage.write_bytes(latent_uri, bytes(blob), ctx.storage_options)
-                output_uri = ctx.image_uri(str(row["id"]))
+                rid = str(row["id"])
+                if row.get("pixels") is not None:  # the preprocessed input, for the report and audits
+                    storage.write_bytes(storage.join_uri(ctx.output_uri, "inputs", f"{rid}.png"),
+                                        encode_png(np.asarray(row["pixels"])), ctx.storage_options)
+                if row.get("reconstruction") is not None:
+                    storage.write_bytes(storage.join_uri(ctx.output_uri, "reconstructions", f"{rid}.png"),
+                                        encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
+                output_uri = ctx.image_uri(rid)
                 storage.write_bytes(output_uri, encode_png(np.asarray(row["edited"]), png_text(row, ctx)),
                                     ctx.storage_options)
                 status = OK
@@ -176,6 +186,9 @@ def write_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np
         results["inversion_passes"].append(inversion_passes)
         results["sampling_passes"].append(sampling_passes)
         results["unet_passes"].append(inversion_passes + sampling_passes)
+        for name in ("psnr", "ssim", "latent_mse"):
+            value = row.get(name)
+            results[name].append(float(value) if value is not None and status == OK else None)
         results["seconds"].append(float(row.get("prepare_seconds", 0.0) or 0.0)
                                   + float(row.get("engine_seconds", 0.0) or 0.0)
                                   + time.perf_counter() - started)

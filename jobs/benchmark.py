@@ -641,9 +641,16 @@ def _read_results(output: Path) -> list[dict]:
     return pq.read_table(output / "results" / "results.parquet").to_pylist()
 
 
-def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path, fast_path: dict) -> dict:
+JOB_PARTS = ("cold", "warm", "grouped")
+
+
+def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path, fast_path: dict,
+             parts: tuple[str, ...] = JOB_PARTS) -> dict:
     """The benchmark's rows through ``jobs.edit.run_job`` on one local Ray instance (started here if none is):
-    cold, cache-hit rerun with new edit prompts (shared latent cache), and the 4 x 4 grouping manifest."""
+    ``cold`` (the main rows), ``warm`` (the same images with new edit prompts, reading the latent cache ``cold``
+    wrote) and ``grouped`` (the 4 x 4 manifest, its own latent cache)."""
+    if "warm" in parts and "cold" not in parts:
+        raise ValueError("the warm job reads the latent cache the cold job writes")
     try:
         import ray
     except ImportError:
@@ -703,20 +710,27 @@ def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path,
         return [{"id": f"{prefix}{n}-img{i}", "image_url": f"images/img{i}.png", "source_prompt": SOURCE_PROMPT,
                  "edit_prompt": prompt} for n, (i, prompt) in enumerate(pairs)]
 
+    out: dict[str, Any] = {"fast_path_in_job": job_fast_path, "cpus_per_actor": cpus_per_actor,
+                           "ray_cpus": cpus_per_actor + 2 if started_ray else None}
     try:
         shared_cache = root / "latents-shared"
-        cold = one("cold", manifest_rows([(i, EDIT_PROMPTS[i % len(EDIT_PROMPTS)]) for i in range(cfg.rows)],
-                                         "c"), shared_cache, cfg.batch_size)
-        warm = one("warm", manifest_rows([(i, RERUN_PROMPTS[i % len(RERUN_PROMPTS)]) for i in range(cfg.rows)],
-                                         "w"), shared_cache, cfg.batch_size)
-        prompts = EDIT_PROMPTS + RERUN_PROMPTS
-        pairs = [(i, prompts[k % len(prompts)]) for i in range(cfg.group_images) for k in range(cfg.group_prompts)]
-        grouped = one("grouped", manifest_rows(pairs, "g"), root / "latents-grouped", cfg.group_prompts)
+        if "cold" in parts:
+            out["cold"] = one("cold", manifest_rows(
+                [(i, EDIT_PROMPTS[i % len(EDIT_PROMPTS)]) for i in range(cfg.rows)], "c"), shared_cache,
+                cfg.batch_size)
+        if "warm" in parts:
+            out["warm"] = one("warm", manifest_rows(
+                [(i, RERUN_PROMPTS[i % len(RERUN_PROMPTS)]) for i in range(cfg.rows)], "w"), shared_cache,
+                cfg.batch_size)
+        if "grouped" in parts:
+            prompts = EDIT_PROMPTS + RERUN_PROMPTS
+            pairs = [(i, prompts[k % len(prompts)]) for i in range(cfg.group_images)
+                     for k in range(cfg.group_prompts)]
+            out["grouped"] = one("grouped", manifest_rows(pairs, "g"), root / "latents-grouped", cfg.group_prompts)
     finally:
         if started_ray:
             ray.shutdown()
-    return {"cold": cold, "warm": warm, "grouped": grouped, "fast_path_in_job": job_fast_path,
-            "ray_cpus": cpus_per_actor + 2 if started_ray else None, "cpus_per_actor": cpus_per_actor}
+    return out
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ class JobConfig:
     max_failed_fraction: float | None = None
     max_attempts: int = 3
     engine_resources: dict = field(default_factory=dict)  # custom Ray resources each engine actor needs
+    measure_fidelity: bool = False
+    report: bool = True
 
     @property
     def device(self) -> str:
@@ -244,7 +246,7 @@ def _dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_size:
         fn_constructor_kwargs={"model": model, "size": config.size, "dtype": config.dtype,
                                "device": config.device, "storage_options": config.storage_options,
                                "num_threads": max(int(engine_cpus), 1), "eta": config.eta,
-                               "batch_size": batch_size},
+                               "batch_size": batch_size, "measure_fidelity": config.measure_fidelity},
         batch_size=batch_size,
         batch_format="numpy",
         num_gpus=config.gpus_per_actor or None,
@@ -356,6 +358,11 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     progress.update([], force=True)
     results_uri = _write_results(config, all_rows)
     failed_uri = _write_failed_manifest(config, all_rows)
+    report = {"pages": [None], "contact_sheet": None}
+    if config.report:
+        from ddim_worker.report import write_report
+
+        report = write_report(config.output, all_rows, config.storage_options)
     wall = time.monotonic() - started
     counts = {s: sum(r["status"] == s for r in all_rows) for s in (OK, FAILED, SKIPPED)}
     summary = {
@@ -376,6 +383,8 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         "versions": _versions(),
         "outputs": {"images": storage.join_uri(config.output, "images"), "results": results_uri,
                     "latents": config.cache_root, "failed_manifest": failed_uri,
+                    "report": report["pages"][0] if report["pages"] else None,
+                    "contact_sheet": report["contact_sheet"],
                     "job": storage.join_uri(config.output, "job.json")},
     }
     storage.write_bytes(summary["outputs"]["job"], json.dumps(summary, indent=2, default=str).encode(),
@@ -481,6 +490,10 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                    help="stop early when more than this fraction of computed rows fail (default off)")
     p.add_argument("--engine-resources", default="{}",
                    help='custom Ray resources per engine actor, JSON, e.g. {"accelerator_type:A100": 0.01}')
+    p.add_argument("--measure-fidelity", action="store_true",
+                   help="resample each inversion with its source prompt: PSNR/SSIM/latent MSE per row (n-s passes)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip report.html and contact-sheet.png")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="times the driver re-runs unfinished rows after Ray aborts the dataset (lost node)")
     args = p.parse_args(argv)

@@ -78,23 +78,24 @@ def test_benchmark_tiny_without_ray(tiny_model_path, tmp_path):
 
 @pytest.mark.usefixtures("ray_session")
 def test_job_part(tiny_model_path, tmp_path):
-    """The job part on the shared Ray instance: cold, cache-hit rerun through a shared latent cache, and the 4 x 4
-    manifest, whose job.json and results count 4 inversions, not 16."""
+    """The job part on the shared Ray instance: the main rows, and the 4 x 4 manifest, whose job.json and results
+    count 4 inversions, not 16. (The benchmark also runs a cache-hit rerun through the job; left out here to keep
+    the test under a minute: each job starts its own engine actor.)"""
     cfg = benchmark.BenchConfig(arch="tiny", model=str(tiny_model_path), device="cpu", steps=N, start_step=S, rows=4,
                                 batch_size=2, threads=min(2, torch.get_num_threads())).resolved()
     images = benchmark.make_images(4, cfg.size)
     fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False}
-    job = benchmark.run_jobs(cfg, str(tiny_model_path), images, tmp_path, fast)
-    for key in ("cold", "warm", "grouped"):
+    job = benchmark.run_jobs(cfg, str(tiny_model_path), images, tmp_path, fast, parts=("cold", "grouped"))
+    assert "warm" not in job
+    for key in ("cold", "grouped"):
         assert job[key]["counts"] == {"ok": job[key]["rows"], "failed": 0, "skipped": 0}, job[key]
+        # 2 batches of 2 (cold) and 4 of 4 (grouped): a steady-state rate from the PNGs after the first batch.
+        assert job[key]["steady_rows_per_s"] > 0
     assert job["cold"]["inversions"] == 4 and job["cold"]["unet_passes"] == 4 * 2 * (N - S)
-    assert job["warm"]["cache_hits"] == 4 and job["warm"]["inversions"] == 0
-    assert job["warm"]["unet_passes"] == 4 * (N - S)
     assert job["grouped"]["rows"] == 16
     assert job["grouped"]["inversions"] == 4 and job["grouped"]["results_rows_inverted"] == 4
     assert job["grouped"]["results_inversion_passes"] == 4 * (N - S)
-    # 2 batches of 2 (cold, warm) and 4 of 4 (grouped): a steady-state rate from the PNGs after the first batch.
-    assert all(job[k]["steady_rows_per_s"] > 0 for k in ("cold", "warm", "grouped"))
+    assert job["grouped"]["unet_passes"] == 4 * (N - S) + 16 * (N - S)
 
 
 def test_steady_rate_from_png_times(tmp_path):

@@ -234,3 +234,39 @@ def test_results_and_failed_manifest_for_bad_rows(tiny_model_path, tmp_path):
     failed = pq.read_table(tmp_path / "out" / "failed.parquet")
     assert failed.column_names == ["id", "image_url", "source_prompt", "edit_prompt"]
     assert failed.column("id").to_pylist() == ["missing"]
+
+
+def test_fidelity_columns_inputs_and_report(tiny_model_path, tmp_path):
+    from html.parser import HTMLParser
+
+    for i in range(2):
+        (tmp_path / f"v{i}.png").write_bytes(picture(300 + i))
+    rows = [{"id": f"v{i}", "image_url": f"v{i}.png", "source_prompt": "a cat", "edit_prompt": "a dog",
+             "inversion": method} for i, method in enumerate(("ddim", "fixed-point:2"))]
+    rows.append({"id": "broken", "image_url": "nope.png", "source_prompt": "a cat", "edit_prompt": "a dog",
+                 "inversion": None})
+    summary = run(write_manifest(rows, str(tmp_path / "m.parquet")), str(tmp_path / "out"), tiny_model_path,
+                  measure_fidelity=True)
+    table = results(str(tmp_path / "out"))
+    for rid in ("v0", "v1"):
+        r = table[rid]
+        assert r["psnr"] is not None and 0 < r["ssim"] <= 1 and r["latent_mse"] >= 0
+        assert r["unet_passes"] == r["inversion_passes"] + r["sampling_passes"]
+        for folder in ("inputs", "images", "reconstructions"):
+            assert (tmp_path / "out" / folder / f"{rid}.png").exists()
+    assert table["v1"]["inversion_passes"] == 3 * (6 - 2)  # fixed-point:2 costs 1 + 2 evaluations per step
+    assert table["v0"]["sampling_passes"] == 2 * (6 - 2)  # the edit and the reconstruction
+
+    class Cards(HTMLParser):
+        ids: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "article" and "card" in (attrs.get("class") or ""):
+                self.ids.append(attrs["data-id"])
+
+    parser = Cards()
+    parser.feed((tmp_path / "out" / "report.html").read_text())
+    assert sorted(parser.ids) == ["broken", "v0", "v1"]
+    assert summary["outputs"]["report"].endswith("report.html")
+    assert (tmp_path / "out" / "contact-sheet.png").exists()

@@ -52,7 +52,7 @@ def test_benchmark_tiny_without_ray(tiny_model_path, tmp_path):
     # UNet passes per edit = 2 (n - s) in the benchmark's own count, for every configuration.
     assert report["unet_passes_per_edit"] == 2 * (N - S)
     by_config = report["unet_passes_per_edit_by_config"]
-    assert {"main", "batch 1", "channels_last off", "attention math", "CFG split in 2 calls"} <= set(by_config)
+    assert {"main", "batch 1", "channels_last on", "attention math", "CFG split in 2 calls"} <= set(by_config)
     assert all(v == 2 * (N - S) for v in by_config.values()), by_config
     split = next(r for r in report["engine"] if r["name"] == "CFG split in 2 calls")
     assert split["unet_calls"] == 2 * (split["rows"] // split["batch_size"]) * 2 * (N - S)  # two calls per step
@@ -103,9 +103,11 @@ def test_steady_rate_from_png_times(tmp_path):
         path = tmp_path / f"r{i}.png"
         path.write_bytes(b"")
         os.utime(path, (t, t))
-    # 4 rows after the first batch of 2, from 100.1 to 120.1.
-    assert benchmark.steady_rows_per_s(tmp_path, 2) == pytest.approx(4 / 20.0)
-    assert benchmark.steady_rows_per_s(tmp_path, 6) is None
+    # Batches end at 100.1, 110.2 and 120.1: intervals 10.1 and 9.9 s; mean: 4 rows after the first batch in 20 s.
+    best, mean = benchmark.steady_rows_per_s(tmp_path, 2)
+    assert best == pytest.approx(2 / 9.9) and mean == pytest.approx(4 / 20.0)
+    assert benchmark.steady_rows_per_s(tmp_path, 4) == pytest.approx((2 / 9.9, 2 / 9.9))  # a partial last batch
+    assert benchmark.steady_rows_per_s(tmp_path, 6) == (None, None)  # one batch: no steady state
 
 
 def test_peaks_and_cpu_estimate():

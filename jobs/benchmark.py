@@ -763,6 +763,10 @@ def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path,
         # Workers import ddim_worker from this checkout. The engine actor gets every core's thread (as the in-process
         # engine does); 2 logical CPUs more let the fetch (0.5 CPU) and write (1 CPU) stages run beside it.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        # Ray starts its workers at niceness 15, below every other process: on a CPU box whose cores are shared
+        # (this one is), the engine actor then waits behind anything else while the in-process engine it is compared
+        # with does not. Run them at the driver's priority, as Ray's own job supervisor does for job drivers.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=cpus_per_actor + 2, num_gpus=1 if device.type == "cuda" else 0,
                  include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  object_store_memory=1 << 30)

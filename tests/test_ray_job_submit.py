@@ -49,8 +49,9 @@ def test_ray_job_submit_runs_the_job(tiny_model_path, tmp_path):
         while True:  # the job server answers some seconds after `ray start` returns
             proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
                                   stdin=subprocess.DEVNULL)
-            if proc.returncode == 0 or time.monotonic() > deadline or "Connection refused" not in (
-                    proc.stdout + proc.stderr) and "Failed to connect" not in proc.stdout + proc.stderr:
+            output = proc.stdout + proc.stderr
+            not_ready = ("Connection refused", "Failed to connect", "No available agent", "try again later")
+            if proc.returncode == 0 or time.monotonic() > deadline or not any(m in output for m in not_ready):
                 break
             time.sleep(3)
         log = proc.stdout[-3000:] + proc.stderr[-3000:]

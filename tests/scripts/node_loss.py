@@ -7,6 +7,7 @@ Ray Data alone aborts the dataset when the node dies; the driver re-runs the unf
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -24,8 +25,12 @@ from jobs.edit import JobConfig, run_job
 def main(manifest: str, output: str, model: str) -> None:
     # One "engine_slot" per node and two actors: one engine actor lands on each node. The head keeps enough CPUs
     # for the fetch/write tasks and the surviving actor once the worker is gone.
+    with socket.socket() as probe:  # the default dashboard port may be taken by another Ray on this machine
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"engine_slot": 1},
                                                             "include_dashboard": True,
+                                                            "dashboard_port": dashboard_port,
                                                             "object_store_memory": 200 * 2**20})
     worker = cluster.add_node(num_cpus=2, resources={"engine_slot": 1}, object_store_memory=200 * 2**20)
     ray.init(address=cluster.address)

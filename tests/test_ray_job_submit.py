@@ -33,9 +33,15 @@ def test_ray_job_submit_runs_the_job(tiny_model_path, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    # Every port this head listens on is a free one: the session's own Ray instance (conftest) already holds the
+    # defaults (the dashboard agent's 52365 among them), and an agent that cannot bind never registers, which leaves
+    # the job server answering "No available agent" for ever.
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                              "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                              "metrics-export-port", "ray-client-server-port")}
+    dashboard_port = ports["dashboard-port"]
     head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+        [str(ray_bin), "start", "--head", "--block", *(f"--{name}={port}" for name, port in ports.items()),
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=3", "--num-gpus=0",
          "--object-store-memory=300000000", "--include-dashboard=true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
@@ -45,7 +51,7 @@ def test_ray_job_submit_runs_the_job(tiny_model_path, tmp_path):
         command = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                    "python", "jobs/edit.py", manifest, "--output", str(tmp_path / "out"), "--model",
                    str(tiny_model_path), "--size", "64", "--steps", "6", "--start-step", "2"]
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 120
         while True:  # the job server answers some seconds after `ray start` returns
             proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
                                   stdin=subprocess.DEVNULL)

@@ -86,10 +86,12 @@ RERUN_PROMPTS = ["a photo of a black cat on the grass", "a sketch of a puppy on 
                  "a photo of a puppy on the beach", "an oil painting of a puppy on the grass"]
 
 #: Per-device defaults: rows of the main measurement (distinct images, one edit each), its batch size, the batch sizes
-#: swept, rows for the other configurations (a prefix of the main rows), rows of the textbook loop.
+#: swept, rows for the other configurations (a prefix of the main rows), rows of the textbook loop, rows of the job
+#: (three batches: the first carries the start-up, the two intervals after it are the steady state).
 DEVICE_DEFAULTS = {
-    "cpu": dict(rows=8, batch_size=4, batch_sizes=[1, 2, 4], variant_rows=4, textbook_rows=2),
-    "cuda": dict(rows=32, batch_size=16, batch_sizes=[1, 4, 8, 16, "auto"], variant_rows=16, textbook_rows=4),
+    "cpu": dict(rows=8, batch_size=4, batch_sizes=[1, 2, 4], variant_rows=4, textbook_rows=2, job_rows=12),
+    "cuda": dict(rows=32, batch_size=16, batch_sizes=[1, 4, 8, 16, "auto"], variant_rows=16, textbook_rows=4,
+                 job_rows=48),
 }
 
 #: Acceptance targets checked on every run (CPU figures from the issue; they are reported on every device).
@@ -111,6 +113,7 @@ class BenchConfig:
     batch_sizes: list | None = None  # ints and "auto" (CUDA: from free memory)
     variant_rows: int | None = None
     textbook_rows: int | None = None
+    job_rows: int | None = None
     group_images: int = 4
     group_prompts: int = 4
     ray: bool = True
@@ -813,11 +816,11 @@ def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path,
         shared_cache = root / "latents-shared"
         if "cold" in parts:
             out["cold"] = one("cold", manifest_rows(
-                [(i, EDIT_PROMPTS[i % len(EDIT_PROMPTS)]) for i in range(cfg.rows)], "c"), shared_cache,
+                [(i, EDIT_PROMPTS[i % len(EDIT_PROMPTS)]) for i in range(cfg.job_rows)], "c"), shared_cache,
                 cfg.batch_size)
         if "warm" in parts:
             out["warm"] = one("warm", manifest_rows(
-                [(i, RERUN_PROMPTS[i % len(RERUN_PROMPTS)]) for i in range(cfg.rows)], "w"), shared_cache,
+                [(i, RERUN_PROMPTS[i % len(RERUN_PROMPTS)]) for i in range(cfg.job_rows)], "w"), shared_cache,
                 cfg.batch_size)
         if "grouped" in parts:
             prompts = EDIT_PROMPTS + RERUN_PROMPTS
@@ -918,7 +921,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     main_fast = fastpath.apply_fast_path(engine.pipe, channels_last=cfg.channels_last, compile_unet=cfg.compile,
                                          attention=cfg.attention, compile_mode=cfg.compile_mode,
                                          compile_dynamic=None)
-    images = make_images(max(cfg.rows, cfg.group_images), cfg.size, cfg.seed)
+    images = make_images(max(cfg.rows, cfg.job_rows, cfg.group_images), cfg.size, cfg.seed)
     rows = make_rows(images[:cfg.rows], cfg)
     variant_rows = rows[:cfg.variant_rows]
     B = cfg.batch_size
@@ -1004,13 +1007,12 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             bs_name, bs = f"batch auto ({auto_batch})", auto_batch
         else:
             bs_name = f"batch {bs}"
-        if bs == B:
+        if bs == B or bs > len(rows):
             continue
-        sweep_rows = rows if bs > len(variant_rows) else variant_rows
-        measure(bs_name, engine, sweep_rows[:max(bs, len(sweep_rows) // bs * bs)], bs, **main_fast)
+        measure(bs_name, engine, rows[:min(2 * bs, len(rows) // bs * bs)], bs, **main_fast)  # two batches if there are
 
     # 4. Each fast-path switch flipped from the main configuration.
-    job_reference = _variants(cfg, engine, rows, variant_rows, model, dtype, main_fast, measure)
+    _variants(cfg, engine, variant_rows, model, dtype, main_fast, measure)
 
     offload = time_offload(engine, main_outputs, B)
     offload["engine_s_per_row"] = main["seconds_per_edit"]
@@ -1018,21 +1020,30 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         main["seconds_per_edit"] + offload["png_encode_s_per_row"])
     pinned = time_pinned(device, cfg.size, B)
 
-    # 7. The Ray job.
+    # 5. The Ray job, and right before it its in-process reference: the engine configured as the job's actors
+    #    configure theirs, on the job's first batch of rows. Measured adjacent to the job (not at the start of the
+    #    run) so that a change in the machine's speed over the run does not enter the ratio.
     job: dict[str, Any] = {"skipped": "--no-ray"}
     if cfg.ray:
+        actor_fast = actor_fast_path(cfg, main_fast)
+        same = all(actor_fast[k] == main_fast[k] for k in ("attention", "channels_last", "compile_unet"))
+        reference_name = "just before the job" + ("" if same else f", as its actor ({_describe(actor_fast)})")
+        fastpath.apply_fast_path(engine.pipe, **_fast_args(actor_fast))
+        reference, _ = measure(reference_name, engine, rows[:2 * B], B, **actor_fast)
+        fastpath.apply_fast_path(engine.pipe, **_fast_args(main_fast))
         job = run_jobs(cfg, model, images, work, main_fast)
-    reference = next(r for r in engine_records if r["name"] == job_reference)
     if "cold" in job:
-        job["reference"] = job_reference
+        job["reference"] = reference_name
+        job["reference_edits_per_s"] = reference["edits_per_s"]
         job["job_vs_engine"] = _ratio(job["cold"]["steady_rows_per_s"], reference["edits_per_s"])
+        job["job_vs_engine_mean"] = _ratio(job["cold"]["steady_rows_per_s_all"], reference["edits_per_s"])
+        job["job_vs_main"] = _ratio(job["cold"]["steady_rows_per_s"], main["edits_per_s"]) if same else None
         job["job_vs_engine_end_to_end"] = _ratio(job["cold"]["rows_per_second"], reference["edits_per_s"])
         job["warm_vs_cold"] = _ratio(job["warm"]["steady_rows_per_s"], job["cold"]["steady_rows_per_s"])
         job["grouped_vs_engine"] = _ratio(job["grouped"]["steady_rows_per_s"], grouped["edits_per_s"])
 
     n, s = cfg.steps, cfg.start_step
     expected = 2 * (n - s)
-    distinct = [r for r in engine_records]
     report: dict[str, Any] = {
         "device": device_name,
         "device_info": device_info,
@@ -1046,7 +1057,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "unet_samples_per_s": main["unet_samples_per_s"],
         "unet_passes_per_edit": main["unet_passes_per_edit"],
         "unet_passes_per_edit_expected": expected,
-        "unet_passes_per_edit_by_config": {r["name"]: r["unet_passes_per_edit"] for r in distinct},
+        "unet_passes_per_edit_by_config": {r["name"]: r["unet_passes_per_edit"] for r in engine_records},
         "textbook_passes_per_edit": textbook["unet_passes_per_edit"],
         "engine_vs_textbook": _ratio(main["edits_per_s"], textbook["edits_per_s"]),
         "job_vs_engine": job.get("job_vs_engine"),
@@ -1099,42 +1110,41 @@ def _describe(fast: dict) -> str:
             f"{', compiled' if fast['compile_unet'] else ''}")
 
 
-def _variants(cfg: BenchConfig, engine: EditEngine, rows: list[EditRow], variant_rows: list[EditRow], model: str,
-              dtype: torch.dtype, main_fast: dict, measure: Any) -> str:
-    """Measure each fast-path switch flipped from the main configuration; returns the name of the record measured
-    with the engine configuration the job's actors run (the reference of ``job_vs_engine``)."""
-    device = engine.device
-    B = cfg.batch_size
-
-    def apply(fast: dict) -> dict:
-        return fastpath.apply_fast_path(engine.pipe, channels_last=fast["channels_last"],
-                                        compile_unet=fast["compile_unet"], attention=fast["attention"],
-                                        compile_mode=fast.get("compile_mode"),
-                                        compile_dynamic=fast.get("compile_dynamic", False))
-
-    # The job's actors build their engine with EditEngine.from_pretrained: diffusers' default attention (SDPA), NCHW,
-    # eager, unless JobConfig passes fast-path settings on. Compare the job with exactly that engine.
+def actor_fast_path(cfg: BenchConfig, main_fast: dict) -> dict:
+    """The fast path of the job's engine actors: ``EditActor`` builds its engine with ``EditEngine.from_pretrained``
+    (diffusers' default attention, SDPA; NCHW; eager), unless ``JobConfig`` passes fast-path settings on."""
     actor_fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False, "compile_mode": None,
                   "compile_dynamic": False}
     for name in job_fast_path_fields() if cfg.ray else ():
         actor_fast[name] = main_fast[name]
     if actor_fast["compile_unet"]:
         actor_fast["compile_mode"], actor_fast["compile_dynamic"] = main_fast["compile_mode"], main_fast["compile_dynamic"]
+    return actor_fast
+
+
+def _fast_args(fast: dict) -> dict:
+    return dict(channels_last=fast["channels_last"], compile_unet=fast["compile_unet"], attention=fast["attention"],
+                compile_mode=fast.get("compile_mode"), compile_dynamic=fast.get("compile_dynamic", False))
+
+
+def _variants(cfg: BenchConfig, engine: EditEngine, variant_rows: list[EditRow], model: str, dtype: torch.dtype,
+              main_fast: dict, measure: Any) -> None:
+    """Measure each fast-path switch flipped from the main configuration, on ``variant_rows``."""
+    device = engine.device
+    B = cfg.batch_size
+
+    def apply(fast: dict) -> dict:
+        return fastpath.apply_fast_path(engine.pipe, **_fast_args(fast))
+
     keys = ("attention", "channels_last", "compile_unet")
     measured = [dict(main_fast)]
-    reference = "main"
-    if cfg.ray and any(actor_fast[k] != main_fast[k] for k in keys):
-        reference = f"as the job's actor ({_describe(actor_fast)})"
-        measure(reference, engine, rows, B, **apply(actor_fast))
-        measured.append(actor_fast)
-        apply(main_fast)
     if not cfg.variants:
-        return reference
+        return
 
     def flipped(**change: Any) -> None:
         fast = {**main_fast, **change}
         if any(all(fast[k] == m[k] for k in keys) for m in measured):
-            return  # already measured (e.g. as the job's actor)
+            return  # the main configuration itself
         label = ", ".join(f"{k} {'on' if v is True else 'off' if v is False else v}" for k, v in change.items())
         measure(label, engine, variant_rows, B, **apply(fast))
         measured.append(fast)
@@ -1161,7 +1171,6 @@ def _variants(cfg: BenchConfig, engine: EditEngine, rows: list[EditRow], variant
             measure(f"dtype {_dtype_name(other)}", eng, variant_rows, B, **fast)
             del eng
             torch.cuda.empty_cache()
-    return reference
 
 
 def _checks(report: dict, cfg: BenchConfig) -> dict[str, Any]:
@@ -1226,9 +1235,10 @@ def render_markdown(report: dict) -> str:
         f"- model: {cfg['arch']} ({report['model']['unet_parameters'] / 1e6:.1f} M UNet parameters, random weights),"
         f" {cfg['size']} px; n = {n}, s = {s}, guidance {cfg['guidance']}, inversion guidance "
         f"{cfg['inversion_guidance']}",
-        f"- rows: {cfg['rows']} distinct images x 1 edit at batch {cfg['batch_size']} (main); other configurations on "
-        f"the first {cfg['variant_rows']}; textbook loop on {cfg['textbook_rows']}; grouping {cfg['group_images']} "
-        f"images x {cfg['group_prompts']} prompts",
+        f"- rows: {cfg['rows']} distinct images x 1 edit at batch {cfg['batch_size']} (main); other batch sizes on "
+        f"two batches each; fast-path variants on the first {cfg['variant_rows']}; textbook loop on "
+        f"{cfg['textbook_rows']}; grouping {cfg['group_images']} images x {cfg['group_prompts']} prompts; Ray job on "
+        f"{cfg['job_rows']} (and the 4 x 4 manifest)",
         f"- peak {_f(report['peak_tflops'], 4)} TFLOP/s ({report['peak_source']}); ceiling "
         f"{_f(report['ceiling_tflops'], 4)} TFLOP/s ({report['ceiling_source']}); GEMM measured here "
         f"{_f(report['matmul_tflops'], 4)} TFLOP/s",
@@ -1278,8 +1288,9 @@ def render_markdown(report: dict) -> str:
     if "cold" in job:
         lines += [
             "",
-            f"Ray job (1 engine actor with {job['cpus_per_actor']} {'CPUs' if report['device_info']['type'] == 'cpu' else 'GPU'}; "
-            f"reference: in-process `{job['reference']}`). Steady state: batch size / the shortest interval between "
+            f"Ray job (1 engine actor with {job['cpus_per_actor']} "
+            f"{'CPUs' if report['device_info']['type'] == 'cpu' else 'GPU'}; reference: in-process "
+            f"`{job['reference']}`). Steady state: batch size / the shortest interval between "
             "the ends (last PNG written) of two consecutive batches; mean: the rows after the first batch / the time "
             "from its last PNG to the last PNG. Ray and actor start-up fall outside both.",
             "",
@@ -1293,8 +1304,10 @@ def render_markdown(report: dict) -> str:
                          f"{_f(r['rows_per_second'])} | {_f(r['steady_rows_per_s'])} | "
                          f"{_f(r['steady_rows_per_s_all'])} | {_f(r['startup_seconds'], 1)} | "
                          f"{r['inversions']} | {r['cache_hits']} | {r['counts']['ok']} |")
-        lines += ["", f"job / engine: {_f(job['job_vs_engine'], 2)}x at steady state, "
-                      f"{_f(job['job_vs_engine_end_to_end'], 2)}x end to end (with Ray and actor start-up); job "
+        lines += ["", f"job / engine: {_f(job['job_vs_engine'], 2)}x at steady state (engine measured just before "
+                      f"the job: {_f(job['reference_edits_per_s'])} edits/s; against `main`, measured at the start of "
+                      f"the run: {_f(job['job_vs_main'], 2)}x), {_f(job['job_vs_engine_end_to_end'], 2)}x end to end "
+                      "(with Ray and actor start-up); job "
                       f"cache-hit rerun / cold {_f(job['warm_vs_cold'], 2)}x; job 4 x 4 / engine 4 x 4 "
                       f"{_f(job['grouped_vs_engine'], 2)}x."]
     else:
@@ -1350,8 +1363,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--batch-size", type=int, default=None, help="main batch size, also the job's (CPU 4, CUDA 16)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None,
                    help="batch sizes swept, e.g. 1,2,4 or 1,4,8,16,auto (auto: from free GPU memory)")
-    p.add_argument("--variant-rows", type=int, default=None, help="rows of the other configurations (CPU 4, CUDA 16)")
+    p.add_argument("--variant-rows", type=int, default=None,
+                   help="rows of the fast-path variants (CPU 4, CUDA 16); batch sizes run two batches each")
     p.add_argument("--textbook-rows", type=int, default=None, help="rows of the textbook loop (CPU 2, CUDA 4)")
+    p.add_argument("--job-rows", type=int, default=None, help="rows through the Ray job (CPU 12, CUDA 48)")
     p.add_argument("--group-images", type=int, default=4)
     p.add_argument("--group-prompts", type=int, default=4)
     p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray job part (no Ray import)")

@@ -82,7 +82,7 @@ def test_job_part(tiny_model_path, tmp_path):
     count 4 inversions, not 16. (The benchmark also runs a cache-hit rerun through the job; left out here to keep
     the test under a minute: each job starts its own engine actor.)"""
     cfg = benchmark.BenchConfig(arch="tiny", model=str(tiny_model_path), device="cpu", steps=N, start_step=S, rows=4,
-                                batch_size=2, threads=min(2, torch.get_num_threads())).resolved()
+                                job_rows=4, batch_size=2, threads=min(2, torch.get_num_threads())).resolved()
     images = benchmark.make_images(4, cfg.size)
     fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False}
     job = benchmark.run_jobs(cfg, str(tiny_model_path), images, tmp_path, fast, parts=("cold", "grouped"))

@@ -46,9 +46,13 @@ from ddim_worker.url_policy import FetchPolicy
 
 log = logging.getLogger("ddim_edit.job")
 
-#: Rows per engine call when --batch-size is not given: enough to keep a GPU busy at 512 px in bf16 (larger
-#: batches stop paying off on an H100 around 8-16), small enough for a CPU run to show progress.
+#: Rows per engine call when --batch-size is not given (on GPU: when no engine GPU says how much memory it has free):
+#: enough to keep a GPU busy at 512 px in bf16, small enough for a CPU run to show progress.
 DEFAULT_BATCH_SIZE = {"cuda": 8, "cpu": 4}
+
+#: Bytes of an SD 1.x pipeline's weights in a 16-bit dtype (UNet 860 M + VAE 84 M + CLIP-L text 123 M parameters):
+#: what the engine actor will hold besides activations once it has loaded the model.
+SD1_WEIGHTS_16BIT = int(2.2 * 2**30)
 
 #: How often the driver rewrites results/results.parquet while the job runs, so a killed driver loses little.
 CHECKPOINT_SECONDS = 30.0
@@ -92,6 +96,10 @@ class JobConfig:
     engine_resources: dict = field(default_factory=dict)  # custom Ray resources each engine actor needs
     measure_fidelity: bool = False
     report: bool = True
+    # GPU fast path of the engine actors (each measured on and off by jobs/benchmark.py).
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile_unet: bool = False
 
     @property
     def device(self) -> str:
@@ -223,6 +231,37 @@ def _init_ray(config: JobConfig) -> None:
     context.execution_options.preserve_order = False
 
 
+def _batch_size_from_gpu_memory(config: JobConfig, dtype: str) -> int:
+    """Rows per engine call from an engine GPU's free memory (``fastpath.auto_batch_size``), asked of a GPU worker
+    with the actors' resources, less the weights of an SD 1.x pipeline. Falls back to the fixed default when no
+    such worker answers within a minute (no GPU node yet: the autoscaler may still be adding one)."""
+    import ray
+    import torch
+
+    from ddim_worker import fastpath
+
+    def free_bytes() -> int:
+        return fastpath.free_device_bytes("cuda") or 0
+
+    fallback = DEFAULT_BATCH_SIZE["cuda"]
+    probe = ray.remote(free_bytes).options(num_gpus=config.gpus_per_actor, num_cpus=0,
+                                           resources=config.engine_resources or None)
+    try:
+        free = ray.get(probe.remote(), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - a sizing hint only; the job goes on with the default
+        log.warning("could not ask a GPU worker for its free memory (%s); batch size %d", exc, fallback)
+        return fallback
+    if not free:
+        log.warning("the engine GPU reported no free memory (no CUDA in the worker?); batch size %d", fallback)
+        return fallback
+    torch_dtype = getattr(torch, dtype)
+    weights = int(SD1_WEIGHTS_16BIT * torch.empty((), dtype=torch_dtype).element_size() / 2)
+    batch = fastpath.auto_batch_size(free - weights, config.size, torch_dtype)
+    log.info("batch size %d from %.1f GiB free on an engine GPU (%s, %d px)", batch, free / 2**30, dtype,
+             config.size)
+    return batch
+
+
 def _dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_size: int, model: str):
     import ray
 
@@ -246,7 +285,9 @@ def _dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_size:
         fn_constructor_kwargs={"model": model, "size": config.size, "dtype": config.dtype,
                                "device": config.device, "storage_options": config.storage_options,
                                "num_threads": max(int(engine_cpus), 1), "eta": config.eta,
-                               "batch_size": batch_size, "measure_fidelity": config.measure_fidelity},
+                               "batch_size": batch_size, "measure_fidelity": config.measure_fidelity,
+                               "attention": config.attention, "channels_last": config.channels_last,
+                               "compile_unet": config.compile_unet},
         batch_size=batch_size,
         batch_format="numpy",
         num_gpus=config.gpus_per_actor or None,
@@ -298,7 +339,6 @@ def run_job(config: JobConfig) -> dict[str, Any]:
                        model_fingerprint=fingerprint, dtype=dtype, size=config.size, image_column=plan.image_column,
                        storage_options=config.storage_options, policy=config.policy(), max_pixels=config.max_pixels,
                        min_side=config.min_image_side)
-    batch_size = config.batch_size or DEFAULT_BATCH_SIZE[config.device]
     results: dict[str, dict] = {}
     decided = [r for r in plan.finished]
     progress = Progress(plan.total, len(decided))
@@ -306,8 +346,11 @@ def run_job(config: JobConfig) -> dict[str, Any]:
              len(plan.work), sum(r["status"] == SKIPPED for r in decided), sum(r["status"] == FAILED for r in decided))
     stopped_early = None
     attempts = 0
+    batch_size = config.batch_size or DEFAULT_BATCH_SIZE[config.device]
     if plan.work:
         _init_ray(config)
+        if config.batch_size is None and config.device == "cuda":
+            batch_size = _batch_size_from_gpu_memory(config, dtype)
         remaining = plan.work
         for attempt in range(1, config.max_attempts + 1):
             attempts = attempt
@@ -461,7 +504,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--inversion", default="ddim", help="ddim | negative-prompt | fixed-point:K | noise")
     p.add_argument("--size", type=int, default=512, help="square working size in pixels, a multiple of 8")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per engine call (default 8 GPU, 4 CPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per engine call (default: GPU from its free memory, CPU 4)")
     p.add_argument("--actors", type=int, default=1, help="engine actors (one per GPU)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when CUDA is visible, else 0")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPU actors: torch threads")
@@ -494,6 +538,11 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                    help="resample each inversion with its source prompt: PSNR/SSIM/latent MSE per row (n-s passes)")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="skip report.html and contact-sheet.png")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "math"],
+                   help="attention kernel: sdpa (fused, default) or math (explicit matmul + softmax)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC convolutions in the UNet and VAE")
+    p.add_argument("--compile", dest="compile_unet", action="store_true",
+                   help="torch.compile the UNet in each engine actor (compiled once, at the first batch)")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="times the driver re-runs unfinished rows after Ray aborts the dataset (lost node)")
     args = p.parse_args(argv)

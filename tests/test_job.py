@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_worker import storage
+from ddim_worker import fastpath, storage
 from ddim_worker.engine import EditEngine, EditRow
 from ddim_worker.images import decode_image, encode_png, read_png_text
 from ddim_worker.stages import StageContext, png_text
@@ -210,6 +210,30 @@ def test_job_output_equals_the_engine_in_process(tiny_model_path, tmp_path):
         job_png = (tmp_path / "out" / "images" / f"q{i}.png").read_bytes()
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(job_png))), out.image)
         assert job_png == encode_png(out.image, png_text(row, ctx))
+
+
+def test_fast_path_flags_reach_the_engine_actors(tiny_model_path, tmp_path):
+    """--attention math --channels-last: the job's PNG is the bytes of an in-process engine switched the same way
+    (and not those of the default kernels, so the flags cannot have been dropped on the way to the actor)."""
+    (tmp_path / "f.png").write_bytes(picture(31))
+    row = {"id": "f", "image_url": "f.png", "source_prompt": "a bird", "edit_prompt": "a red bird", "seed": 3}
+    run(write_manifest([row], str(tmp_path / "m.parquet")), str(tmp_path / "out"), tiny_model_path,
+        attention="math", channels_last=True)
+    job_image = np.asarray(Image.open(tmp_path / "out" / "images" / "f.png"))
+    engine = EditEngine.from_pretrained(str(tiny_model_path), size=64, batch_size=FAST.get("batch_size"))
+    edit = EditRow(decode_image((tmp_path / "f.png").read_bytes()), "a bird", "a red bird",
+                   num_steps=FAST["steps"], start_step=FAST["start_step"], seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job's CPU actor
+    try:
+        default = engine.edit([edit])[0].image
+        fastpath.apply_fast_path(engine.pipe, attention="math", channels_last=True, compile_unet=False)
+        switched = engine.edit([edit])[0].image
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(job_image, switched)
+    assert not np.array_equal(job_image, default)  # the default kernels give other bytes (26 of them, here)
+    assert np.abs(switched.astype(int) - default.astype(int)).max() <= 2  # other kernels, same maths
 
 
 def test_wrong_model_path_fails_fast(tmp_path):

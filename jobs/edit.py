@@ -231,32 +231,47 @@ def _init_ray(config: JobConfig) -> None:
     context.execution_options.preserve_order = False
 
 
-def _batch_size_from_gpu_memory(config: JobConfig, dtype: str) -> int:
-    """Rows per engine call from an engine GPU's free memory (``fastpath.auto_batch_size``), asked of a GPU worker
-    with the actors' resources, less the weights of an SD 1.x pipeline. Falls back to the fixed default when no
-    such worker answers within a minute (no GPU node yet: the autoscaler may still be adding one)."""
-    import ray
+def batch_size_for_free_memory(free_bytes: int, size: int, dtype: str) -> int:
+    """Rows per engine call for a GPU with ``free_bytes`` free before the model is loaded: the SD 1.x weights come
+    off first, the rest goes to ``fastpath.auto_batch_size``."""
     import torch
 
     from ddim_worker import fastpath
 
-    def free_bytes() -> int:
-        return fastpath.free_device_bytes("cuda") or 0
+    torch_dtype = getattr(torch, dtype)
+    weights = int(SD1_WEIGHTS_16BIT * torch.empty((), dtype=torch_dtype).element_size() / 2)
+    return fastpath.auto_batch_size(free_bytes - weights, size, torch_dtype)
+
+
+def _free_gpu_bytes() -> int:
+    from ddim_worker import fastpath
+
+    return fastpath.free_device_bytes("cuda") or 0
+
+
+def _batch_size_from_gpu_memory(config: JobConfig, dtype: str, timeout_s: float = 60.0) -> int:
+    """Rows per engine call from an engine GPU's free memory, asked of a Ray task with the actors' resources.
+
+    Falls back to the fixed default when no such task answers within ``timeout_s`` (no GPU node yet: the autoscaler
+    may still be adding one) or it sees no CUDA.
+    """
+    import ray
 
     fallback = DEFAULT_BATCH_SIZE["cuda"]
-    probe = ray.remote(free_bytes).options(num_gpus=config.gpus_per_actor, num_cpus=0,
-                                           resources=config.engine_resources or None)
+    probe = ray.remote(_free_gpu_bytes).options(num_gpus=config.gpus_per_actor or 1, num_cpus=0,
+                                                resources=config.engine_resources or None)
+    ref = probe.remote()
     try:
-        free = ray.get(probe.remote(), timeout=60)
+        free = ray.get(ref, timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - a sizing hint only; the job goes on with the default
-        log.warning("could not ask a GPU worker for its free memory (%s); batch size %d", exc, fallback)
+        ray.cancel(ref, force=True)
+        log.warning("no engine GPU said how much memory it has free (%s); batch size %d", type(exc).__name__,
+                    fallback)
         return fallback
     if not free:
         log.warning("the engine GPU reported no free memory (no CUDA in the worker?); batch size %d", fallback)
         return fallback
-    torch_dtype = getattr(torch, dtype)
-    weights = int(SD1_WEIGHTS_16BIT * torch.empty((), dtype=torch_dtype).element_size() / 2)
-    batch = fastpath.auto_batch_size(free - weights, config.size, torch_dtype)
+    batch = batch_size_for_free_memory(free, config.size, dtype)
     log.info("batch size %d from %.1f GiB free on an engine GPU (%s, %d px)", batch, free / 2**30, dtype,
              config.size)
     return batch

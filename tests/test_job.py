@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -294,3 +295,26 @@ def test_fidelity_columns_inputs_and_report(tiny_model_path, tmp_path):
     assert sorted(parser.ids) == ["broken", "v0", "v1"]
     assert summary["outputs"]["report"].endswith("report.html")
     assert (tmp_path / "out" / "contact-sheet.png").exists()
+
+
+def test_gpu_batch_size_from_free_memory():
+    """Without --batch-size a GPU job sizes its batches from an engine GPU's free memory, less the SD 1.x weights;
+    where no GPU answers (this CPU-only Ray), it says so and keeps the default."""
+    from jobs.edit import DEFAULT_BATCH_SIZE, JobConfig, _batch_size_from_gpu_memory, batch_size_for_free_memory
+
+    GiB = 2**30
+    assert batch_size_for_free_memory(79 * GiB, 512, "bfloat16") == 32  # an idle 80 GB H100: capped
+    assert batch_size_for_free_memory(22 * GiB, 512, "bfloat16") == 16  # a 24 GB card
+    assert batch_size_for_free_memory(22 * GiB, 512, "float32") == 8  # fp32: weights and activations twice as big
+    assert batch_size_for_free_memory(6 * GiB, 512, "float16") == 1
+    config = JobConfig(manifest="unused", output="unused", gpus_per_actor=1.0)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    job_log = logging.getLogger("ddim_edit.job")
+    job_log.addHandler(handler)
+    try:
+        assert _batch_size_from_gpu_memory(config, "bfloat16", timeout_s=2) == DEFAULT_BATCH_SIZE["cuda"]
+    finally:
+        job_log.removeHandler(handler)
+    assert any("no engine GPU said how much memory it has free" in m for m in messages), messages

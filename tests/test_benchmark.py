@@ -62,11 +62,12 @@ def test_benchmark_tiny_without_ray(tiny_model_path, tmp_path):
     # Cache-hit rerun: sampling only.
     assert report["cache"]["warm"]["unet_passes_per_edit"] == N - S
     assert report["cache"]["warm"]["cache_hits"] == 2
-    # 4 images x 4 prompts: 4 inversions when an image's rows share a batch, 16 when they are spread out.
+    # The first two batches of 4 images x 4 prompts: 2 inversions when an image's rows share a batch (2 images),
+    # 8 when they are spread out (8 rows, each its own image in its batch).
     grouping = report["grouping"]
-    assert grouping["grouped"]["inversions"] == 4 and grouping["grouped"]["rows_inverted"] == 4
-    assert grouping["ungrouped"]["inversions"] == 16
-    assert grouping["grouped"]["unet_passes"] == 4 * (N - S) + 16 * (N - S)
+    assert grouping["grouped"]["inversions"] == 2 and grouping["grouped"]["rows_inverted"] == 2
+    assert grouping["ungrouped"]["inversions"] == 8
+    assert grouping["grouped"]["unet_passes"] == 2 * (N - S) + 8 * (N - S) == grouping["expected_passes"]["grouped"]
     assert report["checks"]["unet_passes_per_edit_is_2(n-s)_in_every_config"]
     # Ratios and MFU are numbers; their values depend on the machine and are not checked here.
     for key in ("engine_vs_textbook", "warm_vs_cold", "grouped_vs_ungrouped", "tflops", "mfu", "mfu_vs_ceiling"):

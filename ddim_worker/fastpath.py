@@ -132,6 +132,17 @@ def auto_batch_size(free_bytes: int, size: int, dtype: torch.dtype, max_batch: i
     return 1 << (rows.bit_length() - 1)
 
 
+#: Bytes of an SD 1.x pipeline's weights in a 16-bit dtype (UNet 860 M + VAE 84 M + CLIP-L text 123 M parameters).
+SD1_WEIGHTS_16BIT = int(2.2 * GiB)
+
+
+def batch_size_before_load(free_bytes: int, size: int, dtype: torch.dtype, max_batch: int = MAX_AUTO_BATCH) -> int:
+    """:func:`auto_batch_size` for a device whose ``free_bytes`` were measured before an SD 1.x pipeline is loaded
+    on it (a job sizes its batches before its engine actors start): the weights come off first."""
+    weights = int(SD1_WEIGHTS_16BIT * torch.empty((), dtype=dtype).element_size() / 2)
+    return auto_batch_size(free_bytes - weights, size, dtype, max_batch)
+
+
 def free_device_bytes(device: torch.device | str) -> int | None:
     """Free memory of a CUDA device (``torch.cuda.mem_get_info``); None on other devices."""
     device = torch.device(device)

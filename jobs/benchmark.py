@@ -774,9 +774,8 @@ def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path,
                  include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  object_store_memory=1 << 30)
         started_ray = True
-    fields = JobConfig.__dataclass_fields__
-    # Fast-path settings reach the job's actors only if JobConfig has them (see docs/benchmarks.md).
-    job_fast_path = {k: fast_path[k] for k in ("channels_last", "attention", "compile_unet") if k in fields}
+    # The job's actors run the main configuration's fast path (JobConfig passes it on to EditActor).
+    job_fast_path = {k: fast_path[k] for k in ("channels_last", "attention", "compile_unet")}
     base = dict(model=model, size=cfg.size, steps=cfg.steps, start_step=cfg.start_step, guidance=cfg.guidance,
                 inversion_guidance=cfg.inversion_guidance, batch_size=cfg.batch_size, actors=1,
                 gpus_per_actor=1.0 if device.type == "cuda" else 0.0, cpus_per_actor=float(cpus_per_actor),
@@ -1028,24 +1027,20 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         main["seconds_per_edit"] + offload["png_encode_s_per_row"])
     pinned = time_pinned(device, cfg.size, B)
 
-    # 5. The Ray job, and right before it its in-process reference: the engine configured as the job's actors
-    #    configure theirs, on the job's first batch of rows. Measured adjacent to the job (not at the start of the
-    #    run) so that a change in the machine's speed over the run does not enter the ratio.
+    # 5. The Ray job, and right before it its in-process reference: the main configuration (the job's actors run
+    #    its fast path) on two batches. Measured adjacent to the job (not at the start of the run) so that a change
+    #    in the machine's speed over the run does not enter the ratio.
     job: dict[str, Any] = {"skipped": "--no-ray"}
     if cfg.ray:
-        actor_fast = actor_fast_path(cfg, main_fast)
-        same = all(actor_fast[k] == main_fast[k] for k in ("attention", "channels_last", "compile_unet"))
-        reference_name = "just before the job" + ("" if same else f", as its actor ({_describe(actor_fast)})")
-        fastpath.apply_fast_path(engine.pipe, **_fast_args(actor_fast))
-        reference, _ = measure(reference_name, engine, rows[:2 * B], B, **actor_fast)
-        fastpath.apply_fast_path(engine.pipe, **_fast_args(main_fast))
+        reference_name = "just before the job"
+        reference, _ = measure(reference_name, engine, rows[:2 * B], B, **main_fast)
         job = run_jobs(cfg, model, images, work, main_fast)
     if "cold" in job:
         job["reference"] = reference_name
         job["reference_edits_per_s"] = reference["edits_per_s"]
         job["job_vs_engine"] = _ratio(job["cold"]["steady_rows_per_s"], reference["edits_per_s"])
         job["job_vs_engine_mean"] = _ratio(job["cold"]["steady_rows_per_s_all"], reference["edits_per_s"])
-        job["job_vs_main"] = _ratio(job["cold"]["steady_rows_per_s"], main["edits_per_s"]) if same else None
+        job["job_vs_main"] = _ratio(job["cold"]["steady_rows_per_s"], main["edits_per_s"])
         job["job_vs_engine_end_to_end"] = _ratio(job["cold"]["rows_per_second"], reference["edits_per_s"])
         job["warm_vs_cold"] = _ratio(job["warm"]["steady_rows_per_s"], job["cold"]["steady_rows_per_s"])
 
@@ -1102,32 +1097,6 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     if not cfg.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-def job_fast_path_fields() -> set[str]:
-    """The fast-path settings ``jobs.edit.JobConfig`` passes on to its engine actors (none, until it has them)."""
-    try:
-        from jobs.edit import JobConfig
-    except ImportError:
-        return set()
-    return {k for k in ("channels_last", "attention", "compile_unet") if k in JobConfig.__dataclass_fields__}
-
-
-def _describe(fast: dict) -> str:
-    return (f"{fast['attention']}, {'channels_last' if fast['channels_last'] else 'NCHW'}"
-            f"{', compiled' if fast['compile_unet'] else ''}")
-
-
-def actor_fast_path(cfg: BenchConfig, main_fast: dict) -> dict:
-    """The fast path of the job's engine actors: ``EditActor`` builds its engine with ``EditEngine.from_pretrained``
-    (diffusers' default attention, SDPA; NCHW; eager), unless ``JobConfig`` passes fast-path settings on."""
-    actor_fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False, "compile_mode": None,
-                  "compile_dynamic": False}
-    for name in job_fast_path_fields() if cfg.ray else ():
-        actor_fast[name] = main_fast[name]
-    if actor_fast["compile_unet"]:
-        actor_fast["compile_mode"], actor_fast["compile_dynamic"] = main_fast["compile_mode"], main_fast["compile_dynamic"]
-    return actor_fast
 
 
 def _fast_args(fast: dict) -> dict:

@@ -50,10 +50,6 @@ log = logging.getLogger("ddim_edit.job")
 #: enough to keep a GPU busy at 512 px in bf16, small enough for a CPU run to show progress.
 DEFAULT_BATCH_SIZE = {"cuda": 8, "cpu": 4}
 
-#: Bytes of an SD 1.x pipeline's weights in a 16-bit dtype (UNet 860 M + VAE 84 M + CLIP-L text 123 M parameters):
-#: what the engine actor will hold besides activations once it has loaded the model.
-SD1_WEIGHTS_16BIT = int(2.2 * 2**30)
-
 #: How often the driver rewrites results/results.parquet while the job runs, so a killed driver loses little.
 CHECKPOINT_SECONDS = 30.0
 
@@ -231,24 +227,6 @@ def _init_ray(config: JobConfig) -> None:
     context.execution_options.preserve_order = False
 
 
-def batch_size_for_free_memory(free_bytes: int, size: int, dtype: str) -> int:
-    """Rows per engine call for a GPU with ``free_bytes`` free before the model is loaded: the SD 1.x weights come
-    off first, the rest goes to ``fastpath.auto_batch_size``."""
-    import torch
-
-    from ddim_worker import fastpath
-
-    torch_dtype = getattr(torch, dtype)
-    weights = int(SD1_WEIGHTS_16BIT * torch.empty((), dtype=torch_dtype).element_size() / 2)
-    return fastpath.auto_batch_size(free_bytes - weights, size, torch_dtype)
-
-
-def _free_gpu_bytes() -> int:
-    from ddim_worker import fastpath
-
-    return fastpath.free_device_bytes("cuda") or 0
-
-
 def _batch_size_from_gpu_memory(config: JobConfig, dtype: str, timeout_s: float = 60.0) -> int:
     """Rows per engine call from an engine GPU's free memory, asked of a Ray task with the actors' resources.
 
@@ -256,11 +234,14 @@ def _batch_size_from_gpu_memory(config: JobConfig, dtype: str, timeout_s: float 
     may still be adding one) or it sees no CUDA.
     """
     import ray
+    import torch
+
+    from ddim_worker import fastpath
 
     fallback = DEFAULT_BATCH_SIZE["cuda"]
-    probe = ray.remote(_free_gpu_bytes).options(num_gpus=config.gpus_per_actor or 1, num_cpus=0,
-                                                resources=config.engine_resources or None)
-    ref = probe.remote()
+    probe = ray.remote(fastpath.free_device_bytes).options(num_gpus=config.gpus_per_actor or 1, num_cpus=0,
+                                                           resources=config.engine_resources or None)
+    ref = probe.remote("cuda")
     try:
         free = ray.get(ref, timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - a sizing hint only; the job goes on with the default
@@ -271,7 +252,7 @@ def _batch_size_from_gpu_memory(config: JobConfig, dtype: str, timeout_s: float 
     if not free:
         log.warning("the engine GPU reported no free memory (no CUDA in the worker?); batch size %d", fallback)
         return fallback
-    batch = batch_size_for_free_memory(free, config.size, dtype)
+    batch = fastpath.batch_size_before_load(free, config.size, getattr(torch, dtype))
     log.info("batch size %d from %.1f GiB free on an engine GPU (%s, %d px)", batch, free / 2**30, dtype,
              config.size)
     return batch

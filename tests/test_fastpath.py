@@ -78,6 +78,17 @@ def test_auto_batch_size():
         fastpath.auto_batch_size(GiB, 0, bf16)
 
 
+def test_batch_size_before_load_takes_the_weights_off_first():
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert fastpath.batch_size_before_load(79 * GiB, 512, bf16) == 32  # an idle 80 GB H100: capped
+    assert fastpath.batch_size_before_load(22 * GiB, 512, bf16) == 16  # a 24 GB card
+    assert fastpath.batch_size_before_load(22 * GiB, 512, fp32) == 8  # fp32: weights and activations twice as big
+    assert fastpath.batch_size_before_load(6 * GiB, 512, fp16) == 1
+    # 5 GiB free after loading fits 2 rows, but not once 2.2 GiB of weights are still to come.
+    assert fastpath.auto_batch_size(5 * GiB, 512, bf16) == 2
+    assert fastpath.batch_size_before_load(5 * GiB, 512, bf16) == 1
+
+
 def test_free_memory_and_pinned_copy_on_cpu():
     assert fastpath.free_device_bytes("cpu") is None
     array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)

@@ -298,15 +298,11 @@ def test_fidelity_columns_inputs_and_report(tiny_model_path, tmp_path):
 
 
 def test_gpu_batch_size_from_free_memory():
-    """Without --batch-size a GPU job sizes its batches from an engine GPU's free memory, less the SD 1.x weights;
-    where no GPU answers (this CPU-only Ray), it says so and keeps the default."""
-    from jobs.edit import DEFAULT_BATCH_SIZE, JobConfig, _batch_size_from_gpu_memory, batch_size_for_free_memory
+    """Without --batch-size a GPU job sizes its batches from an engine GPU's free memory
+    (``fastpath.batch_size_before_load``, tested in test_fastpath); where no GPU answers (this CPU-only Ray), it says
+    so and keeps the default."""
+    from jobs.edit import DEFAULT_BATCH_SIZE, JobConfig, _batch_size_from_gpu_memory
 
-    GiB = 2**30
-    assert batch_size_for_free_memory(79 * GiB, 512, "bfloat16") == 32  # an idle 80 GB H100: capped
-    assert batch_size_for_free_memory(22 * GiB, 512, "bfloat16") == 16  # a 24 GB card
-    assert batch_size_for_free_memory(22 * GiB, 512, "float32") == 8  # fp32: weights and activations twice as big
-    assert batch_size_for_free_memory(6 * GiB, 512, "float16") == 1
     config = JobConfig(manifest="unused", output="unused", gpus_per_actor=1.0)
     messages: list[str] = []
     handler = logging.Handler()

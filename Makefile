@@ -9,14 +9,15 @@ OUT    := out
 .PHONY: install test demo model clean chromium
 
 # CPU torch 2.13.0 where there is no CUDA (this workplace keeps that wheel on disk); the default CUDA build otherwise.
-$(STAMP): pyproject.toml
+# constraints.txt pins the tested set (pyproject.toml states compatible ranges only).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		echo "CUDA found: installing torch with CUDA"; $(BIN)/pip install -q 'torch>=2.4,<=2.14.1'; \
 	else \
 		echo "no CUDA: installing CPU torch 2.13.0"; $(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(STAMP)

@@ -16,27 +16,28 @@ import torch
 
 from ddim_worker.engine import EditEngine, EditRow
 from ddim_worker.fastpath import apply_fast_path
+from ddim_worker.inversion import parse_method
 from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
 from ddim_worker.rows import FAILED
+from ddim_worker.settings import EngineSettings
 from ddim_worker.stages import PENDING
 
 log = logging.getLogger(__name__)
 
 
 class EditActor:
-    def __init__(self, model: str, size: int, device: str = "auto", dtype: str = "auto",
-                 storage_options: dict | None = None, num_threads: int | None = None, eta: float = 0.0,
-                 batch_size: int | None = None, measure_fidelity: bool = False, attention: str = "sdpa",
-                 channels_last: bool = False, compile_unet: bool = False):
+    def __init__(self, model: str, engine: EngineSettings, batch_size: int, device: str = "auto",
+                 storage_options: dict | None = None, num_threads: int | None = None,
+                 measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
         # A fixed engine batch size makes every row's output independent of its neighbours (see EditEngine).
-        self.engine = EditEngine.from_pretrained(model, device=device, dtype=dtype, size=size,
-                                                 storage_options=storage_options, batch_size=batch_size)
+        self.engine = EditEngine.from_pretrained(model, device=device, dtype=engine.dtype, size=engine.size,
+                                                 storage_options=storage_options, batch_size=batch_size,
+                                                 revision=revision, variant=variant)
         # The same switches the benchmark measures; with a fixed batch size a compiled UNet sees one shape.
-        apply_fast_path(self.engine.pipe, attention=attention, channels_last=channels_last,
-                        compile_unet=compile_unet)
-        self.eta = eta
+        apply_fast_path(self.engine.pipe, attention=engine.attention, channels_last=engine.channels_last,
+                        compile_unet=engine.compile_unet)
         self.measure_fidelity = measure_fidelity
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> EditRow:
@@ -46,7 +47,8 @@ class EditActor:
             edit_prompt=str(batch["edit_prompt"][i]), negative_prompt=str(batch["negative_prompt"][i] or ""),
             num_steps=int(batch["num_steps"][i]), start_step=int(batch["start_step"][i]),
             guidance_scale=float(batch["guidance_scale"][i]),
-            inversion_guidance=float(batch["inversion_guidance"][i]), seed=int(batch["seed"][i]), eta=self.eta,
+            inversion_guidance=float(batch["inversion_guidance"][i]), seed=int(batch["seed"][i]),
+            eta=float(batch["eta"][i]),
             inversion=str(batch["inversion"][i]),
             cached=self._cached(blob),
         )
@@ -102,7 +104,7 @@ class EditActor:
                 for name in fidelity:
                     fidelity[name][i] = getattr(out, name)
             if (out.inversion_passes > 0 or out.trajectory.extras and not out.cache_hit) and \
-                    str(batch["inversion"][i]) != "noise":
+                    parse_method(str(batch["inversion"][i])).caches:
                 blobs[i] = encode_trajectory_blob(out.trajectory)  # new levels: the write stage stores them
         result = {k: v for k, v in batch.items() if k != "cache_blob"}  # pixels go on: the write stage saves inputs
         if reconstructions is not None:

@@ -5,6 +5,7 @@ A thin adapter (cf. k-diffusion's ``CompVisDenoiser``): the sampling loops only 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,9 @@ class Conditioning:
 class GuidedUNet:
     """``eps = uncond + w * (text - uncond)`` from one UNet call on the doubled batch (one call, not two).
 
-    Counts its UNet calls (``calls``) and the rows they carried (``row_passes``) so jobs and tests can report the work
-    done; ``batch_sizes`` keeps the batch size of every call.
+    Counts its UNet calls (``calls``), the rows they carried (``row_passes``), the UNet samples they ran (``samples``:
+    padding and the CFG doubling included) and how many calls ran at each batch size (``call_sizes``), so jobs and
+    tests can report the work done. All are bounded for the life of an actor (a few distinct sizes, not a list).
     """
 
     def __init__(self, unet: torch.nn.Module, pad_to: int | None = None):
@@ -44,7 +46,8 @@ class GuidedUNet:
         self.pad_to = pad_to
         self.calls = 0
         self.row_passes = 0
-        self.batch_sizes: list[int] = []
+        self.samples = 0
+        self.call_sizes: Counter[int] = Counter()
 
     def __call__(self, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
         rows = x.shape[0]
@@ -62,7 +65,8 @@ class GuidedUNet:
         out = self.unet(model_input, timestep, encoder_hidden_states=context, return_dict=False)[0]
         self.calls += 1
         self.row_passes += rows
-        self.batch_sizes.append(model_input.shape[0])
+        self.samples += model_input.shape[0]
+        self.call_sizes[model_input.shape[0]] += 1
         if not guided:
             return out.to(x.dtype)
         eps_uncond, eps_text = out.float().chunk(2)

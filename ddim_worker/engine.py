@@ -22,9 +22,10 @@ from PIL import Image
 from ddim_worker import sampler
 from ddim_worker import schedule as sch
 from ddim_worker.denoiser import Conditioning, GuidedUNet, pad_rows
-from ddim_worker.inversion import parse_method
-from ddim_worker.models import choose_device, choose_dtype, load_pipeline, model_fingerprint
+from ddim_worker.inversion import InversionMethod, parse_method
+from ddim_worker.models import check_scheduler_config, choose_device, choose_dtype, load_pipeline, model_fingerprint
 from ddim_worker.sampler import Denoiser, Schedule, Trajectory
+from ddim_worker.settings import DEFAULTS, ENGINE_DEFAULTS, EditSettings, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +42,46 @@ class PromptTruncatedWarning(UserWarning):
 
 @dataclass
 class EditRow:
-    """One edit: an image and its prompts and settings. Defaults are the textbook's (SD 1.5, 50 steps, start 10)."""
+    """One edit: an image, its prompts and its settings (meanings, defaults and ranges: ``settings.EditSettings``)."""
 
     image: Image.Image | np.ndarray  # any size; RGB uint8 (H, W, 3) arrays are taken as they are
     source_prompt: str
     edit_prompt: str
-    negative_prompt: str = ""
-    num_steps: int = 50
-    start_step: int = 10  # sampling runs over tau[start_step:], so inversion stops at level tau[start_step]
-    guidance_scale: float = 3.5  # CFG scale while sampling with the edit prompt
-    inversion_guidance: float = 3.5  # CFG scale while inverting with the source prompt
-    seed: int = 0  # seeds eta noise and, with ``vae_sample``, the VAE posterior sample
-    eta: float = 0.0
-    inversion: str = "ddim"  # ddim | negative-prompt | fixed-point:K | noise (see ``inversion``)
+    negative_prompt: str = DEFAULTS.negative_prompt
+    num_steps: int = DEFAULTS.num_steps
+    start_step: int = DEFAULTS.start_step  # inversion stops at level tau[start_step]; sampling runs over tau[s:]
+    guidance_scale: float = DEFAULTS.guidance_scale
+    inversion_guidance: float = DEFAULTS.inversion_guidance
+    seed: int = DEFAULTS.seed
+    eta: float = DEFAULTS.eta
+    inversion: str = DEFAULTS.inversion
     cached: Trajectory | None = None  # a stored trajectory for this row (latents (L, 1, C, h, w)), if any
+
+    @classmethod
+    def from_settings(cls, image: Image.Image | np.ndarray, source_prompt: str, edit_prompt: str,
+                      settings: EditSettings, cached: Trajectory | None = None) -> EditRow:
+        return cls(image, source_prompt, edit_prompt, cached=cached, **settings.as_dict())
+
+    @property
+    def settings(self) -> EditSettings:
+        """This row's settings, through the one validator (raises ``SettingError``)."""
+        return EditSettings(negative_prompt=self.negative_prompt, num_steps=self.num_steps,
+                            start_step=self.start_step, guidance_scale=self.guidance_scale,
+                            inversion_guidance=self.inversion_guidance, seed=self.seed, eta=self.eta,
+                            inversion=self.inversion)
+
+    @property
+    def method(self) -> InversionMethod:
+        """The parsed inversion method (parsed once per distinct spelling)."""
+        return parse_method(self.inversion)
 
     def inversion_key(self) -> tuple:
         """Rows with equal keys invert to the same trajectory, so a batch inverts them once."""
+        method = self.method
         key = (_pixels_digest(self.image), self.source_prompt, self.negative_prompt, float(self.inversion_guidance),
-               int(self.num_steps), str(parse_method(self.inversion)))
+               int(self.num_steps), str(method))
         # "noise" draws seeded noise: rows share it only when their seeds agree too.
-        return key + (int(self.seed),) if parse_method(self.inversion).name == "noise" else key
+        return key + (int(self.seed),) if method.name == "noise" else key
 
 
 @dataclass
@@ -83,7 +103,6 @@ class _Stats:
     edits: int = 0
     inversions: int = 0
     prompt_encodings: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _pixels_digest(image: Image.Image | np.ndarray) -> str:
@@ -91,22 +110,14 @@ def _pixels_digest(image: Image.Image | np.ndarray) -> str:
     return hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()
 
 
-def validate_settings(num_steps: Any, start_step: Any, guidance_scale: Any, inversion_guidance: Any = 1.0,
-                      eta: Any = 0.0) -> None:
-    """Raise ``ValueError`` naming the first bad setting; never run with a silently wrong value."""
+def validate_settings(num_steps: Any, start_step: Any, guidance_scale: Any = DEFAULTS.guidance_scale,
+                      inversion_guidance: Any = DEFAULTS.inversion_guidance, eta: Any = DEFAULTS.eta) -> None:
+    """Raise ``ValueError`` (a ``SettingError``) naming the first bad setting: ``settings.validate``, the one rule."""
     for name, value in (("num_steps", num_steps), ("start_step", start_step)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not 0 <= start_step < num_steps:
-        raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
-    for name, value in (("guidance_scale", guidance_scale), ("inversion_guidance", inversion_guidance),
-                        ("eta", eta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+            raise SettingError(name, f"must be an integer, got {value!r}")
+    EditSettings(num_steps=num_steps, start_step=start_step, guidance_scale=guidance_scale,
+                 inversion_guidance=inversion_guidance, eta=eta)
 
 
 class EditEngine:
@@ -115,12 +126,13 @@ class EditEngine:
     ``denoiser`` defaults to the pipeline's UNet with classifier-free guidance; tests pass an analytic one.
     """
 
-    def __init__(self, pipe: Any, *, size: int = 512, denoiser: Denoiser | None = None, vae_sample: bool = False,
+    def __init__(self, pipe: Any, *, size: int = ENGINE_DEFAULTS.size, denoiser: Denoiser | None = None, vae_sample: bool = False,
                  fingerprint: str = "unknown", batch_size: int | None = None):
         if not isinstance(size, int) or size <= 0 or size % 8:
             raise ValueError(f"size must be a positive multiple of 8, got {size!r}")
         if size % pipe.vae_scale_factor:
             raise ValueError(f"size {size} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor}")
+        check_scheduler_config(dict(pipe.scheduler.config))  # before any UNet call: refuse what we would run wrong
         self.pipe = pipe
         self.size = size
         self.device = pipe.unet.device
@@ -140,13 +152,15 @@ class EditEngine:
         self._schedules: dict[int, Schedule] = {}
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device: str = "auto", dtype: str = "auto", size: int = 512,
-                        storage_options: dict | None = None, **kwargs: Any) -> EditEngine:
+    def from_pretrained(cls, model: str, *, device: str = "auto", dtype: str = ENGINE_DEFAULTS.dtype,
+                        size: int = ENGINE_DEFAULTS.size, storage_options: dict | None = None,
+                        revision: str | None = None, variant: str | None = None, **kwargs: Any) -> EditEngine:
         """Load the pipeline once (local folder, hub id or ``s3://`` folder); bf16/fp16 on CUDA, fp32 on CPU."""
         torch_device = choose_device(device)
         torch_dtype = choose_dtype(dtype, torch_device)
-        pipe = load_pipeline(model, torch_device, torch_dtype, storage_options)
-        return cls(pipe, size=size, fingerprint=model_fingerprint(model, storage_options), **kwargs)
+        pipe = load_pipeline(model, torch_device, torch_dtype, storage_options, revision=revision, variant=variant)
+        fingerprint = model_fingerprint(model, storage_options, revision=revision)
+        return cls(pipe, size=size, fingerprint=fingerprint, **kwargs)
 
     # -- schedule ------------------------------------------------------------------------------------------------
     def schedule(self, num_steps: int) -> Schedule:
@@ -306,7 +320,7 @@ class EditEngine:
         for i, row in enumerate(rows):
             try:
                 validate_settings(row.num_steps, row.start_step, row.guidance_scale, row.inversion_guidance, row.eta)
-                parse_method(row.inversion)
+                row.settings  # noqa: B018 - the one validator: method, seed and prompt types too
             except ValueError as exc:
                 raise ValueError(f"row {i}: {exc}") from None
         groups: dict[tuple, list[int]] = {}
@@ -379,7 +393,7 @@ class EditEngine:
         for i in leaders:
             stored = rows[i].cached
             start = schedule.level_of(stored.deepest) if stored is not None else schedule.num_steps
-            by_start.setdefault((start, str(parse_method(rows[i].inversion))), []).append(i)
+            by_start.setdefault((start, str(rows[i].method)), []).append(i)
         for (from_level, method_name), members in by_start.items():
             method = parse_method(method_name)
             batch = [rows[i] for i in members]
@@ -415,10 +429,12 @@ class EditEngine:
         # null-text: per-step unconditional embeddings for sampling from tau[s], optimised once per row and kept
         # with the trajectory (so the latent cache makes a later edit of the same image skip the optimisation).
         null_key = f"null_s{target}"
-        null_rows = [i for i, r in enumerate(rows) if parse_method(r.inversion).name == "null-text"]
-        need = [i for i in null_rows if null_key not in per_row[i].extras]
-        if need:
-            iterations = parse_method(rows[need[0]].inversion).param
+        null_rows = [i for i, r in enumerate(rows) if r.method.optimizes_null_text]
+        by_iterations: dict[int, list[int]] = {}
+        for i in null_rows:
+            if null_key not in per_row[i].extras:
+                by_iterations.setdefault(rows[i].method.param, []).append(i)
+        for iterations, need in by_iterations.items():  # each row its own iteration count (null-text:K)
             embeds, evals = self._optimize_null_text([per_row[i] for i in need], [rows[i] for i in need], schedule,
                                                      start_step, iterations)
             for j, i in enumerate(need):
@@ -428,7 +444,7 @@ class EditEngine:
 
         start = torch.cat([traj.at(target) for traj in per_row]).to(self.device, torch.float32)  # (B, C, h, w)
         # negative-prompt inversion samples with the source prompt as the unconditional branch.
-        uncond = [r.source_prompt if parse_method(r.inversion).source_as_uncond else r.negative_prompt for r in rows]
+        uncond = [r.method.unconditional_prompt(r.source_prompt, r.negative_prompt) for r in rows]
         guidance = [r.guidance_scale for r in rows]
         seeds = [r.seed for r in rows]
         x0 = self.sample(start, [r.edit_prompt for r in rows], uncond, guidance, num_steps, start_step, seeds, eta,

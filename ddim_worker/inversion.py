@@ -6,6 +6,7 @@ The name is part of the latent-cache key: two methods give two different traject
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 METHODS = ("ddim", "negative-prompt", "fixed-point", "null-text", "noise")
 
@@ -24,10 +25,30 @@ class InversionMethod:
         """negative-prompt inversion: sample with the source embedding in place of the unconditional one."""
         return self.name == "negative-prompt"
 
+    @property
+    def optimizes_null_text(self) -> bool:
+        """null-text: per-step unconditional embeddings, optimised (``param`` iterations per step) and cached."""
+        return self.name == "null-text"
+
+    @property
+    def caches(self) -> bool:
+        """Whether its trajectory is worth a latent-cache entry: ``noise`` draws fresh seeded noise, nothing to keep."""
+        return self.name != "noise"
+
+    def unconditional_prompt(self, source_prompt: str, negative_prompt: str) -> str:
+        """The prompt of the unconditional branch while sampling."""
+        return source_prompt if self.source_as_uncond else negative_prompt
+
+    def cache_key(self, guidance_scale: float) -> str:
+        """The method's part of a latent-cache key. null-text's embeddings are optimised for one sampling guidance
+        scale, so the scale joins its key; every other method's trajectory does not depend on sampling."""
+        return f"{self}@guidance={float(guidance_scale)}" if self.optimizes_null_text else str(self)
+
     def __str__(self) -> str:
         return f"{self.name}:{self.param}" if self.name in ("fixed-point", "null-text") else self.name
 
 
+@lru_cache(maxsize=256)
 def parse_method(text: str) -> InversionMethod:
     """``"fixed-point:3"`` -> InversionMethod("fixed-point", 3); unknown names fail listing the valid ones."""
     name, _, param = str(text).strip().partition(":")

@@ -12,7 +12,7 @@ import math
 import posixpath
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -20,13 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker.rows import RowError
+from ddim_worker.settings import SETTING_NAMES, EditSettings, SettingError, from_values
 
-#: Our column names. ``image_url`` or ``image`` is required, and both prompts.
-OUR_COLUMNS = (
-    "id", "image_url", "image", "source_prompt", "edit_prompt", "negative_prompt", "num_steps", "start_step",
-    "guidance_scale", "inversion_guidance", "seed", "inversion",
-)
-SETTING_COLUMNS = ("num_steps", "start_step", "guidance_scale", "inversion_guidance", "seed", "inversion")
+#: Our column names: ``image_url`` or ``image`` is required, and both prompts; every edit setting may be a column.
+OUR_COLUMNS = ("id", "image_url", "image", "source_prompt", "edit_prompt", *SETTING_NAMES)
 
 #: Ids become object keys (``images/<id>.png``): letters, digits, ``._-`` only, not starting with a dot, bounded.
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -37,20 +34,6 @@ DEFAULT_MAX_PROMPT_CHARS = 1000
 
 class ManifestError(ValueError):
     """The manifest as a whole cannot be used (missing file or column, bad mapping): one clear message."""
-
-
-@dataclass(frozen=True)
-class RowDefaults:
-    """Job-wide settings; a manifest column overrides them per row, and a null means the default."""
-
-    num_steps: int = 50
-    start_step: int = 10
-    guidance_scale: float = 3.5
-    inversion_guidance: float = 3.5
-    seed: int = 0
-    negative_prompt: str = ""
-    inversion: str = "ddim"
-    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
 
 
 @dataclass(frozen=True)
@@ -189,81 +172,35 @@ def read_embedded_image(manifest: ManifestFiles, ref: tuple[int, int, int], colu
 
 # -- per-row settings --------------------------------------------------------------------------------------------
 
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise RowError("bad_setting", f"{name} must be an integer, got {value!r}")
-    if isinstance(value, str):
-        value = value.strip()
-        try:
-            value = float(value)
-        except ValueError:
-            raise RowError("bad_setting", f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise RowError("bad_setting", f"{name} must be an integer, got {value!r}")
-        value = int(value)
-    if not isinstance(value, int):
-        raise RowError("bad_setting", f"{name} must be an integer, got {value!r}")
-    return value
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise RowError("bad_setting", f"{name} must be a number, got {value!r}")
+def row_settings(record: Mapping[str, Any], defaults: EditSettings,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> dict[str, Any]:
+    """The settings and prompts one row runs with (its own where given, the job's where null), validated by the
+    one validator of :mod:`ddim_worker.settings`; raises RowError (``bad_setting``, ``bad_prompt``)."""
     try:
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise RowError("bad_setting", f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise RowError("bad_setting", f"{name} must be finite, got {value!r}")
-    return number
-
-
-def row_settings(record: Mapping[str, Any], defaults: RowDefaults) -> dict[str, Any]:
-    """The settings one row runs with (its own where given, the job's where null), validated; raises RowError."""
-    def pick(name: str) -> Any:
-        value = record.get(name)
-        return getattr(defaults, name) if value is None or (isinstance(value, float) and math.isnan(value)) \
-            else value
-
-    settings = {
-        "num_steps": _as_int("num_steps", pick("num_steps")),
-        "start_step": _as_int("start_step", pick("start_step")),
-        "guidance_scale": _as_float("guidance_scale", pick("guidance_scale")),
-        "inversion_guidance": _as_float("inversion_guidance", pick("inversion_guidance")),
-        "seed": _as_int("seed", pick("seed")),
-        "inversion": str(pick("inversion")).strip(),
-    }
-    n, s = settings["num_steps"], settings["start_step"]
-    if not 1 <= n <= 1000:
-        raise RowError("bad_setting", f"num_steps must be in [1, 1000], got {n}")
-    if not 0 <= s < n:
-        raise RowError("bad_setting", f"start_step must be in [0, num_steps={n}), got {s}")
-    for name in ("guidance_scale", "inversion_guidance"):
-        if not 0 <= settings[name] <= 100:
-            raise RowError("bad_setting", f"{name} must be in [0, 100], got {settings[name]}")
-    if not 0 <= settings["seed"] < 2**63:
-        raise RowError("bad_setting", f"seed must be in [0, 2**63), got {settings['seed']}")
-    from ddim_worker.inversion import parse_method
-
-    try:
-        parse_method(settings["inversion"])
-    except ValueError as exc:
+        settings = from_values(record, defaults).as_dict()
+    except SettingError as exc:
+        if exc.name == "negative_prompt":
+            raise RowError("bad_prompt", str(exc)) from None
         raise RowError("bad_setting", str(exc)) from None
     for name in ("source_prompt", "edit_prompt", "negative_prompt"):
-        value = record.get(name) if name != "negative_prompt" else pick(name)
+        value = settings[name] if name == "negative_prompt" else record.get(name)
         if not isinstance(value, str):
             raise RowError("bad_prompt", f"{name} must be text, got {type(value).__name__}")
         if name != "negative_prompt" and not value.strip():
             raise RowError("bad_prompt", f"{name} is empty")
-        if len(value) > defaults.max_prompt_chars:
+        if len(value) > max_prompt_chars:
             raise RowError("bad_prompt", f"{name} has {len(value)} characters, over the limit of "
-                                         f"{defaults.max_prompt_chars} (--max-prompt-chars); CLIP reads 77 tokens")
+                                         f"{max_prompt_chars} (--max-prompt-chars); CLIP reads 77 tokens")
         settings[name] = value
     return settings
 
 
-def row_id(record: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> str:
+#: The settings a content-hash id covers. ``eta`` joins only when a row gives it, so ids from before it was a column
+#: stay the same (a rerun resumes instead of redoing every row).
+_ID_SETTINGS = ("num_steps", "start_step", "guidance_scale", "inversion_guidance", "seed", "inversion")
+
+
+def row_id(record: Mapping[str, Any]) -> str:
     """The row's own id if it has one (checked: ids become object keys), else a stable hash of its content."""
     given = record.get("id")
     if given is not None and not (isinstance(given, float) and math.isnan(given)):
@@ -278,11 +215,10 @@ def row_id(record: Mapping[str, Any], settings: Mapping[str, Any] | None = None)
         "source_prompt": record.get("source_prompt"),
         "edit_prompt": record.get("edit_prompt"),
         "negative_prompt": record.get("negative_prompt"),
-        "settings": {k: record.get(k) for k in SETTING_COLUMNS},
+        "settings": {k: record.get(k) for k in _ID_SETTINGS},
     }
+    if record.get("eta") is not None:
+        content["settings"]["eta"] = record.get("eta")
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     return f"r-{digest[:20]}"
 
-
-def defaults_dict(defaults: RowDefaults) -> dict[str, Any]:
-    return asdict(defaults)

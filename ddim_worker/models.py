@@ -24,6 +24,30 @@ class ModelLoadError(RuntimeError):
     """The model could not be found or loaded; the message names the path and the cause."""
 
 
+class UnsupportedModelError(ModelLoadError):
+    """The model loads but the engine would compute wrong results with it (a scheduler setting it does not model)."""
+
+
+#: Scheduler settings the engine's DDIM maths assumes, with the value it needs and why. Anything else is refused
+#: before any UNet call instead of running silently wrong.
+REQUIRED_SCHEDULER = {
+    "prediction_type": ("epsilon", "the engine's DDIM step reads the UNet's output as the noise (epsilon); "
+                                   "v_prediction / sample models (SD 2.x 768 px and others) are not supported"),
+    "rescale_betas_zero_snr": (False, "zero-terminal-SNR schedules need v-prediction and trailing timesteps"),
+    "thresholding": (False, "dynamic thresholding of x0 is not part of the engine's DDIM step"),
+    "clip_sample": (False, "clipping x0 breaks the invertibility DDIM inversion relies on"),
+}
+
+
+def check_scheduler_config(config: dict[str, Any]) -> None:
+    """Refuse a scheduler config the engine would run wrong, naming the setting (before any work)."""
+    for name, (wanted, why) in REQUIRED_SCHEDULER.items():
+        value = config.get(name, wanted)
+        if value != wanted:
+            raise UnsupportedModelError(f"the model's scheduler sets {name}={value!r}; ddim-edit needs "
+                                        f"{name}={wanted!r}: {why}")
+
+
 def choose_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,13 +75,20 @@ def local_model_path(model: str, storage_options: dict | None = None) -> str:
         return model.removeprefix("file://")
     import fsspec
 
+    from filelock import FileLock
+
     target = MODEL_CACHE_DIR / hashlib.sha256(model.encode()).hexdigest()[:16]
-    if not (target / "model_index.json").exists():
-        fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
-        partial = target.with_name(target.name + f".partial-{os.getpid()}")
-        log.info("copying model %s to %s", model, target)
-        fs.get(root.rstrip("/") + "/", str(partial), recursive=True)
-        os.replace(partial, target)
+    if (target / "model_index.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several engine actors on one node load the same model: one copies, the others wait for it, then find it.
+    with FileLock(str(target) + ".lock"):
+        if not (target / "model_index.json").exists():
+            fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
+            partial = target.with_name(target.name + f".partial-{os.getpid()}")
+            log.info("copying model %s to %s", model, target)
+            fs.get(root.rstrip("/") + "/", str(partial), recursive=True)
+            os.replace(partial, target)
     return str(target)
 
 
@@ -65,19 +96,54 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).expanduser().exists()
 
 
-def check_model(model: str, storage_options: dict | None = None) -> None:
-    """Fail fast, before any worker starts, when a model folder is missing or is not a diffusers pipeline."""
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "rb") as handle:
+            return json.loads(handle.read())
+    except FileNotFoundError:
+        return None
+
+
+def hub_snapshot(model: str, revision: str | None = None) -> tuple[str, str]:
+    """(resolved commit, local folder of model_index.json and the scheduler config) of a Hub model.
+
+    Asks the Hub which commit ``revision`` (default: main) is, and fetches only the two small configs; with no network
+    (or ``HF_HUB_OFFLINE=1``) a copy already in the Hugging Face cache is used. Raises ``ModelLoadError`` naming the
+    model when neither works.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "scheduler/scheduler_config.json"]
+    try:
+        folder = snapshot_download(model, revision=revision, allow_patterns=patterns)
+    except Exception as online:  # noqa: BLE001 - no network, unknown repo, gated repo: try the local cache
+        try:
+            folder = snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True)
+        except Exception:  # noqa: BLE001
+            raise ModelLoadError(
+                f"cannot resolve model {model!r}{f' at revision {revision!r}' if revision else ''} on the Hugging Face "
+                f"Hub ({type(online).__name__}: {str(online).splitlines()[0][:200]}); give a local diffusers folder "
+                "or an s3:// URL, or check the network, HF_TOKEN and the model id") from None
+    return Path(folder).name, folder
+
+
+def check_model(model: str, storage_options: dict | None = None, revision: str | None = None) -> str | None:
+    """Fail fast, before any worker starts: a missing model, one that is not a diffusers pipeline, or one whose
+    scheduler the engine would run wrong. Returns the resolved Hub commit for Hub ids, else None."""
     if _is_remote(model):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
+        root = root.rstrip("/")
         try:
-            found = fs.exists(root.rstrip("/") + "/model_index.json")
+            found = fs.exists(root + "/model_index.json")
+            scheduler = _read_json(fs, root + "/scheduler/scheduler_config.json") if found else None
         except Exception as exc:  # noqa: BLE001 - credentials, endpoint, bucket errors
             raise ModelLoadError(f"cannot reach model {model!r}: {type(exc).__name__}: {exc}") from exc
         if not found:
             raise ModelLoadError(f"model {model!r} has no model_index.json: not a diffusers pipeline folder")
-        return
+        check_scheduler_config(scheduler or {})
+        return None
     if _looks_like_path(model):
         path = Path(model.removeprefix("file://")).expanduser()
         if not path.is_dir():
@@ -85,14 +151,24 @@ def check_model(model: str, storage_options: dict | None = None) -> None:
                                  "hub id)")
         if not (path / "model_index.json").exists():
             raise ModelLoadError(f"model folder {model!r} has no model_index.json: not a diffusers pipeline folder")
+        config = path / "scheduler" / "scheduler_config.json"
+        check_scheduler_config(json.loads(config.read_text()) if config.exists() else {})
+        return None
+    commit, folder = hub_snapshot(model, revision)
+    config = Path(folder) / "scheduler" / "scheduler_config.json"
+    check_scheduler_config(json.loads(config.read_text()) if config.exists() else {})
+    return commit
 
 
-def model_fingerprint(model: str, storage_options: dict | None = None) -> str:
+def model_fingerprint(model: str, storage_options: dict | None = None, revision: str | None = None,
+                      hub_commit: str | None = None) -> str:
     """A short hash that changes when the model does: configs and weight file names and sizes (not their bytes,
-    which would mean reading gigabytes). Hub ids without a local copy are fingerprinted by name."""
+    which would mean reading gigabytes). Hub ids are fingerprinted by their resolved commit, so a new revision of
+    the model never reuses latents cached for the old one."""
     path = Path(local_model_path(model, storage_options))
     if not path.is_dir():
-        return hashlib.sha256(f"hub:{model}".encode()).hexdigest()[:16]
+        commit = hub_commit or hub_snapshot(model, revision)[0]
+        return hashlib.sha256(f"hub:{model}@{commit}".encode()).hexdigest()[:16]
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
@@ -104,15 +180,17 @@ def model_fingerprint(model: str, storage_options: dict | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_options: dict | None = None) -> Any:
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_options: dict | None = None, *,
+                  revision: str | None = None, variant: str | None = None) -> Any:
     """``StableDiffusionPipeline.from_pretrained`` on a local folder, hub id or object-store URL, moved to device."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     source = local_model_path(model, storage_options)
-    check_model(source)
+    check_model(source, revision=revision)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            source, dtype=dtype, safety_checker=None, requires_safety_checker=False, revision=revision,
+            variant=variant,
         )
     except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variously
         raise ModelLoadError(f"cannot load model {model!r}: {type(exc).__name__}: {exc}") from exc
@@ -123,6 +201,3 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_
         module.eval().requires_grad_(False)
     return pipe
 
-
-def scheduler_config(pipe: Any) -> dict[str, Any]:
-    return dict(json.loads(json.dumps(dict(pipe.scheduler.config), default=str)))

@@ -40,7 +40,9 @@ from typing import Any
 import pyarrow as pa
 
 from ddim_worker import storage
+from ddim_worker.outputs import CONTACT_SHEET_NAME, IMAGE_FOLDERS, REPORT_NAME, OutputLayout, report_page_name
 from ddim_worker.rows import FAILED, OK, SKIPPED
+from ddim_worker.settings import SETTING_NAMES
 
 __all__ = [
     "TILE",
@@ -67,13 +69,10 @@ SHEET_HEADER_H = 18
 #: Height of one line of the sheet (caption strip + tiles + gap).
 LINE_H = CAPTION_H + TILE + SHEET_PAD
 
-REPORT_NAME = "report.html"
-CONTACT_SHEET_NAME = "contact-sheet.png"
-
 #: Folders (under the output prefix) holding the per-row images, in the column order of cards and the sheet.
-IMAGE_KINDS = (("input", "inputs"), ("edited", "images"), ("reconstruction", "reconstructions"))
+IMAGE_KINDS = tuple(IMAGE_FOLDERS.items())
 
-_SETTINGS = ("num_steps", "start_step", "guidance_scale", "inversion_guidance", "seed", "inversion")
+_SETTINGS = tuple(name for name in SETTING_NAMES if name != "negative_prompt")
 _RUN_FIELDS = ("cache_hit", "inversion_passes", "sampling_passes", "unet_passes", "seconds")
 _METRICS = (("psnr", "PSNR", "{:.2f} dB"), ("ssim", "SSIM", "{:.4f}"), ("latent_mse", "latent MSE", "{:.4g}"))
 _PAGE_RE = re.compile(r"^report-(\d+)\.html$")
@@ -84,9 +83,7 @@ _MISSING_BG = (150, 150, 150)
 _TEXT = (20, 20, 20)
 
 
-def page_name(number: int) -> str:
-    """File name of report page ``number`` (1-based): ``report.html``, ``report-2.html``, ..."""
-    return REPORT_NAME if number == 1 else f"report-{number}.html"
+page_name = report_page_name
 
 
 def sheet_size(lines: int, cols: int) -> tuple[int, int]:
@@ -119,7 +116,7 @@ def load_results(output_uri: str, storage_options: dict | None = None) -> pa.Tab
     """The job's ``results/results.parquet`` as a table."""
     import pyarrow.parquet as pq
 
-    data = storage.read_bytes(storage.join_uri(output_uri, "results", "results.parquet"), storage_options)
+    data = storage.read_bytes(OutputLayout(output_uri).results, storage_options)
     return pq.read_table(io.BytesIO(data))
 
 
@@ -397,7 +394,7 @@ def _contact_sheet(
             if kind in images:
                 try:
                     data = storage.read_bytes(
-                        storage.join_uri(output_uri, images[kind], _file_name(row_id)), storage_options)
+                        OutputLayout(output_uri).image(kind, row_id), storage_options)
                 except (OSError, FileNotFoundError):
                     data = None
             tile = _tile(data)
@@ -438,8 +435,9 @@ def write_report(
     rows = _rows(load_results(output_uri, storage_options) if results is None else results)
 
     # One listing per image folder, never a probe per row (thousands of rows on S3).
-    listed = {folder: set(storage.list_names(storage.join_uri(output_uri, folder), storage_options, suffix=".png"))
-              for _, folder in IMAGE_KINDS}
+    layout = OutputLayout(output_uri)
+    listed = {folder: set(storage.list_names(layout.folder(kind), storage_options, suffix=".png"))
+              for kind, folder in IMAGE_KINDS}
     images = [_row_images(r, listed) for r in rows]
     show_recon = any("reconstruction" in im for im in images)
 
@@ -447,7 +445,7 @@ def write_report(
     sheet_lines = [(r, im) for r, im in zip(rows, images)
                    if _status(r) in (OK, SKIPPED) and ("input" in im or "edited" in im or "reconstruction" in im)]
     sheet_lines = sheet_lines[:sheet_rows]
-    sheet_uri = storage.join_uri(output_uri, CONTACT_SHEET_NAME)
+    sheet_uri = layout.contact_sheet
     if sheet_lines:
         cols = 3 if any("reconstruction" in im for _, im in sheet_lines) else 2
         storage.write_bytes(sheet_uri, _contact_sheet(output_uri, storage_options, sheet_lines, cols),
@@ -459,7 +457,7 @@ def write_report(
     counts = Counter(_status(r) for r in rows)
     failed_rows = [(i, r) for i, r in enumerate(rows) if _status(r) == FAILED]
     n_pages = max(1, math.ceil(len(rows) / page_size))
-    uris = [storage.join_uri(output_uri, page_name(n)) for n in range(1, n_pages + 1)]
+    uris = [layout.report_page(n) for n in range(1, n_pages + 1)]
     # Later pages first, page 1 last: once report.html is there, every page it links to is too.
     for number in range(n_pages, 0, -1):
         start = (number - 1) * page_size

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pyarrow as pa
+
+from ddim_worker.settings import SETTING_NAMES, EditSettings, field_kind
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
@@ -36,19 +39,20 @@ class RowError(Exception):
         self.message = message
 
 
+#: The settings every result row records, in the order of ``EditSettings`` (negative prompt first: it is a prompt).
+RESULT_SETTING_FIELDS = ("negative_prompt", *(n for n in SETTING_NAMES if n != "negative_prompt"))
+
+_ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string()}
+_SETTING_TYPES = {f.name: _ARROW_TYPES[field_kind(f)] for f in dataclasses.fields(EditSettings)}
+
 #: The results table, one row per manifest row.
 RESULTS_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("image_url", pa.string()),
     ("source_prompt", pa.string()),
     ("edit_prompt", pa.string()),
-    ("negative_prompt", pa.string()),
-    ("num_steps", pa.int64()),
-    ("start_step", pa.int64()),
-    ("guidance_scale", pa.float64()),
-    ("inversion_guidance", pa.float64()),
-    ("seed", pa.int64()),
-    ("inversion", pa.string()),
+    *((name, _SETTING_TYPES[name]) for name in RESULT_SETTING_FIELDS),
+    ("dtype", pa.string()),  # the dtype the engine actor ran
     ("status", pa.string()),
     ("error_code", pa.string()),
     ("error", pa.string()),

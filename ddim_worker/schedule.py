@@ -98,14 +98,6 @@ def level_alphas(timesteps: list[int], alphas_cumprod: torch.Tensor, final_alpha
     return torch.tensor(alphas, dtype=torch.float64)
 
 
-def check_start_step(num_steps: int, start_step: int) -> None:
-    """Raise a clear error unless 0 <= start_step < num_steps (both integers, num_steps >= 1)."""
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < num_steps:
-        raise ValueError(f"start_step must be an integer in [0, num_steps={num_steps}), got {start_step!r}")
-
-
 def ddim_step(
     sample: torch.Tensor,
     pred_epsilon: torch.Tensor,

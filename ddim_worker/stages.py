@@ -17,8 +17,10 @@ import numpy as np
 from ddim_worker import latent_cache, storage
 from ddim_worker.fetch import fetch_bytes
 from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image, encode_png, preprocess
+from ddim_worker.inversion import parse_method
 from ddim_worker.manifest import ManifestFiles, read_embedded_image
-from ddim_worker.rows import FAILED, OK, RowError
+from ddim_worker.outputs import OutputLayout
+from ddim_worker.rows import FAILED, OK, RESULT_SETTING_FIELDS, RowError
 from ddim_worker.url_policy import FetchError, FetchPolicy
 
 PENDING = ""  # status of a row still in flight
@@ -28,9 +30,8 @@ PENDING = ""  # status of a row still in flight
 class StageContext:
     """What the CPU stages need to know about the job; built once by the driver and shipped to every task."""
 
-    output_uri: str
-    cache_root: str
-    manifest: ManifestFiles
+    layout: OutputLayout
+    manifest: ManifestFiles | None
     model: str
     model_fingerprint: str
     dtype: str
@@ -42,7 +43,7 @@ class StageContext:
     min_side: int = DEFAULT_MIN_SIDE
 
     def image_uri(self, row_id: str) -> str:
-        return storage.join_uri(self.output_uri, "images", f"{row_id}.png")
+        return self.layout.edited(row_id)
 
 
 def _column(batch: dict[str, np.ndarray], name: str, n: int, default: Any = None) -> list:
@@ -70,9 +71,7 @@ def _fetch_image(row: dict, ctx: StageContext, groups: dict) -> bytes:
 
 
 def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict) -> latent_cache.CacheKey:
-    method = str(row["inversion"])
-    if method.startswith("null-text"):  # its embeddings are optimised for one sampling guidance scale
-        method += f"@guidance={float(row['guidance_scale'])}"
+    method = parse_method(str(row["inversion"])).cache_key(float(row["guidance_scale"]))
     return latent_cache.CacheKey(
         image_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
         source_prompt=row["source_prompt"],
@@ -104,7 +103,7 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
             image = decode_image(data, max_pixels=ctx.max_pixels, min_side=ctx.min_side)
             pixels[i] = preprocess(image, ctx.size)
             key = cache_key(ctx, pixels[i], row)
-            out["cache_uri"][i] = latent_cache.cache_uri(ctx.cache_root, key)
+            out["cache_uri"][i] = latent_cache.cache_uri(ctx.layout.latents, key)
             try:
                 out["cache_blob"][i] = storage.read_bytes(out["cache_uri"][i], ctx.storage_options)
             except (FileNotFoundError, OSError):
@@ -128,23 +127,23 @@ def png_text(row: dict, ctx: StageContext) -> dict[str, str]:
         "ddim_edit:source_prompt": str(row["source_prompt"]),
         "ddim_edit:edit_prompt": str(row["edit_prompt"]),
         "ddim_edit:negative_prompt": str(row["negative_prompt"] or ""),
-        "ddim_edit:settings": (f"num_steps={row['num_steps']} start_step={row['start_step']} "
-                               f"guidance_scale={row['guidance_scale']} "
-                               f"inversion_guidance={row['inversion_guidance']} seed={row['seed']} "
-                               f"inversion={row['inversion']} size={ctx.size} dtype={ctx.dtype}"),
+        "ddim_edit:settings": " ".join([*(f"{name}={row[name]}" for name in SETTINGS_IN_PNG),
+                                        f"size={ctx.size}", f"dtype={ctx.dtype}"]),
         "ddim_edit:model": f"{ctx.model} ({ctx.model_fingerprint})",
     }
 
 
-RESULT_FIELDS = ("id", "image_url", "source_prompt", "edit_prompt", "negative_prompt", "num_steps", "start_step",
-                 "guidance_scale", "inversion_guidance", "seed", "inversion", "manifest_row")
+#: The settings a PNG's ``ddim_edit:settings`` text lists (the prompts have chunks of their own).
+SETTINGS_IN_PNG = tuple(name for name in RESULT_SETTING_FIELDS if name != "negative_prompt")
+
+RESULT_FIELDS = ("id", "image_url", "source_prompt", "edit_prompt", *RESULT_SETTING_FIELDS, "manifest_row")
 
 
 def write_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
     """Write each finished row's latents (if new) then its PNG; the PNG last, so its presence means "done"."""
     n = len(batch["id"])
     names = list(batch)
-    results: dict[str, list] = {k: [] for k in (*RESULT_FIELDS, "status", "error_code", "error", "output_uri",
+    results: dict[str, list] = {k: [] for k in (*RESULT_FIELDS, "dtype", "status", "error_code", "error", "output_uri",
                                                 "latent_uri", "cache_hit", "inversion_passes", "sampling_passes",
                                                 "unet_passes", "seconds", "psnr", "ssim", "latent_mse")}
     for i in range(n):
@@ -160,10 +159,10 @@ def write_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np
                     storage.write_bytes(latent_uri, bytes(blob), ctx.storage_options)
                 rid = str(row["id"])
                 if row.get("pixels") is not None:  # the preprocessed input, for the report and audits
-                    storage.write_bytes(storage.join_uri(ctx.output_uri, "inputs", f"{rid}.png"),
-                                        encode_png(np.asarray(row["pixels"])), ctx.storage_options)
+                    storage.write_bytes(ctx.layout.image("input", rid), encode_png(np.asarray(row["pixels"])),
+                                        ctx.storage_options)
                 if row.get("reconstruction") is not None:
-                    storage.write_bytes(storage.join_uri(ctx.output_uri, "reconstructions", f"{rid}.png"),
+                    storage.write_bytes(ctx.layout.image("reconstruction", rid),
                                         encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
                 output_uri = ctx.image_uri(rid)
                 storage.write_bytes(output_uri, encode_png(np.asarray(row["edited"]), png_text(row, ctx)),
@@ -177,6 +176,7 @@ def write_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np
             results[name].append(value.item() if isinstance(value, np.generic) else value)
         inversion_passes = int(row.get("inversion_passes", 0) or 0)
         sampling_passes = int(row.get("sampling_passes", 0) or 0)
+        results["dtype"].append(ctx.dtype)
         results["status"].append(status)
         results["error_code"].append(code if status == FAILED else None)
         results["error"].append(error if status == FAILED else None)

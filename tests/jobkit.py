@@ -12,10 +12,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ddim_worker import storage
-from jobs.edit import JobConfig, run_job
+from ddim_worker.job.config import JobConfig
+from ddim_worker.job.driver import run_job
+from ddim_worker.outputs import OutputLayout
 
 #: Small settings so a job over a few rows takes seconds on 2 CPU cores.
-FAST = dict(size=64, steps=6, start_step=2, batch_size=4)
+FAST = dict(size=64, num_steps=6, start_step=2, batch_size=4)
 
 
 def picture(seed: int, size: int = 80, fmt: str = "PNG") -> bytes:
@@ -37,13 +39,14 @@ def write_manifest(rows: list[dict], uri: str, storage_options: dict | None = No
 
 
 def run(manifest: str, output: str, model: Path, **overrides: Any) -> dict:
-    settings = {**FAST, **overrides}
-    return run_job(JobConfig(manifest=manifest, output=output, model=str(model), **settings))
+    """The job in-process; options by their flat names (``num_steps``, ``batch_size``, ``storage_options``...)."""
+    options = {**FAST, **overrides}
+    return run_job(JobConfig.from_flat({"manifest": manifest, "output": output, "model": str(model), **options}))
 
 
 def result_rows(output: str, storage_options: dict | None = None) -> list[dict]:
     """The results table as it is, in manifest order."""
-    data = storage.read_bytes(storage.join_uri(output, "results", "results.parquet"), storage_options)
+    data = storage.read_bytes(OutputLayout(output).results, storage_options)
     return pq.read_table(pa.BufferReader(data)).to_pylist()
 
 

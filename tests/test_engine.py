@@ -154,10 +154,14 @@ def test_no_deprecated_diffusers_api_is_called(engine):
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"num_steps": 0}, "num_steps must be >= 1, got 0"),
+        ({"num_steps": 0}, r"num_steps must be in \[1, 1000\], got 0"),
+        ({"num_steps": 1001}, r"num_steps must be in \[1, 1000\], got 1001"),  # the manifest's rule too
+        ({"guidance_scale": 101.0}, r"guidance_scale must be in \[0, 100\]"),
+        ({"eta": 1.5}, r"eta must be in \[0, 1\]"),
+        ({"inversion": "null-text"}, "null-text needs optimiser iterations"),
         ({"start_step": 10}, r"start_step must be in \[0, num_steps=10\), got 10"),
         ({"start_step": -1}, "start_step must be in"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0, got -1.0"),
+        ({"guidance_scale": -1.0}, r"guidance_scale must be in \[0, 100\], got -1.0"),
         ({"inversion_guidance": float("nan")}, "inversion_guidance"),
         ({"num_steps": "50"}, "num_steps must be an integer, got '50'"),
         ({"image": np.zeros((0, 0, 3), np.uint8)}, "empty"),
@@ -216,4 +220,4 @@ def test_fixed_batch_size_makes_rows_independent_of_their_neighbours(tiny_model_
     shuffled = engine.edit([rows[4], rows[2], rows[0]])
     for j, i in enumerate((4, 2, 0)):
         assert np.array_equal(shuffled[j].image, together[i].image), i
-    assert set(engine.guided_unet.batch_sizes) == {6}  # always the padded, doubled batch
+    assert set(engine.guided_unet.call_sizes) == {6}  # always the padded, doubled batch

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.edit import JobError
+from ddim_worker.job.driver import JobError
 from tests.jobkit import picture, result_rows, results, run, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _partial_files(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if ".tmp-" in p.name]
 
 
-SLOW = dict(steps=16, start_step=2, batch_size=1)  # long enough to be interrupted mid-job
+SLOW = dict(num_steps=16, start_step=2, batch_size=1)  # long enough to be interrupted mid-job
 
 
 @pytest.mark.usefixtures("ray_session")

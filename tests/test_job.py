@@ -16,6 +16,7 @@ from PIL import Image
 from ddim_worker import fastpath, storage
 from ddim_worker.engine import EditEngine, EditRow
 from ddim_worker.images import decode_image, encode_png, read_png_text
+from ddim_worker.outputs import OutputLayout
 from ddim_worker.stages import StageContext, png_text
 from tests.jobkit import FAST, picture, results, run, write_manifest
 
@@ -113,7 +114,7 @@ def test_real_dataset_shapes_run_with_column_mapping(style, tiny_model_path, tmp
 
 
 def test_unknown_or_missing_columns_are_one_clear_error(tiny_model_path, tmp_path):
-    from jobs.edit import JobError
+    from ddim_worker.job.driver import JobError
 
     manifest = write_manifest([{"URL": "x.png", "TEXT": "a", "target": "b"}], str(tmp_path / "m.parquet"))
     with pytest.raises(JobError, match="its columns are: URL, TEXT, target"):
@@ -200,11 +201,11 @@ def test_job_output_equals_the_engine_in_process(tiny_model_path, tmp_path):
     try:
         edits = engine.edit([
             EditRow(decode_image((tmp_path / f"q{i}.png").read_bytes()), "a bird", f"a blue bird {i}",
-                    num_steps=FAST["steps"], start_step=FAST["start_step"], seed=i) for i in range(3)])
+                    num_steps=FAST["num_steps"], start_step=FAST["start_step"], seed=i) for i in range(3)])
     finally:
         torch.set_num_threads(threads)
     table = results(str(tmp_path / "out"))
-    ctx = StageContext(output_uri="", cache_root="", manifest=None, model=str(tiny_model_path),
+    ctx = StageContext(layout=OutputLayout(""), manifest=None, model=str(tiny_model_path),
                        model_fingerprint=engine.fingerprint, dtype="float32", size=64)
     for i, out in enumerate(edits):
         row = {**table[f"q{i}"]}
@@ -223,7 +224,7 @@ def test_fast_path_flags_reach_the_engine_actors(tiny_model_path, tmp_path):
     job_image = np.asarray(Image.open(tmp_path / "out" / "images" / "f.png"))
     engine = EditEngine.from_pretrained(str(tiny_model_path), size=64, batch_size=FAST.get("batch_size"))
     edit = EditRow(decode_image((tmp_path / "f.png").read_bytes()), "a bird", "a red bird",
-                   num_steps=FAST["steps"], start_step=FAST["start_step"], seed=3)
+                   num_steps=FAST["num_steps"], start_step=FAST["start_step"], seed=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the job's CPU actor
     try:
@@ -238,7 +239,7 @@ def test_fast_path_flags_reach_the_engine_actors(tiny_model_path, tmp_path):
 
 
 def test_wrong_model_path_fails_fast(tmp_path):
-    from jobs.edit import JobError
+    from ddim_worker.job.driver import JobError
 
     (tmp_path / "a.png").write_bytes(picture(1))
     manifest = write_manifest([{"image_url": "a.png", "source_prompt": "a", "edit_prompt": "b"}],
@@ -297,11 +298,13 @@ def test_fidelity_columns_inputs_and_report(tiny_model_path, tmp_path):
     assert (tmp_path / "out" / "contact-sheet.png").exists()
 
 
-def test_gpu_batch_size_from_free_memory():
+def test_gpu_batch_size_from_free_memory(ray_session):
     """Without --batch-size a GPU job sizes its batches from an engine GPU's free memory
     (``fastpath.batch_size_before_load``, tested in test_fastpath); where no GPU answers (this CPU-only Ray), it says
     so and keeps the default."""
-    from jobs.edit import DEFAULT_BATCH_SIZE, JobConfig, _batch_size_from_gpu_memory
+    from ddim_worker.job import engine_pool
+    from ddim_worker.job.config import JobConfig
+    from ddim_worker.settings import DEFAULT_BATCH_SIZE
 
     config = JobConfig(manifest="unused", output="unused", gpus_per_actor=1.0)
     messages: list[str] = []
@@ -310,7 +313,12 @@ def test_gpu_batch_size_from_free_memory():
     job_log = logging.getLogger("ddim_edit.job")
     job_log.addHandler(handler)
     try:
-        assert _batch_size_from_gpu_memory(config, "bfloat16", timeout_s=2) == DEFAULT_BATCH_SIZE["cuda"]
+        device = engine_pool.probe_engine_device(config, timeout_s=2)
+        assert device is None
+        assert engine_pool.batch_size_for(config, device) == DEFAULT_BATCH_SIZE["cuda"]
     finally:
         job_log.removeHandler(handler)
-    assert any("no engine GPU said how much memory it has free" in m for m in messages), messages
+    assert any("no engine worker said what device it has" in m for m in messages), messages
+    # With a device that answers, the batch comes from its free memory (80 GB free, bf16, 512 px: capped at 32).
+    answered = engine_pool.EngineDevice(free_bytes=80 * 2**30, dtype="bfloat16")
+    assert engine_pool.batch_size_for(config, answered) == 32

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.edit import JobError
+from ddim_worker.job.driver import JobError
 from tests.jobkit import picture, result_rows, results, run, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -19,7 +19,8 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from jobs.edit import JobConfig, run_job
+from ddim_worker.job.config import JobConfig
+from ddim_worker.job.driver import run_job
 
 
 def main(manifest: str, output: str, model: str) -> None:
@@ -38,9 +39,9 @@ def main(manifest: str, output: str, model: str) -> None:
 
     def job() -> None:
         try:
-            box["summary"] = run_job(JobConfig(manifest=manifest, output=output, model=model, size=64, steps=16,
-                                               start_step=2, batch_size=1, actors=2,
-                                               engine_resources={"engine_slot": 1}))
+            box["summary"] = run_job(JobConfig.from_flat(dict(
+                manifest=manifest, output=output, model=model, size=64, num_steps=16, start_step=2, batch_size=1,
+                actors=2, engine_resources={"engine_slot": 1})))
         except BaseException as exc:  # reported in the JSON line
             box["error"] = repr(exc)
 

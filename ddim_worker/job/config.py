@@ -1,0 +1,148 @@
+"""The job's configuration: every option of ``ddim-edit run`` declared once, with its default, range and help.
+
+A ``JobConfig`` holds the job's own options plus the per-row :class:`EditSettings` defaults and the
+:class:`EngineSettings`. Its flat form (:meth:`JobConfig.flat`) is what ``--print-config`` prints, what a ``--config``
+file holds and what ``job.json`` records, so a job can be rerun from its own record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from ddim_worker.manifest import DEFAULT_MAX_PROMPT_CHARS
+from ddim_worker.settings import (
+    DEFAULT_BATCH_SIZE,
+    EditSettings,
+    EngineSettings,
+    SettingError,
+    check_range,
+    coerce,
+    field_kind,
+    option,
+)
+from ddim_worker.url_policy import FetchPolicy
+
+#: The maintained copy of Stable Diffusion 1.5 on the Hugging Face Hub (the original repository was removed in 2024).
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+_FETCH = FetchPolicy()  # the fetch limits' defaults live with the policy that enforces them
+
+#: The nested settings objects and the names of their fields in the flat form.
+NESTED = {"edit": EditSettings, "engine": EngineSettings}
+
+
+@dataclass
+class JobConfig:
+    manifest: str = option(None, "Parquet file, folder or glob (local path or any fsspec URL)", group="job")
+    output: str = option(None, "output prefix: local path, s3://bucket/prefix or any fsspec URL", group="job")
+    model: str = option(DEFAULT_MODEL, "diffusers folder, Hugging Face Hub id or s3:// folder of an SD 1.x model",
+                        group="model")
+    revision: str | None = option(None, "Hub revision of --model (branch, tag or commit)", group="model")
+    variant: str | None = option(None, "weights variant of --model, e.g. fp16 (diffusers' variant=)", group="model")
+    edit: EditSettings = field(default_factory=EditSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    columns: str | None = option(None, "map your manifest's columns onto ours: image_url=URL,source_prompt=TEXT",
+                                 group="job")
+    limit: int | None = option(None, "only the first N manifest rows", group="job", minimum=1)
+    overwrite: bool = option(False, "redo rows whose outputs exist (default: resume, skipping them)", group="job")
+    address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)",
+                                 group="job")
+    actors: int = option(1, "engine actors (one per GPU)", group="job", minimum=1)
+    gpus_per_actor: float | None = option(None, "GPUs per engine actor (default: 1 when the Ray cluster has GPUs, "
+                                                "else 0)", group="job", minimum=0)
+    cpus_per_actor: float = option(1.0, "CPUs per engine actor on CPU-only clusters (its torch threads)",
+                                   group="job", minimum=0)
+    engine_resources: dict = option(help='custom Ray resources per engine actor, JSON, e.g. '
+                                         '{"accelerator_type:A100": 0.01}', group="job", default_factory=dict)
+    max_attempts: int = option(3, "times the driver re-runs unfinished rows after Ray aborts the dataset (lost "
+                                  "node)", group="job", minimum=1)
+    max_failed_fraction: float | None = option(None, "stop early when more than this fraction of computed rows "
+                                                     "fail (default: never)", group="job", minimum=0, maximum=1)
+    measure_fidelity: bool = option(False, "resample each inversion with its source prompt: PSNR / SSIM / latent "
+                                           "MSE per row (n - s more UNet passes)", group="job")
+    report: bool = option(True, "write report.html and contact-sheet.png at the end", group="job")
+    latent_cache: str | None = option(None, "latent cache prefix, shareable between jobs (default: OUTPUT/latents)",
+                                      group="storage")
+    storage_options: dict = option(help="fsspec options as JSON, e.g. S3 endpoint and keys", group="storage",
+                                   default_factory=dict)
+    allow_private_network: bool = option(False, "let image URLs reach loopback / private / link-local addresses "
+                                                "(off: SSRF protection)", group="limits")
+    allow_local_files: bool = option(False, "let image paths reach local files outside the manifest's folder",
+                                     group="limits")
+    fetch_timeout: float = option(_FETCH.timeout_s, "seconds per connect and per read of an image", group="limits",
+                                  minimum=0.001)
+    fetch_retries: int = option(_FETCH.retries, "retries of a transient fetch error (5xx, 429, reset, timeout)",
+                                group="limits", minimum=0, maximum=20)
+    max_download_bytes: int = option(_FETCH.max_bytes, "largest image download, bytes", group="limits", minimum=1)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest decoded image, pixels (decompression bombs are refused "
+                                                 "before decoding)", group="limits", minimum=1)
+    min_image_side: int = option(DEFAULT_MIN_SIDE, "smallest image side, pixels", group="limits", minimum=1)
+    max_prompt_chars: int = option(DEFAULT_MAX_PROMPT_CHARS, "longest prompt, characters (CLIP reads 77 tokens)",
+                                   group="limits", minimum=1)
+
+    def __post_init__(self) -> None:
+        for spec in own_fields():
+            value = getattr(self, spec.name)
+            if value is None:
+                continue
+            kind = field_kind(spec)
+            if kind is dict:
+                if not isinstance(value, dict):
+                    raise SettingError(spec.name, f"must be a mapping (JSON object), got {value!r}")
+                continue
+            setattr(self, spec.name, coerce(spec.name, kind, value))
+            check_range(self, spec)
+
+    # -- derived values --------------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Where the engine actors run: CUDA when they get GPUs (``gpus_per_actor`` resolved by the driver)."""
+        return "cuda" if (self.gpus_per_actor or 0) > 0 else "cpu"
+
+    def default_batch_size(self) -> int:
+        return self.engine.batch_size or DEFAULT_BATCH_SIZE[self.device]
+
+    def policy(self) -> FetchPolicy:
+        return dataclasses.replace(_FETCH, allow_private_network=self.allow_private_network,
+                                   allow_local_files=self.allow_local_files, timeout_s=self.fetch_timeout,
+                                   retries=self.fetch_retries, max_bytes=self.max_download_bytes)
+
+    # -- the flat form ---------------------------------------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        """Every option by its long flag's name (underscores): what ``--print-config`` and ``job.json`` show."""
+        out: dict[str, Any] = {}
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if spec.name in NESTED:
+                out.update(dataclasses.asdict(value))
+            else:
+                out[spec.name] = value
+        return out
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> JobConfig:
+        """The inverse of :meth:`flat`: unknown names are an error that lists the known ones."""
+        known = all_fields()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise SettingError(unknown[0], f"is not an option; options are: {', '.join(known)}")
+        nested = {name: kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.name in values})
+                  for name, kind in NESTED.items()}
+        own = {f.name: values[f.name] for f in own_fields() if f.name in values}
+        return cls(**own, **nested)
+
+
+def own_fields() -> list[dataclasses.Field]:
+    """The job's own options (not the nested edit and engine settings)."""
+    return [f for f in dataclasses.fields(JobConfig) if f.name not in NESTED]
+
+
+def all_fields() -> dict[str, dataclasses.Field]:
+    """Every option by name, in ``--help`` order of declaration: job's own, then edit, then engine settings."""
+    out = {f.name: f for f in own_fields()}
+    for kind in NESTED.values():
+        out.update({f.name: f for f in dataclasses.fields(kind)})
+    return out

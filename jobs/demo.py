@@ -14,11 +14,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddim_worker.cli import main as cli_main
-from jobs.edit import main as job_main
+from ddim_worker.job.driver import main as job_main
 
 REPO = Path(__file__).resolve().parents[1]
 # Small settings so the demo takes seconds on a laptop CPU; the defaults (512 px, 50 steps, start 10) are the textbook's.
-DEMO_SETTINGS = ["--size", "64", "--steps", "20", "--start-step", "4"]
+DEMO_SETTINGS = ["--size", "64", "--num-steps", "20", "--start-step", "4"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,17 +118,17 @@ def test_model_copy_from_s3_is_locked_per_node(tiny_model_path, s3_server, tmp_p
 def test_denoiser_counters_stay_bounded(tiny_model_path):
     engine = EditEngine.from_pretrained(str(tiny_model_path), size=64, batch_size=2)
     rows = [EditRow(np.full((64, 64, 3), 40 * i, np.uint8), "a", "b", num_steps=5, start_step=1) for i in range(3)]
-    for _ in range(3):
+    for _ in range(2):
         engine.edit(rows)
     unet = engine.guided_unet
-    assert unet.calls == 3 * 2 * 2 * 4  # 3 edits x 2 padded chunks x (invert + sample) x (n - s)
+    assert unet.calls == 2 * 2 * 2 * 4  # 2 edits x 2 padded chunks x (invert + sample) x (n - s)
     assert dict(unet.call_sizes) == {4: unet.calls} and unet.samples == 4 * unet.calls
     assert not hasattr(unet, "batch_sizes")
 
 
 def test_mixed_null_text_iterations_in_one_batch(tiny_model_path):
-    engine = EditEngine.from_pretrained(str(tiny_model_path), size=64)
-    image = np.asarray(torch.rand(64, 64, 3).mul(255).to(torch.uint8))
+    engine = EditEngine.from_pretrained(str(tiny_model_path), size=64, batch_size=2)  # batch-invariant bytes
+    image = np.asarray(torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)).mul(255).to(torch.uint8))
     rows = [EditRow(image, "a cat", "a dog", num_steps=4, start_step=1, inversion=f"null-text:{k}") for k in (1, 3)]
     one, three = engine.edit(rows)
     assert three.inversion_passes > one.inversion_passes

@@ -121,3 +121,35 @@ def test_job_config_flat_round_trip():
     with pytest.raises(SettingError, match="batch_size must be in"):
         JobConfig.from_flat({"batch_size": 0})
     assert json.loads(json.dumps(config.flat()))  # job.json can hold it
+
+
+def test_run_from_config_file_flag_wins_and_rerun_from_job_json(tiny_model_path, tmp_path, ray_session):
+    """The acceptance example: a config file with num_steps 6 and start_step 2, and --num-steps 5 on the command
+    line, runs with 5 and 2; results, PNG metadata and job.json say so, and job.json reruns the same job."""
+    from ddim_worker.images import read_png_text
+    from ddim_worker.job.driver import main
+    from tests.jobkit import picture, results, write_manifest
+
+    for i in range(2):
+        (tmp_path / f"c{i}.png").write_bytes(picture(40 + i))
+    rows = [{"id": "c0", "image_url": "c0.png", "source_prompt": "a", "edit_prompt": "b"},
+            {"id": "c1", "image_url": "c1.png", "source_prompt": "a", "edit_prompt": "c", "eta": 0.25}]
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    out = tmp_path / "out"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"manifest": manifest, "output": str(out),
+                                                       "model": str(tiny_model_path), "size": 64, "num_steps": 6,
+                                                       "start_step": 2, "batch_size": 2}))
+    assert main(["--config", str(tmp_path / "job.yaml"), "--num-steps", "5"]) == 0
+    table = results(str(out))
+    for rid, eta in (("c0", 0.0), ("c1", 0.25)):
+        r = table[rid]
+        assert (r["num_steps"], r["start_step"], r["eta"], r["status"]) == (5, 2, eta, "ok")
+        assert r["sampling_passes"] == 5 - 2
+        settings = read_png_text((out / "images" / f"{rid}.png").read_bytes())["ddim_edit:settings"]
+        assert f"num_steps=5 start_step=2" in settings and f"eta={eta}" in settings
+    record = json.loads((out / "job.json").read_text())
+    assert record["config"]["num_steps"] == 5 and record["config"]["start_step"] == 2
+    assert record["config"]["model"] == str(tiny_model_path)
+    # Rerun from the record: the same configuration, so every row is found done.
+    assert main(["--config", str(out / "job.json")]) == 0
+    assert {r["status"] for r in results(str(out)).values()} == {"skipped"}

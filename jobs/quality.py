@@ -1,6 +1,6 @@
 """Inversion quality per method: reconstruction fidelity and cost over a fixed set of images and settings.
 
-    python jobs/quality.py --arch tiny [--device cpu] [--json PATH]     (also: jobs/benchmark.py --quality)
+    python jobs/quality.py --arch tiny [--device cpu] [--json PATH]
 
 Each image is inverted under its source prompt and resampled with the *same* prompt, so a perfect inversion gives
 the input back: PSNR/SSIM against the preprocessed input, MSE against the encoded latent. Random-weight models
@@ -21,29 +21,20 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from ddim_worker.settings import DEFAULTS
+from ddim_worker.synthetic import pictures
+
 METHODS = ("ddim", "negative-prompt", "fixed-point:1", "fixed-point:3", "null-text:10", "noise")
-#: The fixed settings: few steps and guidance above 1, where plain DDIM inversion drifts the most.
-SETTINGS = {"num_steps": 20, "start_step": 4, "guidance_scale": 3.5, "inversion_guidance": 3.5}
-
-
-def fixed_images(size: int, count: int = 4) -> list[np.ndarray]:
-    """Deterministic test pictures: gradients with a disc and stripes, different per index."""
-    images = []
-    for k in range(count):
-        rng = np.random.default_rng(1000 + k)
-        yy, xx = np.mgrid[0:size, 0:size] / size
-        base = rng.uniform(0.2, 1.0, 3)
-        disc = ((xx - rng.uniform(0.3, 0.7)) ** 2 + (yy - rng.uniform(0.3, 0.7)) ** 2) < 0.06
-        stripes = (np.sin(xx * rng.uniform(8, 20)) > 0) * 0.2
-        img = np.stack([xx * base[0], yy * base[1], (1 - xx) * base[2]], -1) + disc[..., None] * 0.4 + stripes[..., None]
-        images.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
-    return images
+#: The fixed settings: few steps and guidance above 1 (the defaults' guidance), where plain DDIM inversion drifts the
+#: most.
+SETTINGS = {"num_steps": 20, "start_step": 4, "guidance_scale": DEFAULTS.guidance_scale,
+            "inversion_guidance": DEFAULTS.inversion_guidance}
 
 
 def quality_table(engine, methods=METHODS, settings=SETTINGS, count: int = 4) -> list[dict]:
     from ddim_worker.engine import EditRow
 
-    images = fixed_images(engine.size, count)
+    images = pictures(count, engine.size, seed=1)  # deterministic: the same pictures on every run
     table = []
     for method in methods:
         rows = [EditRow(image, "a picture", "a picture", inversion=method, seed=i, **settings)

@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from ddim_worker import storage
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.driver import run_job
 from ddim_worker.outputs import OutputLayout
+from ddim_worker.synthetic import picture_bytes
 
 #: Small settings so a job over a few rows takes seconds on 2 CPU cores.
 FAST = dict(size=64, num_steps=6, start_step=2, batch_size=4)
 
 
 def picture(seed: int, size: int = 80, fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    c = rng.uniform(0.2, 1.0, 3)
-    pixels = np.stack([xx * c[0], yy * c[1], (1 - xx * yy) * c[2]], -1)
-    buffer = io.BytesIO()
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, fmt)
-    return buffer.getvalue()
+    """A deterministic synthetic picture (``ddim_worker.synthetic``), distinct per seed, encoded as ``fmt``."""
+    return picture_bytes(seed, size, fmt)
 
 
 def write_manifest(rows: list[dict], uri: str, storage_options: dict | None = None,

@@ -1,4 +1,5 @@
-"""jobs/benchmark.py with the tiny model and tiny settings: every key, every count, no speed targets."""
+"""The benchmark (``ddim_worker.bench``, run by ``jobs/benchmark.py``) with the tiny model and tiny settings: every
+key, every count, no speed targets."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import benchmark
+from ddim_worker.bench import config, flops, jobs, textbook
+from ddim_worker.synthetic import pictures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +27,8 @@ KEYS = ("edits_per_s", "unet_passes_per_s", "engine_vs_textbook", "job_vs_engine
 
 
 def test_textbook_pass_count():
-    assert benchmark.textbook_passes_per_edit(50, 10) == 88  # 48 inverting (all the way, last step skipped) + 40
-    assert benchmark.textbook_passes_per_edit(N, S) == 11 > 2 * (N - S)
+    assert textbook.textbook_passes_per_edit(50, 10) == 88  # 48 inverting (all the way, last step skipped) + 40
+    assert textbook.textbook_passes_per_edit(N, S) == 11 > 2 * (N - S)
 
 
 def test_benchmark_tiny_without_ray(tiny_model_path, tmp_path):
@@ -36,10 +38,12 @@ def test_benchmark_tiny_without_ray(tiny_model_path, tmp_path):
     argv = ["--arch", "tiny", "--model", str(tiny_model_path), "--device", "cpu", "--no-ray", "--steps", str(N),
             "--start-step", str(S), "--rows", "2", "--batch-size", "2", "--batch-sizes", "1,2", "--variant-rows", "2",
             "--textbook-rows", "1", "--json", str(out)]
-    code = ("import sys; sys.modules['ray'] = None\n"  # `import ray` raises ImportError
-            "from jobs import benchmark\n"
-            f"assert benchmark.main({argv!r}) == 0\n"
-            "assert sys.modules['ray'] is None\n")
+    code = ("import runpy, sys; sys.modules['ray'] = None\n"  # `import ray` raises ImportError
+            f"sys.argv = ['jobs/benchmark.py', *{argv!r}]\n"  # the script, as the docs run it
+            "try:\n    runpy.run_path('jobs/benchmark.py', run_name='__main__')\n"
+            "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+            "assert sys.modules['ray'] is None\n"
+            "assert not any(name == 'jobs' or name.startswith('jobs.') for name in sys.modules)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -82,11 +86,11 @@ def test_job_part(tiny_model_path, tmp_path):
     """The job part on the shared Ray instance: the main rows, and the 4 x 4 manifest, whose job.json and results
     count 4 inversions, not 16. (The benchmark also runs a cache-hit rerun through the job; left out here to keep
     the test under a minute: each job starts its own engine actor.)"""
-    cfg = benchmark.BenchConfig(arch="tiny", model=str(tiny_model_path), device="cpu", steps=N, start_step=S, rows=4,
+    cfg = config.BenchConfig(arch="tiny", model=str(tiny_model_path), device="cpu", steps=N, start_step=S, rows=4,
                                 job_rows=4, batch_size=2, threads=min(2, torch.get_num_threads())).resolved()
-    images = benchmark.make_images(4, cfg.size)
+    images = pictures(4, cfg.size)
     fast = {"attention": "sdpa", "channels_last": False, "compile_unet": False}
-    job = benchmark.run_jobs(cfg, str(tiny_model_path), images, tmp_path, fast, parts=("cold", "grouped"))
+    job = jobs.run_jobs(cfg, str(tiny_model_path), images, tmp_path, fast, parts=("cold", "grouped"))
     assert "warm" not in job
     for key in ("cold", "grouped"):
         assert job[key]["counts"] == {"ok": job[key]["rows"], "failed": 0, "skipped": 0}, job[key]
@@ -105,16 +109,16 @@ def test_steady_rate_from_png_times(tmp_path):
         path.write_bytes(b"")
         os.utime(path, (t, t))
     # Batches end at 100.1, 110.2 and 120.1: intervals 10.1 and 9.9 s; mean: 4 rows after the first batch in 20 s.
-    best, mean = benchmark.steady_rows_per_s(tmp_path, 2)
+    best, mean = jobs.steady_rows_per_s(tmp_path, 2)
     assert best == pytest.approx(2 / 9.9) and mean == pytest.approx(4 / 20.0)
-    assert benchmark.steady_rows_per_s(tmp_path, 4) == pytest.approx((2 / 9.9, 2 / 9.9))  # a partial last batch
-    assert benchmark.steady_rows_per_s(tmp_path, 6) == (None, None)  # one batch: no steady state
+    assert jobs.steady_rows_per_s(tmp_path, 4) == pytest.approx((2 / 9.9, 2 / 9.9))  # a partial last batch
+    assert jobs.steady_rows_per_s(tmp_path, 6) == (None, None)  # one batch: no steady state
 
 
 def test_peaks_and_cpu_estimate():
-    assert benchmark._lookup(benchmark.PEAK_TFLOPS, "NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
-    assert benchmark._lookup(benchmark.PEAK_TFLOPS, "NVIDIA H100 PCIe", "bfloat16") == 756.0
-    assert benchmark._lookup(benchmark.CEILING_TFLOPS, "NVIDIA H100 80GB HBM3", "bfloat16") == 798.0
-    assert benchmark._lookup(benchmark.PEAK_TFLOPS, "NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
-    peak, how = benchmark.cpu_peak_tflops(2, {"flags": {"avx2", "fma"}, "mhz": 2500.0})
+    assert flops.lookup_tflops(flops.PEAK_TFLOPS, "NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
+    assert flops.lookup_tflops(flops.PEAK_TFLOPS, "NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert flops.lookup_tflops(flops.CEILING_TFLOPS, "NVIDIA H100 80GB HBM3", "bfloat16") == 798.0
+    assert flops.lookup_tflops(flops.PEAK_TFLOPS, "NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+    peak, how = flops.cpu_peak_tflops(2, {"flags": {"avx2", "fma"}, "mhz": 2500.0})
     assert peak == pytest.approx(2 * 2.5e9 * 32 / 1e12) and "AVX2" in how

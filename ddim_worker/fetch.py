@@ -1,31 +1,661 @@
-"""Read one image's bytes from a manifest URL: http(s), a local path, or any object store fsspec knows (s3://...).
+"""Read images' bytes from manifest URLs: http(s), a local path, or an allowed object store (s3://, gs://, ...).
 
-All the "may we?" decisions live in ``url_policy``; this module does the I/O, retries and size limits.
+All the "may we?" decisions live in ``url_policy``; this module does the I/O, retries, deadlines and size limits.
+
+``Fetcher`` is what a prepare task uses for its whole batch: one pooled ``requests.Session`` (connections reused
+across the batch's images), a thread pool (``FetchPolicy.concurrency`` downloads at once) and per-row results in
+order, where one row's failure never touches another. ``fetch_bytes`` fetches one URL with a throwaway ``Fetcher``.
+
+DNS rebinding: every http(s) try (first try, each retry, each redirect hop) runs ``check_http_url`` and then
+connects only to the addresses that check approved (``_PinnedHTTPConnection``): the name is not resolved a second
+time at connect, while the Host header, TLS SNI and certificate check still use the host name. A new connection
+to a host whose addresses this thread did not just check is refused (fail closed). Through an HTTP(S) proxy from
+the environment the proxy makes the connection: the check still runs on the target, the pinning does not apply.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import http.cookiejar
+import importlib.metadata
+import itertools
+import json
+import logging
 import os
+import random
+import socket
+import ssl
+import sys
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 import fsspec
 import requests
-from urllib3.exceptions import ReadTimeoutError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.util import parse_url
 
 from .url_policy import (
     FetchError,
     FetchPolicy,
     Resolver,
     check_http_url,
+    check_object_url,
     classify,
     default_resolver,
     join_relative,
     resolve_local_path,
 )
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 64 * 1024
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ddim-edit")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+USER_AGENT = f"ddim-edit/{_version()} (+batch image editing)"
+
+
+# ---------------------------------------------------------------- worker logging
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (pytest and Ray swap it), never to a stale stream."""
+
+    _ddim_edit_worker_handler = True
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+_logging_lock = threading.Lock()
+_logging_pid: int | None = None
+
+
+def ensure_worker_logging(level: int | str | None = None) -> None:
+    """Send this package's log records (``ddim_worker.*``, WARNING and up by default) to stderr, once per process.
+
+    Ray writes a worker's stderr to its log files and, when the driver called ``ray.init(log_to_driver=True)``,
+    forwards it to the driver, whose output is what ``ray job logs`` shows. ``DDIM_EDIT_LOG_LEVEL=INFO`` in the
+    workers' environment also shows retries. Calling it again (every batch) does nothing.
+    """
+    global _logging_pid
+    if _logging_pid == os.getpid():
+        return
+    with _logging_lock:
+        if _logging_pid == os.getpid():
+            return
+        logger = logging.getLogger("ddim_worker")
+        level = level or os.environ.get("DDIM_EDIT_LOG_LEVEL") or logging.WARNING
+        if isinstance(level, str):
+            level = logging.getLevelName(level.upper())
+            level = level if isinstance(level, int) else logging.WARNING
+        if not any(getattr(h, "_ddim_edit_worker_handler", False) for h in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler.setLevel(level)
+            logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > level:
+            logger.setLevel(level)
+        _logging_pid = os.getpid()
+
+
+_warned: dict[str, float] = {}
+_warned_lock = threading.Lock()
+
+
+def _warn_once_a_minute(key: str, message: str, *args) -> None:
+    """A warning per ``key`` at most once a minute per process: a throttling host must not flood the job log."""
+    now = time.monotonic()
+    with _warned_lock:
+        if now - _warned.get(key, -1e9) < 60:
+            return
+        _warned[key] = now
+    log.warning(message, *args)
+
+
+# ---------------------------------------------------------------- deadline per image
+
+
+class _ImageDeadline:
+    """The deadline of one image's fetch, over every hop, try and wait. For http(s) the watchdog shuts the sockets
+    of the connections this fetch is using when the deadline passes, so a server trickling bytes cannot hold a
+    worker past it."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self.end = time.monotonic() + deadline_s
+        self.expired = False
+        self._finished = False
+        self._conns: set = set()
+        self._lock = threading.Lock()
+        self._watched = False
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def check(self, url: str) -> None:
+        if self.expired or self.remaining() <= 0:
+            raise self.timeout_error(url)
+
+    def timeout_error(self, url: str) -> FetchError:
+        return FetchError("fetch_timeout", f"{url}: no complete answer within the {self.deadline_s:g} s deadline")
+
+    def watch(self) -> None:
+        if not self._watched:
+            self._watched = True
+            _WATCHDOG.schedule(self)
+
+    def register(self, conn_or_sock) -> None:
+        """A connection (or socket) this try is using: shut when the deadline passes."""
+        with self._lock:
+            if self._finished:
+                return
+            self._conns.add(conn_or_sock)
+            if self.expired:
+                _shut(conn_or_sock)
+
+    def end_attempt(self) -> None:
+        """Before the connection goes back to the pool: from here on the watchdog must not touch it."""
+        with self._lock:
+            self._conns.clear()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._finished = True
+            self._conns.clear()
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            for conn in self._conns:
+                _shut(conn)
+
+
+def _shut(conn_or_sock) -> None:
+    sock = conn_or_sock if isinstance(conn_or_sock, socket.socket) else getattr(conn_or_sock, "sock", None)
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes a blocked recv; the base method, not SSL's
+        except OSError:
+            pass
+
+
+class _Watchdog:
+    """One daemon thread per process expiring image deadlines (a heap of deadlines, not a timer thread each)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    def schedule(self, item: _ImageDeadline) -> None:
+        with self._cond:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._heap, self._pid = [], os.getpid()  # a forked child starts without the parent's thread
+                self._thread = threading.Thread(target=self._run, name="ddim-fetch-deadlines", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (item.end, next(self._seq), item))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                end, _, item = self._heap[0]
+                delay = end - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            item.expire()  # outside the heap lock; does nothing for a finished fetch
+
+
+_WATCHDOG = _Watchdog()
+
+
+# ---------------------------------------------------------------- connections pinned to checked addresses
+
+_local = threading.local()  # .pin = (host, port, addresses) and .deadline = _ImageDeadline, for this thread's try
+
+
+def _norm_host(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()
+
+
+def _connect_ip(ip: str, port: int, timeout, source_address, socket_options) -> socket.socket:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for opt in socket_options or ():
+            sock.setsockopt(*opt)
+        if isinstance(timeout, (int, float)):
+            sock.settimeout(timeout)
+        if source_address:
+            sock.bind(source_address)
+        sock.connect((ip, port))  # an address, never a name: nothing is resolved here
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _PinnedMixin:
+    """Connects to the addresses ``check_http_url`` just approved for this host in this thread, in order."""
+
+    def _new_conn(self) -> socket.socket:
+        pin = getattr(_local, "pin", None)
+        host = _norm_host(self.host)
+        if pin is None or (pin[0], pin[1]) != (host, self.port):
+            raise NewConnectionError(self, f"refusing to connect to {self.host}:{self.port}: not the checked host")
+        deadline = getattr(_local, "deadline", None)
+        if deadline is not None:
+            deadline.register(self)
+        last: Exception | None = None
+        for ip in pin[2]:
+            try:
+                sock = _connect_ip(ip, self.port, self.timeout, self.source_address, self.socket_options)
+                if deadline is not None:  # the TLS handshake can trickle too
+                    deadline.register(sock)
+            except TimeoutError as e:
+                last = ConnectTimeoutError(self, f"Connection to {self.host} ({ip}) timed out. "
+                                                 f"(connect timeout={self.timeout})")
+                last.__cause__ = e
+            except OSError as e:
+                last = NewConnectionError(self, f"Failed to establish a new connection to {ip}: {e}")
+                last.__cause__ = e
+            else:
+                sys.audit("http.client.connect", self, self.host, self.port)
+                return sock
+        raise last if last is not None else NewConnectionError(self, f"{self.host}: no checked address")
+
+    def request(self, *args, **kwargs):
+        deadline = getattr(_local, "deadline", None)
+        if deadline is not None:  # a reused connection too: the watchdog can cut it
+            deadline.register(self)
+            if self.sock is not None:  # http.client drops conn.sock for a close-delimited body: keep the socket
+                deadline.register(self.sock)
+        return super().request(*args, **kwargs)
+
+
+class _PinnedHTTPConnection(_PinnedMixin, HTTPConnection):
+    pass
+
+
+class _PinnedHTTPSConnection(_PinnedMixin, HTTPSConnection):
+    pass
+
+
+class _PinnedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _PinnedHTTPConnection
+
+
+class _PinnedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _PinnedHTTPSConnection
+
+
+class PinnedAdapter(HTTPAdapter):
+    """A pooled ``HTTPAdapter`` whose new connections go only to the addresses checked for this try."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PinnedHTTPPool, "https": _PinnedHTTPSPool}
+
+
+def make_session(policy: FetchPolicy) -> requests.Session:
+    """A session for one ``Fetcher``: pinned pooled adapter (as many connections per host as threads), our
+    User-Agent, no cookies kept, no automatic retries or redirects (we do both, re-checking every time)."""
+    s = requests.Session()
+    adapter = PinnedAdapter(pool_connections=32, pool_maxsize=max(1, policy.concurrency), max_retries=0)
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    s.headers["User-Agent"] = USER_AGENT
+    s.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))  # no state carried between rows
+    return s
+
+
+# ---------------------------------------------------------------- retries
+
+
+def backoff_seconds(policy: FetchPolicy, k: int) -> float:
+    """The wait before retry ``k`` (0-based): between half and all of ``backoff_s * 2**k`` (jittered)."""
+    full = policy.backoff_s * 2**k
+    return random.uniform(full / 2, full)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header's wait in seconds (delta-seconds or an HTTP date), None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _retry_loop(url: str, attempt, policy: FetchPolicy, deadline: _ImageDeadline):
+    """``attempt()``, retried while it raises a retryable ``FetchError``, within the image's deadline."""
+    for k in range(policy.retries + 1):
+        deadline.check(url)
+        try:
+            return attempt()
+        except FetchError as e:
+            if deadline.expired:
+                raise deadline.timeout_error(url) from None
+            if not e.retryable or k == policy.retries:
+                raise
+            if e.retry_after is not None:
+                wait = e.retry_after * random.uniform(1.0, 1.1)  # never sooner than asked
+                _warn_once_a_minute(f"throttle:{urlsplit(url).netloc}", "%s asks us to wait %.0f s (%s)",
+                                    urlsplit(url).netloc, e.retry_after, e.message)
+            else:
+                wait = backoff_seconds(policy, k)
+            if wait >= deadline.remaining():
+                raise FetchError(e.code, f"{e.message} (not retried: waiting {wait:.1f} s would pass the image's "
+                                         f"{policy.deadline_s:g} s deadline)") from None
+            log.info("retry %d of %s in %.2f s: %s", k + 1, url, wait, e)
+        time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- the fetcher
+
+
+class Fetcher:
+    """Fetches the images of one task: ``fetch(url)`` for one, ``fetch_all(urls)`` for a batch, concurrently.
+
+    ``base_uri`` is the manifest's folder as a URL or path (relative image paths resolve against it; its bucket is
+    the one object-store URLs may read, see ``check_object_url``); ``base_dir`` is that folder on local disk when
+    the manifest is local (None otherwise). ``resolve`` is the DNS resolver used for the SSRF check, and the
+    addresses it returns are the only ones connected to. Thread-safe; not picklable: build it inside the task.
+    """
+
+    def __init__(
+        self,
+        policy: FetchPolicy = FetchPolicy(),
+        storage_options: dict | None = None,
+        base_uri: str | None = None,
+        base_dir: str | None = None,
+        *,
+        resolve: Resolver = default_resolver,
+    ):
+        self.policy = policy
+        self.storage_options = dict(storage_options or {})
+        self.base_uri = base_uri
+        self.base_dir = base_dir
+        self.resolve = resolve
+        self._session: requests.Session | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -- lifetime
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            session, self._session = self._session, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if session is not None:
+            session.close()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def session(self) -> requests.Session:
+        with self._lock:
+            if self._session is None:
+                self._session = make_session(self.policy)
+            return self._session
+
+    # -- many
+    def fetch_all(self, urls: Sequence[str]) -> list[bytes | FetchError]:
+        """One result per URL, in order: its bytes, or the ``FetchError`` it failed with (never raises for a row;
+        an unexpected exception becomes ``FetchError("fetch_failed", ...)`` with the original as its cause)."""
+        results: list = [None] * len(urls)
+        for i, result in self.iter_fetch(urls):
+            results[i] = result
+        return results
+
+    def iter_fetch(self, urls: Sequence[str]) -> Iterator[tuple[int, bytes | FetchError]]:
+        """``(index, bytes or FetchError)`` as each download finishes (decode while others still download)."""
+        urls = list(urls)
+        if self.policy.concurrency <= 1 or len(urls) <= 1:
+            for i, url in enumerate(urls):
+                yield i, self._fetch_one(url)
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.policy.concurrency, thread_name_prefix="ddim-fetch")
+            pool = self._pool
+        futures = {pool.submit(self._fetch_one, url): i for i, url in enumerate(urls)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+    def _fetch_one(self, url) -> bytes | FetchError:
+        try:
+            if not isinstance(url, str) or not url.strip():
+                return FetchError("bad_setting", "the row has no image: image_url is empty")
+            return self.fetch(url.strip())
+        except FetchError as e:
+            return e
+        except Exception as e:  # noqa: BLE001 - a bug or surprise fails this row only, and says so in the log
+            log.warning("unexpected error fetching %s", url, exc_info=True)
+            err = FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            return err
+
+    # -- one
+    def fetch(self, url: str) -> bytes:
+        """The bytes at ``url`` (b"" for an empty object: the decoder reports that), or raises ``FetchError``."""
+        deadline = _ImageDeadline(self.policy.deadline_s)
+        try:
+            return self._dispatch(url, deadline)
+        finally:
+            deadline.finish()
+
+    def _dispatch(self, url: str, deadline: _ImageDeadline) -> bytes:
+        policy, base_uri, base_dir = self.policy, self.base_uri, self.base_dir
+        kind = classify(url)
+        if kind == "local":
+            if base_uri and not _is_absolute_local(url):
+                base_kind = classify(base_uri)
+                if base_kind == "http":
+                    return self._fetch_http(join_relative(base_uri, url), deadline)
+                if base_kind == "fsspec":
+                    return self._fetch_fsspec(join_relative(base_uri, url), deadline)
+                if base_dir is None:  # a local manifest given only as base_uri
+                    base_dir = resolve_local_path(base_uri, None, FetchPolicy(allow_local_files=True))
+            return _read_local(resolve_local_path(url, base_dir, policy), policy)
+        if kind == "http":
+            return self._fetch_http(url, deadline)
+        return self._fetch_fsspec(url, deadline)
+
+    # -- http(s)
+    def _fetch_http(self, url: str, deadline: _ImageDeadline) -> bytes:
+        s = self.session()
+        deadline.watch()
+        for _ in range(self.policy.max_redirects + 1):
+            body, location = _retry_loop(url, lambda: self._http_once(s, url, deadline), self.policy, deadline)
+            if location is None:
+                return body
+            url = urljoin(url, location)  # checked by the next hop's first try, before it connects
+        raise FetchError("fetch_failed", f"{url}: more than {self.policy.max_redirects} redirects")
+
+    def _http_once(self, s: requests.Session, url: str, deadline: _ImageDeadline) -> tuple[bytes, str | None]:
+        """One checked, pinned GET: (body, None), or (b"", Location) for a redirect."""
+        policy = self.policy
+        url = _as_requests_sends(url)
+        addresses = check_http_url(url, policy, self.resolve)  # every try re-checks: DNS may have changed
+        parts = parse_url(url)
+        port = parts.port or (443 if (parts.scheme or "").lower() == "https" else 80)
+        timeout = max(0.001, min(policy.timeout_s, deadline.remaining()))
+        _local.pin, _local.deadline = (_norm_host(parts.host or ""), port, list(addresses)), deadline
+        r = None
+        try:
+            r = s.get(url, stream=True, allow_redirects=False, timeout=(timeout, timeout))
+            location = s.get_redirect_target(r)
+            if location:
+                return b"", location
+            status = r.status_code
+            if status in (404, 410):
+                raise FetchError("not_found", f"{url}: HTTP {status}")
+            if status in (429, 503):
+                wait = retry_after_seconds(r.headers.get("Retry-After"))
+                note = f" (Retry-After {r.headers.get('Retry-After')})" if wait is not None else ""
+                raise FetchError("fetch_failed", f"{url}: HTTP {status}{note}", retryable=True, retry_after=wait)
+            if status >= 500:
+                raise FetchError("fetch_failed", f"{url}: HTTP {status}", retryable=True)
+            if not 200 <= status < 300:
+                raise FetchError("fetch_failed", f"{url}: HTTP {status}")
+            length = r.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > policy.max_bytes:
+                raise FetchError("too_large", f"{url}: Content-Length {length} > {policy.max_bytes} bytes")
+            body = bytearray()
+            for chunk in r.iter_content(_CHUNK):  # decoded bytes: also bounds a gzip bomb
+                body += chunk
+                if len(body) > policy.max_bytes:
+                    raise FetchError("too_large", f"{url}: body larger than {policy.max_bytes} bytes")
+                if deadline.remaining() <= 0:
+                    raise deadline.timeout_error(url)
+            if deadline.expired:  # the watchdog cut a body with no length: what came is not the whole image
+                raise deadline.timeout_error(url)
+            return bytes(body), None
+        except requests.Timeout as e:
+            if deadline.expired or deadline.remaining() <= 0:
+                raise deadline.timeout_error(url) from None
+            msg = f"{url}: timed out after {policy.timeout_s} s ({e})"
+            raise FetchError("fetch_timeout", msg, retryable=True) from None
+        except requests.exceptions.SSLError as e:
+            if deadline.expired:
+                raise deadline.timeout_error(url) from None
+            # A certificate that does not match the host name will not match on a retry either.
+            permanent = _in_chain(e, ssl.SSLCertVerificationError)
+            raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=not permanent) from None
+        except requests.ConnectionError as e:
+            if deadline.expired:
+                raise deadline.timeout_error(url) from None
+            # A read timeout in the middle of the body comes back from iter_content as a ConnectionError.
+            if e.args and isinstance(e.args[0], ReadTimeoutError):
+                msg = f"{url}: timed out after {policy.timeout_s} s"
+                raise FetchError("fetch_timeout", msg, retryable=True) from None
+            raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=True) from None
+        except requests.RequestException as e:  # invalid URL, broken chunked encoding (retried), decode errors...
+            if deadline.expired:
+                raise deadline.timeout_error(url) from None
+            transient = isinstance(e, requests.exceptions.ChunkedEncodingError)
+            raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=transient) from None
+        finally:
+            deadline.end_attempt()  # before the connection goes back to the pool
+            _local.pin = _local.deadline = None
+            if r is not None:
+                r.close()
+
+    # -- object stores (s3://, gs://, az://, hf://, memory://)
+    def _fetch_fsspec(self, url: str, deadline: _ImageDeadline) -> bytes:
+        check_object_url(url, self.base_uri, self.policy)
+        policy, storage_options = self.policy, self.storage_options
+
+        def attempt() -> bytes:
+            try:
+                of = fsspec.open(url, "rb", **storage_options)
+                try:
+                    size = of.fs.size(of.path)
+                except NotImplementedError:
+                    size = None
+                if size is not None and size > policy.max_bytes:
+                    raise FetchError("too_large", f"{url} is {size} bytes, more than {policy.max_bytes}")
+                with of as f:
+                    data = f.read(policy.max_bytes + 1)
+            except FetchError:
+                raise
+            except FileNotFoundError:
+                raise FetchError("not_found", f"{url} does not exist") from None
+            except Exception as e:  # noqa: BLE001 - any backend error becomes a FetchError with its type and message
+                transient = _is_transient(e)
+                code = "fetch_timeout" if transient and isinstance(e, TimeoutError) else "fetch_failed"
+                raise FetchError(code, f"{url}: {type(e).__name__}: {e}", retryable=transient) from None
+            if len(data) > policy.max_bytes:
+                raise FetchError("too_large", f"{url} is larger than {policy.max_bytes} bytes")
+            return data
+
+        data = _retry_loop(url, attempt, policy, deadline)
+        if deadline.remaining() <= 0:
+            raise deadline.timeout_error(url)
+        return data
+
+
+def _in_chain(exc: BaseException | None, kind: type) -> bool:
+    """Whether an exception of ``kind`` is anywhere in ``exc``'s causes, contexts, args or urllib3 ``reason``s."""
+    todo, seen = [exc], 0
+    while todo and seen < 50:
+        e = todo.pop()
+        seen += 1
+        if not isinstance(e, BaseException):
+            continue
+        if isinstance(e, kind):
+            return True
+        todo.extend([e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ())])
+    return False
+
+
+# One Fetcher per (policy, storage options, manifest) per worker process, so that the connections of one batch
+# serve the next batches of the same job too.
+_shared: dict[str, Fetcher] = {}
+_shared_lock = threading.Lock()
+_SHARED_MAX = 4
+
+
+def shared_fetcher(
+    policy: FetchPolicy = FetchPolicy(),
+    storage_options: dict | None = None,
+    base_uri: str | None = None,
+    base_dir: str | None = None,
+) -> Fetcher:
+    """A process-wide ``Fetcher`` for these arguments (created on first use; do not ``close()`` it)."""
+    key = json.dumps([repr(policy), storage_options or {}, base_uri, base_dir, os.getpid()], sort_keys=True,
+                     default=repr)
+    with _shared_lock:
+        fetcher = _shared.get(key)
+        if fetcher is None:
+            while len(_shared) >= _SHARED_MAX:
+                _shared.pop(next(iter(_shared))).close()
+            fetcher = _shared[key] = Fetcher(policy, storage_options, base_uri, base_dir)
+        return fetcher
 
 
 def fetch_bytes(
@@ -35,27 +665,26 @@ def fetch_bytes(
     base_uri: str | None = None,
     policy: FetchPolicy = FetchPolicy(),
     storage_options: dict | None = None,
-    session: requests.Session | None = None,
+    resolve: Resolver = default_resolver,
 ) -> bytes:
     """The bytes at ``url`` (b"" for an empty object: the decoder reports that), or ``FetchError``.
 
     ``base_dir`` is the manifest's folder when the manifest is local; ``base_uri`` is that folder as a URL (e.g.
-    ``s3://bucket/manifests``): relative paths in a remote manifest are read from there.
+    ``s3://bucket/manifests``): relative paths in a remote manifest are read from there. For a batch, use one
+    ``Fetcher`` instead (one session, connections reused, concurrent downloads).
     """
-    kind = classify(url)
-    if kind == "local":
-        if base_uri and not _is_absolute_local(url):
-            base_kind = classify(base_uri)
-            if base_kind == "http":
-                return _fetch_http(join_relative(base_uri, url), policy, session)
-            if base_kind == "fsspec":
-                return _fetch_fsspec(join_relative(base_uri, url), policy, storage_options)
-            if base_dir is None:  # a local manifest given only as base_uri
-                base_dir = resolve_local_path(base_uri, None, FetchPolicy(allow_local_files=True))
-        return _read_local(resolve_local_path(url, base_dir, policy), policy)
-    if kind == "http":
-        return _fetch_http(url, policy, session)
-    return _fetch_fsspec(url, policy, storage_options)
+    with Fetcher(policy, storage_options, base_uri, base_dir, resolve=resolve) as fetcher:
+        return fetcher.fetch(url)
+
+
+def _as_requests_sends(url: str) -> str:
+    """The URL as requests will send it (IDNA host, quoting), so that the check and the pin see its host."""
+    try:
+        prepared = requests.models.PreparedRequest()
+        prepared.prepare_url(url.strip(), None)
+        return prepared.url or url
+    except requests.RequestException as e:
+        raise FetchError("unsafe_url", f"malformed URL {url!r}: {e}") from None
 
 
 def _is_absolute_local(url: str) -> bool:
@@ -75,20 +704,6 @@ def _read_local(path: str, policy: FetchPolicy) -> bytes:
     return data
 
 
-def _with_retries(attempt, policy: FetchPolicy):
-    """``attempt()``, retried with exponential backoff while it raises a retryable ``FetchError``."""
-    for k in range(policy.retries + 1):
-        try:
-            return attempt()
-        except FetchError as e:
-            if not e.retryable or k == policy.retries:
-                raise
-        time.sleep(policy.backoff_s * 2**k)
-
-
-# ---------------------------------------------------------------- http(s)
-
-
 def redirect_target(current_url: str, location: str, policy: FetchPolicy, resolve: Resolver = default_resolver) -> str:
     """The absolute URL a redirect points to, checked with ``check_http_url`` before anything connects to it."""
     target = urljoin(current_url, location)
@@ -96,62 +711,7 @@ def redirect_target(current_url: str, location: str, policy: FetchPolicy, resolv
     return target
 
 
-def _fetch_http(url: str, policy: FetchPolicy, session: requests.Session | None) -> bytes:
-    # The address check runs on every hop, but requests resolves the name again when it connects: a DNS server
-    # that answers "public" to us and "private" a moment later (DNS rebinding) is not stopped. Closing that window
-    # would mean pinning the checked address in a custom transport adapter; literal IPs have no such window.
-    check_http_url(url, policy)
-    own = session is None
-    s = session or requests.Session()
-    try:
-        for _ in range(policy.max_redirects + 1):
-            body, location = _with_retries(lambda: _http_once(s, url, policy), policy)
-            if location is None:
-                return body
-            url = redirect_target(url, location, policy)
-        raise FetchError("fetch_failed", f"{url}: more than {policy.max_redirects} redirects")
-    finally:
-        if own:
-            s.close()
-
-
-def _http_once(s: requests.Session, url: str, policy: FetchPolicy) -> tuple[bytes, str | None]:
-    """One GET: (body, None), or (b"", Location) for a redirect."""
-    try:
-        with s.get(url, stream=True, allow_redirects=False, timeout=(policy.timeout_s, policy.timeout_s)) as r:
-            location = s.get_redirect_target(r)
-            if location:
-                return b"", location
-            status = r.status_code
-            if status in (404, 410):
-                raise FetchError("not_found", f"{url}: HTTP {status}")
-            if status == 429 or status >= 500:
-                raise FetchError("fetch_failed", f"{url}: HTTP {status}", retryable=True)
-            if not 200 <= status < 300:
-                raise FetchError("fetch_failed", f"{url}: HTTP {status}")
-            length = r.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > policy.max_bytes:
-                raise FetchError("too_large", f"{url}: Content-Length {length} > {policy.max_bytes} bytes")
-            body = bytearray()
-            for chunk in r.iter_content(_CHUNK):  # decoded bytes: also bounds a gzip bomb
-                body += chunk
-                if len(body) > policy.max_bytes:
-                    raise FetchError("too_large", f"{url}: body larger than {policy.max_bytes} bytes")
-            return bytes(body), None
-    except requests.Timeout as e:
-        msg = f"{url}: timed out after {policy.timeout_s} s ({e})"
-        raise FetchError("fetch_timeout", msg, retryable=True) from None
-    except requests.ConnectionError as e:
-        # A read timeout in the middle of the body comes back from iter_content as a ConnectionError.
-        if e.args and isinstance(e.args[0], ReadTimeoutError):
-            raise FetchError("fetch_timeout", f"{url}: timed out after {policy.timeout_s} s", retryable=True) from None
-        raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=True) from None
-    except requests.RequestException as e:  # invalid URL, broken chunked encoding (retried), decode errors...
-        transient = isinstance(e, requests.exceptions.ChunkedEncodingError)
-        raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=transient) from None
-
-
-# ---------------------------------------------------------------- fsspec (s3://, gs://, memory://...)
+# ---------------------------------------------------------------- transient object-store errors
 
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                     "ServiceUnavailable", "500", "502", "503", "504"}
@@ -174,30 +734,3 @@ def _is_transient(exc: BaseException | None) -> bool:
                 return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
-
-
-def _fetch_fsspec(url: str, policy: FetchPolicy, storage_options: dict | None) -> bytes:
-    def attempt() -> bytes:
-        try:
-            of = fsspec.open(url, "rb", **(storage_options or {}))
-            try:
-                size = of.fs.size(of.path)
-            except NotImplementedError:
-                size = None
-            if size is not None and size > policy.max_bytes:
-                raise FetchError("too_large", f"{url} is {size} bytes, more than {policy.max_bytes}")
-            with of as f:
-                data = f.read(policy.max_bytes + 1)
-        except FetchError:
-            raise
-        except FileNotFoundError:
-            raise FetchError("not_found", f"{url} does not exist") from None
-        except Exception as e:  # noqa: BLE001 - any backend error becomes a FetchError with its type and message
-            transient = _is_transient(e)
-            code = "fetch_timeout" if transient and isinstance(e, TimeoutError) else "fetch_failed"
-            raise FetchError(code, f"{url}: {type(e).__name__}: {e}", retryable=transient) from None
-        if len(data) > policy.max_bytes:
-            raise FetchError("too_large", f"{url} is larger than {policy.max_bytes} bytes")
-        return data
-
-    return _with_retries(attempt, policy)

@@ -2,7 +2,11 @@
 
 Manifests come from users, so an image URL is untrusted input: without these checks a manifest line such as
 ``http://169.254.169.254/latest/meta-data/...`` or ``file:///etc/passwd`` would make a worker read cloud credentials or
-local files and hand them back as "images" (SSRF / local file disclosure).
+local files and hand them back as "images" (SSRF / local file disclosure), and ``s3://other-bucket/secrets`` would
+read any object the job's credentials reach. Hence: http(s) hosts must resolve to public addresses (``check_http_url``;
+``fetch.py`` then connects to exactly the addresses checked), local paths stay in the manifest's folder
+(``resolve_local_path``), object-store schemes are allowed by list (``classify``) and object-store URLs stay in the
+manifest's own bucket or an allowed prefix (``check_object_url``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-import fsspec
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
@@ -25,11 +28,12 @@ class FetchError(Exception):
     """A failed fetch. ``code`` is one of ``fetch_failed``, ``fetch_timeout``, ``not_found``, ``too_large``,
     ``unsafe_url``; ``retryable`` marks transient failures (5xx, 429, resets, timeouts)."""
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False):
+    def __init__(self, code: str, message: str, *, retryable: bool = False, retry_after: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.retry_after = retry_after  # seconds a server asked us to wait (Retry-After on 429/503), if it did
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -45,12 +49,35 @@ class FetchPolicy:
     timeout_s: float = 30.0
     # Retries after the first try, for transient errors only (5xx, 429, resets, timeouts).
     retries: int = 3
-    # Sleep before retry k (0-based) is backoff_s * 2**k: 0.5, 1, 2 s, about 3.5 s in all with the defaults.
+    # Sleep before retry k (0-based) is drawn between half and all of backoff_s * 2**k (jitter, so that the tasks
+    # a throttled host refused do not come back in lockstep): at most 0.5, 1, 2 s, 3.5 s in all with the defaults.
+    # A 429/503 with Retry-After waits what the server asked instead (a little more, never less).
     backoff_s: float = 0.5
     # 50 MiB is far above any real photo but bounds a worker's memory against huge or endless bodies.
     max_bytes: int = 50 * 2**20
     # What browsers and CDNs need in practice; more is almost always a loop.
     max_redirects: int = 5
+    # Images one fetch task downloads at once (threads sharing one pooled HTTP session).
+    concurrency: int = 8
+    # The most one image may take, redirects, retries and waits included; past it the image fails with
+    # fetch_timeout. An http(s) download is cut at the deadline even while bytes still trickle in; an object-store
+    # read is bounded by its backend's own timeouts and the deadline is checked between tries.
+    deadline_s: float = 120.0
+    # Object-store URL prefixes (s3://bucket/prefix/, gs://bucket/, ...) image URLs may read besides the manifest's
+    # own bucket (the job's --allow-prefix). Matched on whole path segments: s3://b/img allows s3://b/img/x.png but
+    # not s3://b/img2/x.png. See ``check_object_url``.
+    allowed_prefixes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_prefixes, str):
+            object.__setattr__(self, "allowed_prefixes", (self.allowed_prefixes,))
+        object.__setattr__(self, "allowed_prefixes", tuple(self.allowed_prefixes))
+        for prefix in self.allowed_prefixes:
+            object_location(prefix, what="--allow-prefix", error=ValueError)
+        if int(self.concurrency) < 1:
+            raise ValueError(f"fetch concurrency must be at least 1, got {self.concurrency}")
+        if not self.deadline_s > 0:
+            raise ValueError(f"the per-image fetch deadline must be positive, got {self.deadline_s}")
 
 
 Resolver = Callable[[str, "int | None"], "list[str]"]
@@ -176,17 +203,22 @@ def resolve_local_path(url_or_path: str, base_dir: str | None, policy: FetchPoli
     return real
 
 
-# fsspec protocols that would bypass the checks above: local disk, generic network clients that reach any host
-# (SSRF), and wrappers/chaining that take another URL inside them.
-_FSSPEC_REFUSED = frozenset(
-    "file local asynclocal async_wrapper asyncwrapper generic dir data ftp sftp ssh smb webdav webhdfs hdfs "
-    "arrow_hdfs http https git dvc jupyter jlab dask pyscript root reference zip tar libarchive cached filecache "
-    "simplecache blockcache".split()
-)
+# fsspec protocols an image URL may use, by list (everything else is ``unsafe_url``), each with its store's family:
+# s3a:// is s3://, gcs:// is gs://, abfs(s):// is az://. Left out on purpose: local disk under other names (local,
+# dir, arrow_hdfs...), clients that reach any host (ftp, sftp, smb, webdav, http via fsspec: SSRF without our
+# checks), wrappers and chaining that carry another URL inside (zip, tar, reference, simplecache, "a::b").
+# ``memory`` is the process's own in-memory store: it reaches nothing outside the worker (tests use it).
+# file:// and plain paths are "local" (resolve_local_path's rules); http(s) go through check_http_url.
+OBJECT_STORE_SCHEMES: dict[str, str] = {
+    "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az", "hf": "hf",
+    "memory": "memory",
+}
+_HF_REPO_KINDS = ("datasets", "spaces", "models")
 
 
 def classify(url: str) -> str:
-    """``"http"``, ``"local"`` (plain path or ``file://``) or ``"fsspec"`` (s3://, gs://, memory://...)."""
+    """``"http"``, ``"local"`` (plain path or ``file://``) or ``"fsspec"`` (an allowed object store, see
+    ``OBJECT_STORE_SCHEMES``); any other scheme is ``unsafe_url``."""
     scheme = urlsplit(url).scheme.lower()
     if not scheme:
         return "local"
@@ -194,11 +226,89 @@ def classify(url: str) -> str:
         return "http"
     if scheme == "file":
         return "local"
-    if scheme not in _FSSPEC_REFUSED and scheme in fsspec.available_protocols() and "://" in url:
+    if scheme in OBJECT_STORE_SCHEMES:
         if "::" in url:
             raise FetchError("unsafe_url", f"chained fsspec URLs are not allowed: {url}")
+        if "://" not in url:
+            raise FetchError("unsafe_url", f"{url!r} is not a URL of the form {scheme}://bucket/key")
         return "fsspec"
-    raise FetchError("unsafe_url", f"unknown URL scheme {scheme!r}")
+    allowed = ", ".join(["http", "https", "file", *OBJECT_STORE_SCHEMES])
+    raise FetchError("unsafe_url", f"URL scheme {scheme!r} is not allowed (allowed: {allowed})")
+
+
+@dataclass(frozen=True)
+class ObjectLocation:
+    """Where an object-store URL points: ``family`` (s3, gs, az, hf, memory), ``container`` (the bucket, the Azure
+    container as written with its account, the Hugging Face repo without revision) and ``key`` (the rest)."""
+
+    family: str
+    container: str
+    key: str
+
+    @property
+    def root(self) -> str:
+        return f"{self.family}://{self.container}/"
+
+    def within(self, prefix: "ObjectLocation") -> bool:
+        if (self.family, self.container) != (prefix.family, prefix.container):
+            return False
+        base = prefix.key.rstrip("/")
+        return not base or self.key == base or self.key.startswith(base + "/")
+
+
+def object_location(url: str, *, what: str = "image URL", error: type[Exception] = FetchError) -> ObjectLocation:
+    """Parse an object-store URL (or prefix) into family, container and key; refuse dot segments ("..", ".") and
+    URLs without a container. ``error`` is ``FetchError`` (``unsafe_url``) for image URLs, ``ValueError`` for
+    options."""
+
+    def fail(message: str) -> Exception:
+        return FetchError("unsafe_url", message) if error is FetchError else error(message)
+
+    scheme, sep, rest = url.strip().partition("://")
+    family = OBJECT_STORE_SCHEMES.get(scheme.lower())
+    if not sep or family is None:
+        allowed = ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES)
+        raise fail(f"{what} {url!r} is not an object-store URL ({allowed})")
+    if "::" in url:
+        raise fail(f"{what} {url!r}: chained fsspec URLs are not allowed")
+    segments = rest.split("/")
+    if family == "memory":
+        segments = [s for s in segments if s] if rest.startswith("/") else segments  # memory:///a/b is memory://a/b
+    if any(unquote(seg) in (".", "..") for seg in segments):
+        raise fail(f"{what} {url!r} has '.' or '..' path segments")
+    if family == "hf":  # hf://datasets/owner/name[@rev]/path, hf://owner/name[@rev]/path (a model)
+        size = 3 if segments and segments[0] in _HF_REPO_KINDS else 2
+        repo = segments[:size]
+        if len(repo) < size or not all(repo):
+            raise fail(f"{what} {url!r} names no Hugging Face repo (hf://datasets/owner/name/...)")
+        repo[-1] = repo[-1].split("@", 1)[0]
+        return ObjectLocation(family, "/".join(repo), "/".join(segments[size:]))
+    if not segments or not segments[0]:
+        raise fail(f"{what} {url!r} names no bucket")
+    return ObjectLocation(family, segments[0], "/".join(segments[1:]))
+
+
+def check_object_url(url: str, base_uri: str | None, policy: FetchPolicy) -> ObjectLocation:
+    """Refuse (``unsafe_url``) an object-store image URL outside the manifest's own bucket and every allowed prefix.
+
+    The manifest's bucket is the container of ``base_uri`` when the manifest itself is in an object store (relative
+    image paths always resolve inside it). A manifest on local disk or served over http(s) has no bucket of its
+    own: every object-store image URL it names needs one of ``policy.allowed_prefixes`` (``--allow-prefix``).
+    Without this an ``s3://`` line in a manifest would read any object the job's credentials reach.
+    """
+    location = object_location(url)
+    for prefix in policy.allowed_prefixes:
+        if location.within(object_location(prefix, what="--allow-prefix", error=ValueError)):
+            return location
+    own = None
+    if base_uri and urlsplit(base_uri).scheme.lower() in OBJECT_STORE_SCHEMES:
+        own = object_location(base_uri, what="manifest location")
+        if (location.family, location.container) == (own.family, own.container):
+            return location
+    hint = f"pass --allow-prefix {location.root} (or a narrower prefix) to allow it"
+    if own is None:
+        raise FetchError("unsafe_url", f"{url} is in an object store but the manifest is not; {hint}")
+    raise FetchError("unsafe_url", f"{url} is outside the manifest's bucket {own.root}; {hint}")
 
 
 def join_relative(base_uri: str, rel: str) -> str:

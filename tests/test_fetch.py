@@ -20,8 +20,10 @@ from ddim_worker.url_policy import (
     FetchError,
     FetchPolicy,
     check_http_url,
+    check_object_url,
     classify,
     is_public_address,
+    object_location,
     resolve_local_path,
 )
 
@@ -125,7 +127,10 @@ def test_redirect_target_is_rechecked():
 @pytest.mark.parametrize(
     "url,kind",
     [("s3://b/k", "fsspec"), ("memory://x", "fsspec"), ("gs://b/k", "fsspec"), ("http://h/x", "http"),
-     ("HTTPS://h/x", "http"), ("a/b.png", "local"), ("/abs/b.png", "local"), ("file:///x.png", "local")],
+     ("HTTPS://h/x", "http"), ("a/b.png", "local"), ("/abs/b.png", "local"), ("file:///x.png", "local"),
+     ("s3a://b/k", "fsspec"), ("gcs://b/k", "fsspec"), ("az://c/k", "fsspec"), ("abfs://c/k", "fsspec"),
+     ("abfss://c@acct.dfs.core.windows.net/k", "fsspec"), ("hf://datasets/o/n/x.png", "fsspec"),
+     ("arrow_hdfs://h/x", "local")],  # not a URL scheme (underscore): a plain path, local rules apply
 )
 def test_classify(url, kind):
     assert classify(url) == kind
@@ -133,8 +138,11 @@ def test_classify(url, kind):
 
 @pytest.mark.parametrize("url", ["gopher://x", "javascript:alert(1)", "data:image/png;base64,AA", "ftp://h/x",
                                  "local:///etc/passwd", "simplecache::file:///etc/passwd", "zip://a::s3://b/c.zip",
-                                 "sftp://h/x", "memory://a::file:///etc/passwd"])
+                                 "sftp://h/x", "memory://a::file:///etc/passwd", "webdav://h/x", "smb://h/x",
+                                 "github://o:r@main/x", "reference://x", "dask://x", "dir://x",
+                                 "webhdfs://h/x", "s3:bucket/k"])
 def test_classify_refuses(url):
+    """fsspec schemes are allowed by list: anything not on it (even ones fsspec knows) is unsafe_url."""
     assert code_of(classify, url) == "unsafe_url"
 
 
@@ -360,14 +368,93 @@ def test_fsspec_memory(mem):
         f.write(b"from memory")
     with fsspec.open(f"{mem}/empty.png", "wb") as f:
         pass
-    assert fetch_bytes(f"{mem}/manifests/img/a.png") == b"from memory"
-    assert fetch_bytes(f"{mem}/empty.png") == b""
-    assert code_of(fetch_bytes, f"{mem}/nope.png") == "not_found"
-    assert fetch_bytes("img/a.png", base_uri=f"{mem}/manifests") == b"from memory"
+    base = f"{mem}/manifests"
+    assert fetch_bytes(f"{mem}/manifests/img/a.png", base_uri=base) == b"from memory"
+    assert fetch_bytes(f"{mem}/empty.png", base_uri=base) == b""  # same bucket, outside the folder: allowed
+    assert code_of(fetch_bytes, f"{mem}/nope.png", base_uri=base) == "not_found"
+    assert fetch_bytes("img/a.png", base_uri=base) == b"from memory"
     assert fetch_bytes("./img/../img/a.png", base_uri=f"{mem}/manifests/") == b"from memory"
-    assert code_of(fetch_bytes, "../empty.png", base_uri=f"{mem}/manifests") == "unsafe_url"
-    assert code_of(fetch_bytes, "/etc/passwd", base_uri=f"{mem}/manifests") == "unsafe_url"
-    assert code_of(fetch_bytes, f"{mem}/manifests/img/a.png", policy=FetchPolicy(max_bytes=4)) == "too_large"
+    assert fetch_bytes("img/a.png", base_uri=base.replace("memory://", "memory:///")) == b"from memory"
+    assert code_of(fetch_bytes, "../empty.png", base_uri=base) == "unsafe_url"
+    assert code_of(fetch_bytes, "/etc/passwd", base_uri=base) == "unsafe_url"
+    big = FetchPolicy(max_bytes=4)
+    assert code_of(fetch_bytes, f"{mem}/manifests/img/a.png", base_uri=base, policy=big) == "too_large"
+
+
+# ---------------------------------------------------------------- object stores: the manifest's bucket only
+
+
+def test_object_url_outside_the_manifests_bucket_refused(mem):
+    with fsspec.open(f"{mem}/secret.png", "wb") as f:
+        f.write(b"secret")
+    other_manifest = "memory://some-other-bucket/manifests"
+    with pytest.raises(FetchError, match="outside the manifest's bucket memory://some-other-bucket/; "
+                                         "pass --allow-prefix memory://ddim-test-") as info:
+        fetch_bytes(f"{mem}/secret.png", base_uri=other_manifest)
+    assert info.value.code == "unsafe_url"
+    allowed = FetchPolicy(allowed_prefixes=(f"{mem}/",))
+    assert fetch_bytes(f"{mem}/secret.png", base_uri=other_manifest, policy=allowed) == b"secret"
+
+
+def test_object_url_from_a_local_manifest_needs_a_prefix(folder, mem):
+    with fsspec.open(f"{mem}/img/a.png", "wb") as f:
+        f.write(b"remote")
+    with pytest.raises(FetchError, match="in an object store but the manifest is not; pass --allow-prefix") as info:
+        fetch_bytes(f"{mem}/img/a.png", base_dir=str(folder), base_uri=str(folder))
+    assert info.value.code == "unsafe_url"
+    assert code_of(fetch_bytes, f"{mem}/img/a.png") == "unsafe_url"  # no manifest at all: no bucket of its own
+    allowed = FetchPolicy(allowed_prefixes=(f"{mem}/img",))
+    assert fetch_bytes(f"{mem}/img/a.png", base_dir=str(folder), base_uri=str(folder), policy=allowed) == b"remote"
+    assert fetch_bytes("img/a.png", base_dir=str(folder), base_uri=str(folder), policy=allowed) == b"inside"
+
+
+@pytest.mark.parametrize(
+    "url,base,prefixes,ok",
+    [
+        ("s3://jobs/in/a.png", "s3://jobs/manifests", (), True),
+        ("s3a://jobs/in/a.png", "s3://jobs/manifests", (), True),  # s3a is s3
+        ("s3://other/a.png", "s3://jobs/manifests", (), False),
+        ("gs://jobs/a.png", "s3://jobs/manifests", (), False),  # same name, another store
+        ("s3://jobs/a.png", "/data/manifests", (), False),
+        ("s3://jobs/a.png", "https://example.test/m", (), False),
+        ("s3://jobs/a.png", None, (), False),
+        ("s3://other/img/a.png", "s3://jobs/m", ("s3://other/img",), True),
+        ("s3://other/img/a.png", "s3://jobs/m", ("s3://other/img/",), True),
+        ("s3://other/img2/a.png", "s3://jobs/m", ("s3://other/img",), False),  # whole segments only
+        ("s3://other/img/../secret/a.png", "s3://jobs/m", ("s3://other/img",), False),
+        ("s3://other/img/%2e%2e/secret/a.png", "s3://jobs/m", ("s3://other/img",), False),
+        ("s3://jobs/../other/a.png", "s3://jobs/m", (), False),
+        ("s3://other/a.png", "s3://jobs/m", ("s3://other",), True),
+        ("gcs://other/a.png", "s3://jobs/m", ("gs://other/",), True),
+        ("s3://jobs-evil/a.png", "s3://jobs/m", ("s3://jobs",), False),
+        ("s3:///a.png", "s3://jobs/m", (), False),
+        ("abfs://c@mine.dfs.core.windows.net/x.png", "abfs://c@mine.dfs.core.windows.net/m", (), True),
+        ("abfs://c@theirs.dfs.core.windows.net/x.png", "abfs://c@mine.dfs.core.windows.net/m", (), False),
+        ("hf://datasets/me/data@v2/img/a.png", "hf://datasets/me/data/m", (), True),
+        ("hf://datasets/me/other/img/a.png", "hf://datasets/me/data/m", (), False),
+        ("hf://datasets/me/other/img/a.png", "/local", ("hf://datasets/me/other",), True),
+    ],
+)
+def test_check_object_url(url, base, prefixes, ok):
+    policy = FetchPolicy(allowed_prefixes=prefixes)
+    if ok:
+        check_object_url(url, base, policy)
+    else:
+        assert code_of(check_object_url, url, base, policy) == "unsafe_url"
+
+
+@pytest.mark.parametrize("prefix", ["https://example.test/", "file:///data", "/data/images", "ftp://h/", "s3://",
+                                    "s3://b/../c", "memory://a::s3://b"])
+def test_allowed_prefixes_must_be_object_store_prefixes(prefix):
+    with pytest.raises(ValueError, match="--allow-prefix"):
+        FetchPolicy(allowed_prefixes=(prefix,))
+
+
+def test_allowed_prefixes_normalised_to_a_tuple():
+    assert FetchPolicy(allowed_prefixes=["s3://a/", "gs://b"]).allowed_prefixes == ("s3://a/", "gs://b")
+    assert FetchPolicy(allowed_prefixes="s3://a/").allowed_prefixes == ("s3://a/",)
+    assert object_location("hf://datasets/o/n@main/x/y.png").container == "datasets/o/n"
+    assert object_location("memory:///b/k").container == "b"
 
 
 def test_fsspec_transient_errors_retried(monkeypatch):
@@ -385,7 +472,7 @@ def test_fsspec_transient_errors_retried(monkeypatch):
 
     with fsspec.open("memory://ddim-test-flaky/ok.png", "wb") as f:
         f.write(b"ok")
-    policy = FetchPolicy(retries=3, backoff_s=0.01)
+    policy = FetchPolicy(retries=3, backoff_s=0.01, allowed_prefixes=("s3://bucket/",))
     throttled = OSError("SlowDown")
     throttled.__cause__ = type("ClientError", (Exception,), {"response": {"Error": {"Code": "SlowDown"}}})()
     for exc in (ConnectionResetError("reset"), throttled):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -16,19 +17,24 @@ import torch
 
 from ddim_worker.engine import EditEngine, EditRow
 from ddim_worker.fastpath import apply_fast_path
+from ddim_worker.fetch import ensure_worker_logging
 from ddim_worker.inversion import parse_method
 from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
-from ddim_worker.rows import FAILED
+from ddim_worker.rows import FAILED, PENDING
 from ddim_worker.settings import EngineSettings
-from ddim_worker.stages import PENDING
 
 log = logging.getLogger(__name__)
+
+#: Trajectories an actor keeps in memory, by latent-cache key: the next batches of rows of the same image (sorted
+#: next to each other by the manifest stage) reuse them before the cache write of the first is even visible.
+TRAJECTORIES_KEPT = 64
 
 
 class EditActor:
     def __init__(self, model: str, engine: EngineSettings, batch_size: int, device: str = "auto",
                  storage_options: dict | None = None, num_threads: int | None = None,
                  measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None):
+        ensure_worker_logging()
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
         # A fixed engine batch size makes every row's output independent of its neighbours (see EditEngine).
@@ -39,6 +45,8 @@ class EditActor:
         apply_fast_path(self.engine.pipe, attention=engine.attention, channels_last=engine.channels_last,
                         compile_unet=engine.compile_unet)
         self.measure_fidelity = measure_fidelity
+        self.dtype = str(self.engine.dtype).removeprefix("torch.")  # what this actor really runs, reported per row
+        self._recent: OrderedDict[str, Any] = OrderedDict()
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> EditRow:
         blob = batch["cache_blob"][i]
@@ -50,7 +58,7 @@ class EditActor:
             inversion_guidance=float(batch["inversion_guidance"][i]), seed=int(batch["seed"][i]),
             eta=float(batch["eta"][i]),
             inversion=str(batch["inversion"][i]),
-            cached=self._cached(blob),
+            cached=self._cached(blob) or self._recent.get(str(batch["cache_uri"][i] or "")),
         )
 
     @staticmethod
@@ -103,13 +111,24 @@ class EditActor:
                 reconstructions[i] = out.reconstruction
                 for name in fidelity:
                     fidelity[name][i] = getattr(out, name)
-            if (out.inversion_passes > 0 or out.trajectory.extras and not out.cache_hit) and \
-                    parse_method(str(batch["inversion"][i])).caches:
+            if not parse_method(str(batch["inversion"][i])).caches:
+                continue
+            if out.inversion_passes > 0 or out.trajectory.extras and not out.cache_hit:
                 blobs[i] = encode_trajectory_blob(out.trajectory)  # new levels: the write stage stores them
+            self._remember(batch["cache_uri"][i], out.trajectory)
         result = {k: v for k, v in batch.items() if k != "cache_blob"}  # pixels go on: the write stage saves inputs
         if reconstructions is not None:
             result.update(reconstruction=reconstructions, **fidelity)
         result.update(edited=edited, trajectory_blob=blobs, inversion_passes=inversion_passes,
                       sampling_passes=sampling_passes, cache_hit=cache_hit, status=status, error_code=code,
-                      error=error, engine_seconds=np.full(n, per_row_seconds))
+                      error=error, engine_seconds=np.full(n, per_row_seconds),
+                      engine_dtype=np.full(n, self.dtype, dtype=object))
         return result
+
+    def _remember(self, key: Any, trajectory: Any) -> None:
+        if not key:
+            return
+        self._recent[str(key)] = trajectory
+        self._recent.move_to_end(str(key))
+        while len(self._recent) > TRAJECTORIES_KEPT:
+            self._recent.popitem(last=False)

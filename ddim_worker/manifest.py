@@ -1,7 +1,7 @@
-"""Reading the Parquet manifest: files, column mapping, per-row settings, stable and safe ids.
+"""The Parquet manifest's rules: where its files are, how its columns map onto ours, a row's settings and its id.
 
-The driver reads every column but the embedded image bytes (those stay in the file and are read by the CPU fetch
-tasks, by row group), so a manifest of a million rows with embedded images never passes through the driver's memory.
+Reading the rows themselves is streamed by Ray tasks (``ddim_worker.job.source``); this module holds the rules they
+apply to each row.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def resolve_columns(names: list[str], mapping: Mapping[str, str]) -> dict[str, s
     return resolved
 
 
-def _embedded_bytes(value: Any) -> tuple[bytes | None, str | None]:
+def embedded_bytes(value: Any) -> tuple[bytes | None, str | None]:
     """(bytes, path) of an embedded image: the Hugging Face ``Image`` struct or plain binary."""
     if value is None:
         return None, None
@@ -110,64 +110,6 @@ def _embedded_bytes(value: Any) -> tuple[bytes | None, str | None]:
         data = value.get("bytes")
         return (bytes(data) if data is not None else None), value.get("path")
     raise RowError("not_an_image", f"the image column holds {type(value).__name__}, not bytes or an Image struct")
-
-
-def read_rows(uri: str, mapping: Mapping[str, str] | None = None, storage_options: dict | None = None,
-              limit: int | None = None) -> tuple[list[dict], ManifestFiles, dict[str, str]]:
-    """One dict per manifest row with our column names, in manifest order, where the files are, and the column
-    mapping used (ours -> theirs).
-
-    Embedded images are not returned: a row carries ``image_ref = (file, row_group, row_in_group)`` and an
-    ``image_digest`` (for ids), and ``fetch`` reads the bytes later. ``manifest_row`` numbers rows from 0.
-    """
-    manifest = find_manifest_files(uri, storage_options)
-    rows: list[dict] = []
-    columns: dict[str, str] | None = None
-    for file_index, file_uri in enumerate(manifest.files):
-        with fsspec.open(file_uri, "rb", **(storage_options or {})) as handle:
-            parquet = pq.ParquetFile(handle)
-            names = parquet.schema_arrow.names
-            file_columns = resolve_columns(names, mapping or {})
-            if columns is not None and file_columns != columns:
-                raise ManifestError(f"{file_uri} has different columns from the manifest's first file")
-            columns = file_columns
-            text_columns = [theirs for ours, theirs in columns.items() if ours != "image"]
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group, columns=list(dict.fromkeys(columns.values())))
-                for k, record in enumerate(_records(table, columns, text_columns)):
-                    record["manifest_row"] = len(rows)
-                    if "image" in columns and not record.get("image_url"):
-                        try:
-                            data, path = _embedded_bytes(record.pop("image", None))
-                        except RowError as exc:
-                            record["row_error"] = (exc.code, exc.message)
-                            data, path = None, None
-                        if data is not None:
-                            record["image_ref"] = (file_index, group, k)
-                            record["image_digest"] = hashlib.sha256(data).hexdigest()
-                        elif path:
-                            record["image_url"] = path
-                    record.pop("image", None)
-                    rows.append(record)
-                    if limit is not None and len(rows) >= limit:
-                        return rows, manifest, columns
-    return rows, manifest, columns or {}
-
-
-def _records(table: pa.Table, columns: Mapping[str, str], text_columns: list[str]) -> Iterator[dict]:
-    data = {ours: table.column(theirs).to_pylist() for ours, theirs in columns.items()}
-    for i in range(table.num_rows):
-        yield {ours: values[i] for ours, values in data.items()}
-
-
-def read_embedded_image(manifest: ManifestFiles, ref: tuple[int, int, int], column: str,
-                        storage_options: dict | None = None) -> bytes:
-    """The bytes of one embedded image, read from its row group (fetch tasks cache the group per batch)."""
-    file_index, group, k = ref
-    with fsspec.open(manifest.files[file_index], "rb", **(storage_options or {})) as handle:
-        table = pq.ParquetFile(handle).read_row_group(group, columns=[column])
-    data, _ = _embedded_bytes(table.column(column)[k].as_py())
-    return data or b""
 
 
 # -- per-row settings --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
       inputs/<id>.png              the preprocessed input the engine saw
       reconstructions/<id>.png     the inversion resampled with the source prompt (--measure-fidelity)
       latents/<xx>/<digest>.safetensors   cached inversion trajectories (unless --latent-cache points elsewhere)
-      results/results.parquet      one row per manifest row
+      results/ok-*.parquet, retry-*.parquet   the results table as shards: one row per manifest row
       failed.parquet               the failed rows' manifest rows, to rerun only them
       job.json                     counts, timings, versions and the effective configuration
       report.html, report-N.html, contact-sheet.png
@@ -45,8 +45,8 @@ class OutputLayout:
         return self.latent_cache or join_uri(self.root, "latents")
 
     @property
-    def results(self) -> str:
-        return join_uri(self.root, "results", "results.parquet")
+    def results_folder(self) -> str:
+        return join_uri(self.root, "results")
 
     @property
     def failed_manifest(self) -> str:

@@ -113,11 +113,15 @@ def _rows(results: list[Mapping[str, Any]] | pa.Table) -> list[dict[str, Any]]:
 
 
 def load_results(output_uri: str, storage_options: dict | None = None) -> pa.Table:
-    """The job's ``results/results.parquet`` as a table."""
+    """Every Parquet file of the job's ``results/`` folder (its shards) as one table."""
     import pyarrow.parquet as pq
 
-    data = storage.read_bytes(OutputLayout(output_uri).results, storage_options)
-    return pq.read_table(io.BytesIO(data))
+    folder = OutputLayout(output_uri).results_folder
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join_uri(folder, name), storage_options)))
+              for name in storage.list_names(folder, storage_options, suffix=".parquet")]
+    if not tables:
+        raise FileNotFoundError(f"no results under {folder}")
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def _text(value: Any) -> str:
@@ -425,7 +429,7 @@ def write_report(
     """Write ``report.html`` (+ ``report-N.html`` pages) and ``contact-sheet.png`` under ``output_uri``.
 
     ``results``: the job's result rows (list of dicts or a table in ``RESULTS_SCHEMA``, optionally with ``psnr``,
-    ``ssim``, ``latent_mse``), in the order the cards should appear; ``None`` reads ``results/results.parquet``.
+    ``ssim``, ``latent_mse``), in the order the cards should appear; ``None`` reads the ``results/`` shards.
     Returns ``{"pages": [uri, ...], "contact_sheet": uri or None, "cards": number of cards}``.
     """
     if page_size < 1:

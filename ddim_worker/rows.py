@@ -10,6 +10,7 @@ import pyarrow as pa
 from ddim_worker.settings import SETTING_NAMES, EditSettings, field_kind
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+PENDING = ""  # status of a row still in flight
 
 #: Stable error codes (the ``error_code`` column); the human ``error`` column says what exactly went wrong.
 ERROR_CODES = (
@@ -71,7 +72,17 @@ RESULTS_SCHEMA = pa.schema([
 
 
 def _coerce(value: object, type_: pa.DataType) -> object:
-    """Ray's NumPy batches turn nulls into NaN and ints into NumPy scalars; the table wants None and Python values."""
+    """Ray's NumPy batches turn nulls into NaN and ints into NumPy scalars; the table wants None and Python values.
+
+    A value that cannot be one (a bad setting of a failed row: its ``error`` says what it was) becomes None.
+    """
+    try:
+        return _coerce_or_raise(value, type_)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _coerce_or_raise(value: object, type_: pa.DataType) -> object:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if hasattr(value, "item"):
@@ -92,3 +103,35 @@ def results_table(rows: list[dict]) -> pa.Table:
     rows = sorted(rows, key=lambda r: (r.get("manifest_row") is None, r.get("manifest_row") or 0))
     columns = {f.name: [_coerce(r.get(f.name), f.type) for r in rows] for f in RESULTS_SCHEMA}
     return pa.table(columns, schema=RESULTS_SCHEMA)
+
+
+def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
+    """The results schema's columns of a batch of finished rows (Ray's NumPy batch, as the stages leave it)."""
+
+    def column(name: str, default: object = None) -> list:
+        return list(batch[name]) if name in batch else [default] * n
+
+    status = [str(s) if s else FAILED for s in column("status")]  # a row still pending here was lost: failed
+    ok = [s == OK for s in status]
+    inversion = [int(_coerce(v, pa.int64()) or 0) for v in column("inversion_passes", 0)]
+    sampling = [int(_coerce(v, pa.int64()) or 0) for v in column("sampling_passes", 0)]
+    seconds = [sum(float(_coerce(v, pa.float64()) or 0.0) for v in values)
+               for values in zip(column("prepare_seconds", 0.0), column("engine_seconds", 0.0),
+                                 column("write_seconds", 0.0))]
+    out: dict[str, list] = {f.name: [_coerce(v, f.type) for v in column(f.name)] for f in RESULTS_SCHEMA}
+    out.update(
+        status=status,
+        error_code=[c if not k and c else None for c, k in zip(out["error_code"], ok)],
+        error=[e if not k and e else None for e, k in zip(out["error"], ok)],  # skipped rows keep their reason
+        output_uri=[u or None for u in out["output_uri"]],
+        dtype=[_coerce(d, pa.string()) or default_dtype for d in column("engine_dtype")],
+        latent_uri=[u if k and u else None for u, k in zip(out["latent_uri"], ok)],
+        cache_hit=[bool(_coerce(c, pa.bool_())) and k for c, k in zip(column("cache_hit", False), ok)],
+        inversion_passes=inversion, sampling_passes=sampling,
+        unet_passes=[a + b for a, b in zip(inversion, sampling)],
+        seconds=seconds,
+        recovered=[bool(_coerce(r, pa.bool_())) for r in column("recovered", False)],
+    )
+    for name in ("psnr", "ssim", "latent_mse"):
+        out[name] = [v if k else None for v, k in zip(out[name], ok)]
+    return out

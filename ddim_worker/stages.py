@@ -1,29 +1,31 @@
 """The job's CPU stages as plain batch functions (dict of NumPy arrays in and out), testable without Ray.
 
-``prepare_batch`` fetches, decodes and preprocesses images and looks up the latent cache, so the GPU actors never
-wait on the network; ``write_batch`` encodes PNGs and writes images and new latents. Neither ever raises for one
-row: a row that fails gets ``status = failed`` with a stable ``error_code``, and its neighbours go on.
+``prepare_batch`` fetches, decodes and preprocesses images and looks up the latent cache, so the engine actors never
+wait on the network; ``write_images`` encodes PNGs and writes images and new latents; ``write_results`` writes the
+finished rows as a results shard and hands the driver a small summary. None of them ever raises for one row: a row
+that fails gets ``status = failed`` with a stable ``error_code``, and its neighbours go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ddim_worker import latent_cache, storage
-from ddim_worker.fetch import fetch_bytes
+from ddim_worker.fetch import Fetcher, ensure_worker_logging, shared_fetcher
 from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image, encode_png, preprocess
 from ddim_worker.inversion import parse_method
-from ddim_worker.manifest import ManifestFiles, read_embedded_image
+from ddim_worker.manifest import ManifestFiles
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, OK, RESULT_SETTING_FIELDS, RowError
+from ddim_worker.rows import FAILED, OK, PENDING, RESULT_SETTING_FIELDS, RowError, results_columns
+from ddim_worker.settings import EditSettings, field_kind
 from ddim_worker.url_policy import FetchError, FetchPolicy
-
-PENDING = ""  # status of a row still in flight
 
 
 @dataclass(frozen=True)
@@ -34,43 +36,50 @@ class StageContext:
     manifest: ManifestFiles | None
     model: str
     model_fingerprint: str
-    dtype: str
+    dtype: str  # the dtype the engine is expected to run (the actors report the one they ran)
     size: int
-    image_column: str | None = None  # the manifest's embedded-image column, if it has one
     storage_options: dict = field(default_factory=dict)
     policy: FetchPolicy = FetchPolicy()
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    resume: bool = True  # a row whose PNG exists is done (a run killed before its results shard was written)
+    generation: str = ""
+    carried: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    results_schema: pa.Schema | None = None
+    embed_images: bool = False
+    stop_marker: str | None = None  # once this object exists (the driver stopped early), no more shards are written
 
     def image_uri(self, row_id: str) -> str:
         return self.layout.edited(row_id)
 
 
-def _column(batch: dict[str, np.ndarray], name: str, n: int, default: Any = None) -> list:
-    return list(batch[name]) if name in batch else [default] * n
+#: Text columns that may be empty in a whole block: "" there, never None, so every block has the same Arrow type
+#: (a block of Nones would be typed null or float, and Ray cannot concatenate it with a block of strings).
+TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "latent_uri")
+
+
+def text_column(values: list) -> np.ndarray:
+    return np.array(["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in values],
+                    dtype=object)
 
 
 def _fail(out: dict[str, list], i: int, code: str, message: str) -> None:
     out["status"][i], out["error_code"][i], out["error"][i] = FAILED, code, message
 
 
-def _fetch_image(row: dict, ctx: StageContext, groups: dict) -> bytes:
-    if row.get("ref_file", -1) is not None and int(row.get("ref_file", -1)) >= 0:
-        ref = (int(row["ref_file"]), int(row["ref_group"]), int(row["ref_row"]))
-        key = ref[:2]
-        if key not in groups:  # one row-group read per batch, not one per row
-            groups[key] = {}
-        if ref not in groups[key]:
-            groups[key][ref] = read_embedded_image(ctx.manifest, ref, ctx.image_column, ctx.storage_options)
-        return groups[key].pop(ref)
-    url = row.get("image_url")
-    if not isinstance(url, str) or not url.strip():
-        raise RowError("bad_setting", "the row has no image: image_url is empty and no embedded image bytes")
-    return fetch_bytes(url.strip(), base_dir=ctx.manifest.base_uri if ctx.manifest.is_local else None,
-                       base_uri=ctx.manifest.base_uri, policy=ctx.policy, storage_options=ctx.storage_options)
+def _embedded(row: dict) -> bytes | None:
+    data = row.get("image_bytes")
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) and len(data) else None
 
 
-def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict) -> latent_cache.CacheKey:
+def _fetcher(ctx: StageContext) -> Fetcher:
+    """This process's fetcher for the job (one pooled HTTP session, reused batch after batch)."""
+    base = ctx.manifest
+    return shared_fetcher(ctx.policy, ctx.storage_options, base_uri=base.base_uri if base else None,
+                          base_dir=base.base_uri if base and base.is_local else None)
+
+
+def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict, dtype: str | None = None) -> latent_cache.CacheKey:
     method = parse_method(str(row["inversion"])).cache_key(float(row["guidance_scale"]))
     return latent_cache.CacheKey(
         image_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
@@ -80,30 +89,47 @@ def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict) -> latent_cache.
         num_steps=int(row["num_steps"]),
         inversion_guidance=float(row["inversion_guidance"]),
         size=ctx.size,
-        dtype=ctx.dtype,
+        dtype=dtype or ctx.dtype,
         method=method,
     )
 
 
 def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
-    """Fetch + decode + preprocess each row's image and read its cached trajectory, if any (CPU, network)."""
+    """Fetch (concurrently) + decode + preprocess each row's image and read its cached trajectory, if any.
+
+    A row whose edited PNG already exists (an earlier run was killed after writing it, before its results shard)
+    is marked done without fetching anything: it is recorded, not recomputed.
+    """
+    ensure_worker_logging()
     n = len(batch["id"])
-    names = list(batch)
+    names = [k for k in batch if k != "image_bytes"]
     out: dict[str, list] = {
-        "status": [PENDING] * n, "error_code": [None] * n, "error": [None] * n, "cache_uri": [None] * n,
-        "cache_blob": [b""] * n, "prepare_seconds": [0.0] * n,
+        "status": list(batch["status"]), "error_code": list(batch["error_code"]), "error": list(batch["error"]),
+        "cache_uri": [None] * n, "cache_blob": [b""] * n, "prepare_seconds": [0.0] * n, "recovered": [False] * n,
     }
+    rows = [{name: batch[name][i] for name in batch} for i in range(n)]
+    todo = []
+    for i, row in enumerate(rows):
+        if (out["status"][i] or PENDING) != PENDING:
+            continue
+        if ctx.resume and storage.exists(ctx.image_uri(str(row["id"])), ctx.storage_options):
+            out["status"][i], out["recovered"][i] = OK, True
+        else:
+            todo.append(i)
+    started = time.perf_counter()
+    fetch = [i for i in todo if _embedded(rows[i]) is None]
+    fetched = dict(zip(fetch, _fetcher(ctx).fetch_all([str(rows[i].get("image_url") or "") for i in fetch])))
+    fetch_seconds = (time.perf_counter() - started) / max(len(todo), 1)
     pixels = np.zeros((n, ctx.size, ctx.size, 3), dtype=np.uint8)
-    groups: dict = {}
-    for i in range(n):
+    for i in todo:
         started = time.perf_counter()
-        row = {name: batch[name][i] for name in names}
         try:
-            data = _fetch_image(row, ctx, groups)
+            data = fetched[i] if i in fetched else _embedded(rows[i])
+            if isinstance(data, Exception):
+                raise data
             image = decode_image(data, max_pixels=ctx.max_pixels, min_side=ctx.min_side)
             pixels[i] = preprocess(image, ctx.size)
-            key = cache_key(ctx, pixels[i], row)
-            out["cache_uri"][i] = latent_cache.cache_uri(ctx.layout.latents, key)
+            out["cache_uri"][i] = latent_cache.cache_uri(ctx.layout.latents, cache_key(ctx, pixels[i], rows[i]))
             try:
                 out["cache_blob"][i] = storage.read_bytes(out["cache_uri"][i], ctx.storage_options)
             except (FileNotFoundError, OSError):
@@ -112,84 +138,117 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
             _fail(out, i, exc.code, getattr(exc, "message", None) or str(exc))
         except Exception as exc:  # noqa: BLE001 - any other surprise still fails only this row
             _fail(out, i, "fetch_failed", f"{type(exc).__name__}: {exc}")
-        out["prepare_seconds"][i] = time.perf_counter() - started
+        out["prepare_seconds"][i] = fetch_seconds + time.perf_counter() - started
     result = {name: batch[name] for name in names}
-    result.update({k: np.array(v, dtype=object) for k, v in out.items()})
+    result.update({k: text_column(v) if k in TEXT_COLUMNS else np.array(v, dtype=object) for k, v in out.items()})
     result["prepare_seconds"] = np.array(out["prepare_seconds"], dtype=np.float64)
+    result["recovered"] = np.array(out["recovered"], dtype=bool)
     result["pixels"] = pixels
     return result
 
 
-def png_text(row: dict, ctx: StageContext) -> dict[str, str]:
-    """What a PNG says about how it was made (tEXt chunks): prompts, settings, model."""
+SETTING_KINDS = {f.name: field_kind(f) for f in dataclasses.fields(EditSettings)}
+
+#: The settings a PNG's ``ddim_edit:settings`` text lists (the prompts have chunks of their own).
+SETTINGS_IN_PNG = tuple(name for name in RESULT_SETTING_FIELDS if name != "negative_prompt")
+
+
+def _setting(name: str, value: Any) -> Any:
+    """A setting as its declared type: Ray's batches turn an int column with nulls (failed rows) into floats."""
+    kind = SETTING_KINDS[name]
+    return kind(value.item() if hasattr(value, "item") else value)
+
+
+def png_text(row: dict, ctx: StageContext, dtype: str | None = None) -> dict[str, str]:
+    """What a PNG says about how it was made (tEXt chunks): prompts, settings, model, the dtype the engine ran."""
     return {
         "ddim_edit:id": str(row["id"]),
         "ddim_edit:source_prompt": str(row["source_prompt"]),
         "ddim_edit:edit_prompt": str(row["edit_prompt"]),
         "ddim_edit:negative_prompt": str(row["negative_prompt"] or ""),
-        "ddim_edit:settings": " ".join([*(f"{name}={row[name]}" for name in SETTINGS_IN_PNG),
-                                        f"size={ctx.size}", f"dtype={ctx.dtype}"]),
+        "ddim_edit:settings": " ".join([*(f"{name}={_setting(name, row[name])}" for name in SETTINGS_IN_PNG),
+                                        f"size={ctx.size}", f"dtype={dtype or ctx.dtype}"]),
         "ddim_edit:model": f"{ctx.model} ({ctx.model_fingerprint})",
     }
 
 
-#: The settings a PNG's ``ddim_edit:settings`` text lists (the prompts have chunks of their own).
-SETTINGS_IN_PNG = tuple(name for name in RESULT_SETTING_FIELDS if name != "negative_prompt")
+def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
+    """Write each edited row's new latents, its input and its PNG; the PNG last, so its presence means "done".
 
-RESULT_FIELDS = ("id", "image_url", "source_prompt", "edit_prompt", *RESULT_SETTING_FIELDS, "manifest_row")
-
-
-def write_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
-    """Write each finished row's latents (if new) then its PNG; the PNG last, so its presence means "done"."""
+    The PNG bytes go on to the results shard when ``--embed-images`` asks for them.
+    """
     n = len(batch["id"])
-    names = list(batch)
-    results: dict[str, list] = {k: [] for k in (*RESULT_FIELDS, "dtype", "status", "error_code", "error", "output_uri",
-                                                "latent_uri", "cache_hit", "inversion_passes", "sampling_passes",
-                                                "unet_passes", "seconds", "psnr", "ssim", "latent_mse")}
+    status, code, error = list(batch["status"]), list(batch["error_code"]), list(batch["error"])
+    output_uri, latent_uri, pngs = [None] * n, [None] * n, [b""] * n
+    write_seconds = np.zeros(n)
     for i in range(n):
-        row = {name: batch[name][i] for name in names}
         started = time.perf_counter()
-        status, code, error = row["status"] or PENDING, row.get("error_code"), row.get("error")
-        output_uri = latent_uri = None
-        if status == PENDING:
-            try:
-                blob = row.get("trajectory_blob")
-                latent_uri = row.get("cache_uri")
-                if blob is not None and len(blob):
-                    storage.write_bytes(latent_uri, bytes(blob), ctx.storage_options)
-                rid = str(row["id"])
-                if row.get("pixels") is not None:  # the preprocessed input, for the report and audits
-                    storage.write_bytes(ctx.layout.image("input", rid), encode_png(np.asarray(row["pixels"])),
-                                        ctx.storage_options)
-                if row.get("reconstruction") is not None:
-                    storage.write_bytes(ctx.layout.image("reconstruction", rid),
-                                        encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
-                output_uri = ctx.image_uri(rid)
-                storage.write_bytes(output_uri, encode_png(np.asarray(row["edited"]), png_text(row, ctx)),
+        row = {name: batch[name][i] for name in batch}
+        rid = str(row["id"])
+        if status[i] == OK and row.get("recovered"):
+            output_uri[i] = ctx.image_uri(rid)
+            if ctx.embed_images:
+                pngs[i] = storage.read_bytes(output_uri[i], ctx.storage_options)
+            continue
+        if (status[i] or PENDING) != PENDING:
+            continue
+        dtype = str(row.get("engine_dtype") or ctx.dtype)
+        try:
+            blob = row.get("trajectory_blob")
+            if blob is not None and len(blob):
+                latent_uri[i] = latent_cache.cache_uri(ctx.layout.latents,
+                                                       cache_key(ctx, np.asarray(row["pixels"]), row, dtype))
+                storage.write_bytes(latent_uri[i], bytes(blob), ctx.storage_options)
+            elif row.get("cache_uri"):
+                latent_uri[i] = str(row["cache_uri"])
+            if row.get("pixels") is not None:  # the preprocessed input, for the report and audits
+                storage.write_bytes(ctx.layout.image("input", rid), encode_png(np.asarray(row["pixels"])),
                                     ctx.storage_options)
-                status = OK
-            except Exception as exc:  # noqa: BLE001 - a failed write fails this row only
-                status, code, error = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
-                output_uri = None
-        for name in RESULT_FIELDS:
-            value = row.get(name)
-            results[name].append(value.item() if isinstance(value, np.generic) else value)
-        inversion_passes = int(row.get("inversion_passes", 0) or 0)
-        sampling_passes = int(row.get("sampling_passes", 0) or 0)
-        results["dtype"].append(ctx.dtype)
-        results["status"].append(status)
-        results["error_code"].append(code if status == FAILED else None)
-        results["error"].append(error if status == FAILED else None)
-        results["output_uri"].append(output_uri)
-        results["latent_uri"].append(latent_uri if status == OK else None)
-        results["cache_hit"].append(bool(row.get("cache_hit", False)) if status == OK else False)
-        results["inversion_passes"].append(inversion_passes)
-        results["sampling_passes"].append(sampling_passes)
-        results["unet_passes"].append(inversion_passes + sampling_passes)
-        for name in ("psnr", "ssim", "latent_mse"):
-            value = row.get(name)
-            results[name].append(float(value) if value is not None and status == OK else None)
-        results["seconds"].append(float(row.get("prepare_seconds", 0.0) or 0.0)
-                                  + float(row.get("engine_seconds", 0.0) or 0.0)
-                                  + time.perf_counter() - started)
-    return {k: np.array(v, dtype=object) for k, v in results.items()}
+            if row.get("reconstruction") is not None:
+                storage.write_bytes(ctx.layout.image("reconstruction", rid),
+                                    encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
+            png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
+            storage.write_bytes(ctx.image_uri(rid), png, ctx.storage_options)
+            output_uri[i], status[i] = ctx.image_uri(rid), OK
+            if ctx.embed_images:
+                pngs[i] = png
+        except Exception as exc:  # noqa: BLE001 - a failed write fails this row only
+            status[i], code[i], error[i] = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
+            output_uri[i] = latent_uri[i] = None
+        write_seconds[i] = time.perf_counter() - started
+    keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "trajectory_blob", "cache_blob")]
+    result = {k: batch[k] for k in keep}
+    result.update(status=text_column(status), error_code=text_column(code), error=text_column(error),
+                  output_uri=text_column(output_uri), latent_uri=text_column(latent_uri),
+                  png=np.array([p or b"" for p in pngs], dtype=object), write_seconds=write_seconds)
+    return result
+
+
+#: What the driver gets back per finished row: enough to count and to know which rows are done, nothing more.
+SUMMARY_FIELDS = ("manifest_row", "status", "error_code", "inversion_passes", "unet_passes", "cache_hit", "dtype",
+                  "recovered")
+
+
+def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
+    """Write these finished rows as a results shard (ok rows and rows to retry apart) and summarise them."""
+    from ddim_worker.job.shards import EDITED_IMAGE, write_shard
+    from ddim_worker.job.source import carried_table
+
+    n = len(batch["id"])
+    if ctx.stop_marker and storage.exists(ctx.stop_marker, ctx.storage_options):
+        return {name: np.zeros(0, dtype=object) for name in SUMMARY_FIELDS}  # the driver records these as not run
+    rows = results_columns(batch, n, ctx.dtype)
+    table = pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in ctx.results_schema
+                      if f.name in rows})
+    carried = carried_table(list(batch["carried"]), ctx.carried)
+    for column in carried.column_names:
+        table = table.append_column(carried.schema.field(column), carried.column(column))
+    if ctx.embed_images:
+        images = [{"bytes": bytes(p), "path": f"{rid}.png"} if s == OK and p is not None and len(p) else None
+                  for p, s, rid in zip(batch["png"], rows["status"], rows["id"])]
+        table = table.append_column(EDITED_IMAGE, pa.array(images, type=EDITED_IMAGE.type))
+    table = table.cast(ctx.results_schema)
+    write_shard(ctx.layout, table, ctx.generation, ctx.storage_options)
+    summary = {name: np.array(rows[name], dtype=object) for name in SUMMARY_FIELDS if name in rows}
+    summary["recovered"] = np.array(rows["recovered"], dtype=bool)
+    return summary

@@ -41,7 +41,8 @@ def test_end_to_end_on_s3(s3_server, bucket, tiny_model_path):
     listed = s3_server.client().list_objects_v2(Bucket="jobs", Prefix="e2e/out/")
     keys = {obj["Key"] for obj in listed.get("Contents", [])}
     assert {f"e2e/out/images/row{i}.png" for i in range(3)} <= keys
-    assert "e2e/out/results/results.parquet" in keys and "e2e/out/job.json" in keys
+    assert any(k.startswith("e2e/out/results/ok-") and k.endswith(".parquet") for k in keys)
+    assert "e2e/out/job.json" in keys
     latents = [k for k in keys if k.startswith("e2e/out/latents/") and k.endswith(".safetensors")]
     assert len(latents) == 3  # one trajectory per distinct image
     body = s3_server.client().get_object(Bucket="jobs", Key="e2e/out/images/row0.png")["Body"].read()
@@ -66,7 +67,7 @@ def test_mixed_sources_in_one_manifest(s3_server, bucket, http_server, tiny_mode
     ]
     manifest = write_manifest(rows, str(tmp_path / "manifest.parquet"))
     summary = run(manifest, str(tmp_path / "out"), tiny_model_path, storage_options=opts,
-                  allow_private_network=True)
+                  allow_private_network=True, allow_prefix="s3://jobs/mixed/")
     table = results(str(tmp_path / "out"))
     assert {k: v["status"] for k, v in table.items()} == {"http": "ok", "s3": "ok", "local": "ok"}, table
     assert summary["counts"]["ok"] == 3
@@ -170,21 +171,26 @@ def test_resume_redoes_only_missing_rows(tiny_model_path, tmp_path):
             for i in range(5)]
     manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    run(manifest, out, tiny_model_path)
-    before = {f"r{i}": (tmp_path / "out" / "images" / f"r{i}.png").stat().st_mtime_ns for i in range(5)}
-    for rid in ("r1", "r3"):
-        (tmp_path / "out" / "images" / f"{rid}.png").unlink()
+    run(manifest, out, tiny_model_path, limit=3, results_shard_rows=1)  # a run that got through 3 rows
+    before = {f"r{i}": (tmp_path / "out" / "images" / f"r{i}.png").stat().st_mtime_ns for i in range(3)}
+    # a run killed after r0's PNG but before its results shard: the PNG is there, its result row is not
+    shard_of_r0 = [p for p in (tmp_path / "out" / "results").glob("ok-*.parquet")
+                   if pq.read_table(p).column("id").to_pylist() == ["r0"]]
+    shard_of_r0[0].unlink()
     summary = run(manifest, out, tiny_model_path)
     table = results(out)
-    assert summary["computed"] == 2
-    assert {k: v["status"] for k, v in table.items()} == {"r0": "skipped", "r1": "ok", "r2": "skipped",
-                                                         "r3": "ok", "r4": "skipped"}
-    for rid in ("r0", "r2", "r4"):
+    assert summary["computed"] == 2 and summary["recovered"] == 1 and summary["done_before"] == 2
+    assert {k: v["status"] for k, v in table.items()} == {f"r{i}": "ok" for i in range(5)}
+    for rid in ("r0", "r1", "r2"):  # not redone
         assert (tmp_path / "out" / "images" / f"{rid}.png").stat().st_mtime_ns == before[rid]
         assert table[rid]["output_uri"].endswith(f"images/{rid}.png")
+    # the same command again: nothing to do, no PNG rewritten, still one row per id
+    again = run(manifest, out, tiny_model_path)
+    assert again["computed"] == 0 and again["done_before"] == 5 and len(results(out)) == 5
     # --overwrite redoes everything
     summary = run(manifest, out, tiny_model_path, overwrite=True)
     assert summary["computed"] == 5 and summary["counts"]["ok"] == 5
+    assert len(results(out)) == 5
 
 
 def test_job_output_equals_the_engine_in_process(tiny_model_path, tmp_path):

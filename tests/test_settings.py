@@ -132,7 +132,7 @@ def test_run_from_config_file_flag_wins_and_rerun_from_job_json(tiny_model_path,
 
     for i in range(2):
         (tmp_path / f"c{i}.png").write_bytes(picture(40 + i))
-    rows = [{"id": "c0", "image_url": "c0.png", "source_prompt": "a", "edit_prompt": "b"},
+    rows = [{"id": "c0", "image_url": "c0.png", "source_prompt": "a", "edit_prompt": "b", "eta": None},
             {"id": "c1", "image_url": "c1.png", "source_prompt": "a", "edit_prompt": "c", "eta": 0.25}]
     manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
     out = tmp_path / "out"
@@ -150,6 +150,8 @@ def test_run_from_config_file_flag_wins_and_rerun_from_job_json(tiny_model_path,
     record = json.loads((out / "job.json").read_text())
     assert record["config"]["num_steps"] == 5 and record["config"]["start_step"] == 2
     assert record["config"]["model"] == str(tiny_model_path)
-    # Rerun from the record: the same configuration, so every row is found done.
+    # Rerun from the record: the same configuration, so every row is found done and kept as it was.
     assert main(["--config", str(out / "job.json")]) == 0
-    assert {r["status"] for r in results(str(out)).values()} == {"skipped"}
+    assert {r["status"] for r in results(str(out)).values()} == {"ok"}
+    rerun = json.loads((out / "job.json").read_text())
+    assert (rerun["computed"], rerun["done_before"]) == (0, 2)

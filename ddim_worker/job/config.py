@@ -61,6 +61,10 @@ class JobConfig:
                                   "node)", group="job", minimum=1)
     max_failed_fraction: float | None = option(None, "stop early when more than this fraction of computed rows "
                                                      "fail (default: never)", group="job", minimum=0, maximum=1)
+    results_shard_rows: int = option(256, "rows per results shard (results/*.parquet); the driver sees progress "
+                                          "shard by shard", group="job", minimum=1)
+    embed_images: bool = option(False, "add edited_image to the results: the edited PNG as a Hugging Face Image "
+                                       "value, so datasets.load_dataset gives the edited dataset", group="job")
     measure_fidelity: bool = option(False, "resample each inversion with its source prompt: PSNR / SSIM / latent "
                                            "MSE per row (n - s more UNet passes)", group="job")
     report: bool = option(True, "write report.html and contact-sheet.png at the end", group="job")
@@ -72,6 +76,13 @@ class JobConfig:
                                                 "(off: SSRF protection)", group="limits")
     allow_local_files: bool = option(False, "let image paths reach local files outside the manifest's folder",
                                      group="limits")
+    allow_prefix: str | None = option(None, "object-store prefixes image URLs may read besides the manifest's own "
+                                            "bucket, comma-separated (e.g. s3://images/,gs://other/)",
+                                      group="limits")
+    fetch_concurrency: int = option(_FETCH.concurrency, "images one fetch task downloads at once", group="limits",
+                                    minimum=1, maximum=256)
+    fetch_deadline: float = option(_FETCH.deadline_s, "seconds an image may take in all (redirects and retries "
+                                                      "included)", group="limits", minimum=0.001)
     fetch_timeout: float = option(_FETCH.timeout_s, "seconds per connect and per read of an image", group="limits",
                                   minimum=0.001)
     fetch_retries: int = option(_FETCH.retries, "retries of a transient fetch error (5xx, 429, reset, timeout)",
@@ -84,6 +95,8 @@ class JobConfig:
                                    group="limits", minimum=1)
 
     def __post_init__(self) -> None:
+        if isinstance(self.allow_prefix, (list, tuple)):  # a YAML list of prefixes
+            self.allow_prefix = ",".join(str(p) for p in self.allow_prefix)
         for spec in own_fields():
             value = getattr(self, spec.name)
             if value is None:
@@ -106,9 +119,12 @@ class JobConfig:
         return self.engine.batch_size or DEFAULT_BATCH_SIZE[self.device]
 
     def policy(self) -> FetchPolicy:
+        prefixes = tuple(p.strip() for p in (self.allow_prefix or "").split(",") if p.strip())
         return dataclasses.replace(_FETCH, allow_private_network=self.allow_private_network,
                                    allow_local_files=self.allow_local_files, timeout_s=self.fetch_timeout,
-                                   retries=self.fetch_retries, max_bytes=self.max_download_bytes)
+                                   retries=self.fetch_retries, max_bytes=self.max_download_bytes,
+                                   concurrency=self.fetch_concurrency, deadline_s=self.fetch_deadline,
+                                   allowed_prefixes=prefixes)
 
     # -- the flat form ---------------------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The Ray side of a job: starting Ray, deciding the engine actors' hardware, and the Ray Data pipeline.
 
-manifest rows -> ``prepare_batch`` (CPU tasks: fetch, decode, cache lookup) -> ``EditActor`` pool (the engine, loaded
-once per actor; GPUs) -> ``write_batch`` (CPU tasks: PNGs and latents). Resources are set here, where ``map_batches``
-is called; the actor and the stages know nothing of them.
+manifest row groups -> ``read_rows`` (CPU tasks: read, validate, sort by inversion) -> ``prepare_batch`` (CPU tasks:
+fetch, decode, cache lookup) -> ``EditActor`` pool (the engine, loaded once per actor; GPUs) -> ``write_images`` (CPU
+tasks: PNGs and latents) -> ``write_results`` (results shards; a summary per row back to the driver). Resources are
+set here, where ``map_batches`` is called; the actor and the stages know nothing of them.
 """
 
 from __future__ import annotations
@@ -10,14 +11,26 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ddim_worker.job.config import JobConfig
+from ddim_worker.job.source import SourceContext, id_hash, index_groups, read_rows
 from ddim_worker.settings import DEFAULT_BATCH_SIZE
-from ddim_worker.stages import StageContext, prepare_batch, write_batch
+from ddim_worker.stages import StageContext, prepare_batch, write_images, write_results
 
 log = logging.getLogger("ddim_edit.job")
+
+#: Blocks of row-group descriptors, at most: enough for every core of a large cluster to read at once.
+MAX_READ_BLOCKS = 4096
+
+#: Rows per shard when rows are recorded without the engine.
+MAX_RECORD_ROWS = 8192
+
+#: Result shards whose ids one task reads when a job resumes.
+SHARDS_PER_TASK = 16
 
 #: How long the driver waits for an engine GPU to say what it is before going on with defaults (an autoscaler may
 #: still be adding the GPU node).
@@ -30,7 +43,8 @@ def init_ray(config: JobConfig) -> None:
     if not ray.is_initialized():
         # No address: a new local instance ("local"), never a stale cluster recorded in /tmp/ray by `ray start`.
         address = config.address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, log_to_driver=False)
+        # Workers' warnings (fetch retries, unreadable cache entries, engine fallbacks) reach `ray job logs`.
+        ray.init(address=address, log_to_driver=True)
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -104,16 +118,20 @@ def batch_size_for(config: JobConfig, device: EngineDevice | None) -> int:
     return batch
 
 
-def build_dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_size: int, model: str):
+def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContext, batch_size: int, model: str):
+    """manifest row groups -> rows to do -> prepare -> engine actors -> images -> results shards (summaries out)."""
     import ray
 
     from ddim_worker.actor import EditActor
 
-    table = pa.Table.from_pylist(rows)
-    # Several blocks, so fetching, editing and writing overlap (streaming) instead of running one after the other.
-    chunk = max(batch_size, 1)
-    blocks = [table.slice(i, chunk) for i in range(0, table.num_rows, chunk)] or [table]
-    ds = ray.data.from_arrow(blocks)
+    groups = source_ctx.source.descriptors()
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_READ_BLOCKS)))
+    # One row group per task call: its rows (embedded images included) are read once, validated, sorted so that rows
+    # sharing an inversion are neighbours.
+    ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
+    # Blocks of one engine batch: a task's outputs are merged into one block, so without this the engine actor would
+    # get a whole row group per call and hand nothing on until it had edited all of it (streaming, no shuffle).
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     # Fetching is I/O-bound: half a CPU per task lets two run per core. It also keeps the stage apart from the engine
     # actors (Ray Data fuses stages with equal resources), so engine actors never wait on the network.
     ds = ds.map_batches(prepare_batch, fn_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="numpy",
@@ -125,7 +143,7 @@ def build_dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_
         # Ray Data restarts dead engine actors and retries their tasks (max_restarts=-1, max_task_retries=-1).
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors, initial_size=config.actors),
         fn_constructor_kwargs={"model": model, "engine": config.engine, "batch_size": batch_size,
-                               "device": config.device, "storage_options": config.storage_options,
+                               "device": "auto", "storage_options": config.storage_options,
                                "num_threads": max(int(engine_cpus), 1),
                                "measure_fidelity": config.measure_fidelity, "revision": config.revision,
                                "variant": config.variant},
@@ -135,5 +153,99 @@ def build_dataset(config: JobConfig, rows: list[dict], ctx: StageContext, batch_
         num_cpus=engine_cpus,
         resources=config.engine_resources or None,
     )
-    return ds.map_batches(write_batch, fn_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="numpy",
-                          num_cpus=1)
+    ds = ds.map_batches(write_images, fn_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="numpy",
+                        num_cpus=1)
+    # Results shards of up to --results-shard-rows rows (the last one smaller). A quarter CPU: light work, and a
+    # stage of its own, so the PNG writes above are never held back until a shard is full.
+    return ds.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=config.results_shard_rows,
+                          batch_format="numpy", num_cpus=0.25)
+
+
+def record_rows(source_ctx: SourceContext, ctx: StageContext):
+    """The rows ``source_ctx`` selects, straight into results shards (no engine): rows left when a job stops early."""
+    import ray
+
+    groups = source_ctx.source.descriptors()
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_READ_BLOCKS)))
+    ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
+    return ds.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=MAX_RECORD_ROWS, batch_format="numpy",
+                          num_cpus=0.25)
+
+
+def index_manifest(source_ctx: SourceContext) -> tuple[np.ndarray, np.ndarray]:
+    """(manifest rows, id hashes) of the whole manifest, computed by Ray tasks; 16 bytes a row in the driver."""
+    import ray
+
+    source = source_ctx.source
+    rows = np.zeros(source.total_rows, np.int64)
+    hashes = np.zeros(source.total_rows, np.uint64)
+    groups = source.descriptors()
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_READ_BLOCKS)))
+    ds = ds.map_batches(index_groups, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        where = batch["manifest_row"]
+        rows[where], hashes[where] = where, batch["id_hash"]
+    return rows, hashes
+
+
+def done_hashes(uris: list[str], storage_options: dict) -> np.ndarray:
+    """Sorted id hashes of every row in these shards (read by Ray tasks, a few shards each)."""
+    parts = _from_shards(uris, storage_options, "id_hash")
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+
+
+def rows_in_shards(uris: list[str], storage_options: dict, total: int) -> np.ndarray:
+    """A bool per manifest row: does one of these shards hold its result?"""
+    found = np.zeros(total, bool)
+    for part in _from_shards(uris, storage_options, "manifest_row"):
+        found[part[(part >= 0) & (part < total)]] = True
+    return found
+
+
+def _from_shards(uris: list[str], storage_options: dict, what: str) -> list[np.ndarray]:
+    import ray
+
+    if not uris:
+        return []
+    chunks = [{"uris": uris[i:i + SHARDS_PER_TASK]} for i in range(0, len(uris), SHARDS_PER_TASK)]
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), MAX_READ_BLOCKS)))
+    ds = ds.map_batches(_shard_keys, fn_kwargs={"storage_options": storage_options}, batch_size=1,
+                        batch_format="numpy")
+    return [batch[what] for batch in ds.iter_batches(batch_size=None, batch_format="numpy")]
+
+
+def _shard_keys(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
+    from ddim_worker.job.shards import read_keys
+
+    ids, rows = read_keys([u for uris in batch["uris"] for u in uris], storage_options)
+    return {"id_hash": np.array([id_hash(i) if i else 0 for i in ids], np.uint64),
+            "manifest_row": np.array(rows, np.int64)}
+
+
+def failed_manifest_rows(source_ctx: SourceContext, failed: np.ndarray):
+    """The manifest's own rows (its columns, untouched) whose bit is set in ``failed``, as pyarrow batches."""
+    import ray
+
+    groups = [g for g in source_ctx.source.descriptors()
+              if failed[g["first_row"]:g["first_row"] + g["rows"]].any()]
+    if not groups:
+        return
+    ref = ray.put(failed)
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_READ_BLOCKS)))
+    ds = ds.map_batches(_failed_rows, fn_kwargs={"source": source_ctx.source, "failed": ref}, batch_size=1,
+                        batch_format="pyarrow")
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _failed_rows(batch: Any, source: Any, failed: Any) -> Any:
+    import ray
+
+    from ddim_worker.job.source import RowGroup, read_group
+
+    failed = ray.get(failed) if type(failed).__name__ == "ObjectRef" else failed
+    tables = []
+    for g in batch.to_pylist():
+        group = RowGroup(int(g["file"]), int(g["group"]), int(g["first_row"]), int(g["rows"]))
+        table = read_group(source, group)
+        tables.append(table.filter(pa.array(failed[group.first_row:group.first_row + group.rows])))
+    return pa.concat_tables(tables)

@@ -1,47 +1,41 @@
-"""What a job leaves besides images: the results table, the failed rows' manifest and ``job.json``."""
+"""What a job leaves besides images and results shards: the failed rows' manifest and ``job.json``."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
 from ddim_worker.job.config import JobConfig
-from ddim_worker.manifest import find_manifest_files
+from ddim_worker.job.source import SourceContext
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, results_table
 
 
-def write_results(config: JobConfig, rows: list[dict]) -> str:
-    uri = OutputLayout(config.output).results
-    sink = pa.BufferOutputStream()
-    pq.write_table(results_table(rows), sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes(), config.storage_options)
-    return uri
+def write_failed_manifest(config: JobConfig, source_ctx: SourceContext, failed: np.ndarray) -> str | None:
+    """``failed.parquet``: the failed rows' manifest rows, their own columns untouched, to rerun only them.
 
+    Ray tasks read the row groups that hold failed rows; the driver streams their batches into one file.
+    """
+    from ddim_worker.job.engine_pool import failed_manifest_rows
 
-def write_failed_manifest(config: JobConfig, rows: list[dict]) -> str | None:
-    """``failed.parquet``: the failed rows' manifest rows, same columns as the input, to rerun only them."""
-    failed_rows = sorted(r["manifest_row"] for r in rows if r["status"] == FAILED and r.get("manifest_row") is not None)
     uri = OutputLayout(config.output).failed_manifest
-    if not failed_rows:
-        storage.remove(uri, config.storage_options)
+    storage.remove(uri, config.storage_options)
+    if not failed.any():
         return None
-    wanted = set(failed_rows)
-    tables, offset = [], 0
-    for file_uri in find_manifest_files(config.manifest, config.storage_options).files:
-        with fsspec.open(file_uri, "rb", **config.storage_options) as handle:
-            table = pq.read_table(handle)
-        keep = [i for i in range(table.num_rows) if offset + i in wanted]
-        offset += table.num_rows
-        if keep:
-            tables.append(table.take(keep))
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.concat_tables(tables), sink)
+    writer = None
+    for batch in failed_manifest_rows(source_ctx, failed):
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        if writer is None:
+            writer = pq.ParquetWriter(sink, table.schema)
+        writer.write_table(table)
+    if writer is None:
+        return None
+    writer.close()
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), config.storage_options)
     return uri
 

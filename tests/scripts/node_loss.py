@@ -40,11 +40,12 @@ def main(manifest: str, output: str, model: str) -> None:
     def job() -> None:
         try:
             box["summary"] = run_job(JobConfig.from_flat(dict(
-                manifest=manifest, output=output, model=model, size=64, num_steps=16, start_step=2, batch_size=1,
+                manifest=manifest, output=output, model=model, size=64, num_steps=24, start_step=2, batch_size=1,
                 actors=2, engine_resources={"engine_slot": 1})))
         except BaseException as exc:  # reported in the JSON line
             box["error"] = repr(exc)
 
+    list_actors(address=cluster.address)  # the state API's first answer is slow: not while the job runs
     thread = threading.Thread(target=job)
     started = time.monotonic()
     thread.start()

@@ -1,0 +1,134 @@
+"""The job at dataset scale: streamed manifests, results as shards, the user's columns kept, an edited dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ddim_worker.images import read_png_text
+from ddim_worker.job.source import find_duplicates, id_hash, plan_source
+from tests.jobkit import picture, result_rows, results, run, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _augmentation_manifest(tmp_path: Path, images: int, prompts: int, edits: int, shards: int = 1) -> list[str]:
+    """images x prompts (image, source prompt) pairs, each with `edits` edit prompts, rows shuffled over files."""
+    (tmp_path / "manifest").mkdir()
+    for i in range(images):  # next to the manifest: relative paths resolve against its folder
+        (tmp_path / "manifest" / f"img{i}.png").write_bytes(picture(500 + i))
+    rows = [{"id": f"e{i}-{p}-{k}", "image_url": f"img{i}.png", "source_prompt": f"a scene {p}",
+             "edit_prompt": f"a scene {p} edit {k}", "label": i * 100 + k, "score": k / 10.0,
+             "status": "raw"}  # a column of theirs whose name we use: carried as manifest_status
+            for i in range(images) for p in range(prompts) for k in range(edits)]
+    order = np.random.default_rng(0).permutation(len(rows))
+    rows = [rows[j] for j in order]
+    per = -(-len(rows) // shards)
+    return [write_manifest(rows[s * per:(s + 1) * per], str(tmp_path / "manifest" / f"part-{s}.parquet"))
+            for s in range(shards)]
+
+
+def test_edited_dataset_with_users_columns_loads_with_datasets(tiny_model_path, tmp_path):
+    """The acceptance example: 1,200 rows over 8 images x 3 source prompts with --embed-images."""
+    datasets = pytest.importorskip("datasets")
+    _augmentation_manifest(tmp_path, images=8, prompts=3, edits=50)
+    out = tmp_path / "out"
+    options = dict(num_steps=3, start_step=1, batch_size=16, embed_images=True, report=False,
+                   results_shard_rows=400)
+    summary = run(str(tmp_path / "manifest"), str(out), tiny_model_path, **options)
+    table = results(str(out))
+    assert len(table) == 1200 and all(r["status"] == "ok" for r in table.values())
+    assert summary["counts"]["ok"] == 1200 and summary["total"] == 1200
+    # one inversion per (image, source prompt), give or take a few: rows of a pair are sorted together and the
+    # engine actor keeps recent trajectories
+    assert summary["inversions"] <= 2 * 24, summary["inversions"]
+    some = table["e3-1-7"]
+    assert (some["label"], some["score"], some["manifest_status"]) == (307, 0.7, "raw")
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "results" / "*.parquet"), split="train")
+    assert loaded.num_rows == 1200
+    assert isinstance(loaded.features["edited_image"], datasets.Image)
+    first = loaded[0]
+    assert first["edited_image"].size == (64, 64) and first["label"] is not None
+    png = (out / "images" / f"{first['id']}.png").read_bytes()
+    assert read_png_text(png)["ddim_edit:id"] == first["id"]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    again = run(str(tmp_path / "manifest"), str(out), tiny_model_path, **options)
+    assert again["computed"] == 0 and again["done_before"] == 1200
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")} == before  # no PNG rewritten
+    assert len(results(str(out))) == 1200
+
+
+def test_results_shards_are_written_once_and_stopped_runs_stay_complete(tiny_model_path, tmp_path):
+    """Every run leaves one row per manifest row: finished, stopped early, then resumed."""
+    (tmp_path / "good.png").write_bytes(picture(1))
+    rows = [{"id": f"g{i}", "image_url": "good.png", "source_prompt": "a", "edit_prompt": f"b {i}"}
+            for i in range(6)]
+    rows += [{"id": f"bad{i}", "image_url": "missing.png", "source_prompt": "a", "edit_prompt": "b"}
+             for i in range(14)]
+    rows.insert(3, {"id": "g0", "image_url": "good.png", "source_prompt": "a", "edit_prompt": "dup"})
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    summary = run(manifest, out, tiny_model_path, max_failed_fraction=0.3, results_shard_rows=2, batch_size=2)
+    table = result_rows(out)
+    assert len(table) == len(rows) == 21 and sorted(r["manifest_row"] for r in table) == list(range(21))
+    assert summary["stopped_early"]
+    assert {r["status"] for r in table} <= {"ok", "failed", "skipped"}
+    assert [r["error_code"] for r in table if r["manifest_row"] == 3] == ["duplicate_id"]
+    first_shards = {p.name for p in (Path(out) / "results").glob("ok-*.parquet")}
+    resumed = run(manifest, out, tiny_model_path, results_shard_rows=2, batch_size=2)
+    table = result_rows(out)
+    assert len(table) == 21 and resumed["stopped_early"] is None
+    by_status = {s: sum(r["status"] == s for r in table) for s in ("ok", "failed", "skipped")}
+    assert by_status == {"ok": 6, "failed": 15, "skipped": 0}
+    assert first_shards <= {p.name for p in (Path(out) / "results").glob("ok-*.parquet")}  # never rewritten
+    failed = pq.read_table(Path(out) / "failed.parquet")
+    assert failed.num_rows == 15 and failed.column_names == ["id", "image_url", "source_prompt", "edit_prompt"]
+
+
+def test_duplicates_found_from_hashes():
+    rows = np.arange(6, dtype=np.int64)
+    hashes = np.array([id_hash(x) for x in ("a", "b", "a", "c", "b", "a")], np.uint64)
+    hashes[3] = 0  # an invalid row has no id
+    assert find_duplicates(rows, hashes) == {id_hash("a"): 0, id_hash("b"): 1}
+
+
+def test_source_plan_reads_footers_only_and_honours_limit(tmp_path):
+    path = tmp_path / "m.parquet"
+    table = pa.table({"image_url": [f"{i}.png" for i in range(1000)], "source_prompt": ["a"] * 1000,
+                      "edit_prompt": ["b"] * 1000, "extra": list(range(1000))})
+    pq.write_table(table, path, row_group_size=300)
+    source = plan_source(str(path), {}, limit=700)
+    assert [(g.group, g.first_row, g.rows) for g in source.groups] == [(0, 0, 300), (1, 300, 300), (2, 600, 100)]
+    assert source.total_rows == 700 and source.carried == {"extra": "extra"}
+
+
+def test_gpus_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
+    """A CPU head and a worker with a GPU: the engine actors get the GPU by default, and the dtype the actor ran
+    (fp32: the GPU here is only a Ray resource) is what the results, the PNG, the cache key and job.json say."""
+    (tmp_path / "a.png").write_bytes(picture(3))
+    manifest = write_manifest([{"id": "a", "image_url": "a.png", "source_prompt": "a", "edit_prompt": "b"}],
+                              str(tmp_path / "m.parquet"))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "gpu_worker_cluster.py"), manifest,
+                           str(tmp_path / "out"), str(tiny_model_path)], capture_output=True, text=True,
+                          timeout=600, env=env, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(lines[-1])
+    assert report["error"] is None, report["error"] + proc.stderr[-3000:]
+    summary = report["summary"]
+    assert summary["gpus_per_actor"] == 1.0 and summary["dtype"] == "float32"
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["dtype"] == "float32"
+    row = results(str(tmp_path / "out"))["a"]
+    assert row["status"] == "ok" and row["dtype"] == "float32"
+    assert "dtype=float32" in read_png_text((tmp_path / "out" / "images" / "a.png").read_bytes())[
+        "ddim_edit:settings"]

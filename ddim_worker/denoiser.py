@@ -54,7 +54,9 @@ class GuidedUNet:
         if self.pad_to is not None and rows < self.pad_to:
             x, cond = pad_rows(x, self.pad_to), Conditioning(pad_rows(cond.text, self.pad_to), pad_rows(cond.uncond, self.pad_to),
                                                           pad_rows(cond.guidance, self.pad_to, value=1.0))
-        guided = cond.guided or self.pad_to is not None
+        # Doubled only when a row uses guidance: the engine puts guided and unguided rows in calls of their own, so
+        # the call's shape (pad_to, or twice that) still depends on the row alone.
+        guided = cond.guided
         dtype = self.unet.dtype
         if guided:
             model_input = torch.cat([x, x]).to(dtype)  # (2B, C, h, w): uncond rows first, as diffusers does
@@ -68,7 +70,7 @@ class GuidedUNet:
         self.samples += model_input.shape[0]
         self.call_sizes[model_input.shape[0]] += 1
         if not guided:
-            return out.to(x.dtype)
+            return out[:rows].to(x.dtype)
         eps_uncond, eps_text = out.float().chunk(2)
         w = cond.guidance.to(device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
         eps = eps_uncond + w * (eps_text - eps_uncond)

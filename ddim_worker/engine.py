@@ -327,13 +327,10 @@ class EditEngine:
         for i, row in enumerate(rows):
             groups.setdefault((int(row.num_steps), int(row.start_step), float(row.eta)), []).append(i)
         outputs: list[EditOutput | None] = [None] * len(rows)
-        step = self.batch_size or len(rows)
         for (num_steps, start_step, eta), index in groups.items():
-            for k in range(0, len(index), step):
-                chunk = index[k:k + step]
-                for i, out in zip(chunk, self._edit_group([rows[i] for i in chunk], num_steps, start_step, eta,
-                                                          measure_fidelity)):
-                    outputs[i] = out
+            for i, out in zip(index, self._edit_group([rows[i] for i in index], num_steps, start_step, eta,
+                                                      measure_fidelity)):
+                outputs[i] = out
         self.stats.edits += len(rows)
         return outputs  # type: ignore[return-value]
 
@@ -367,8 +364,16 @@ class EditEngine:
                 torch.tensor([float(r.guidance_scale) for r in rows]), iterations)
         return embeds.detach(), evals
 
+    def _chunks(self, index: list[int]) -> list[list[int]]:
+        """Model calls of at most ``batch_size`` rows (the last one padded by the denoiser and the VAE)."""
+        step = self.batch_size or max(len(index), 1)
+        return [index[k:k + step] for k in range(0, len(index), step)]
+
     def _edit_group(self, rows: list[EditRow], num_steps: int, start_step: int, eta: float,
                     measure_fidelity: bool = False) -> list[EditOutput]:
+        """Edit rows that share (n, s, eta). The unique inversions of all of them fill model calls of their own, and
+        so do the edits: a partial call happens once per kind, not once per ``batch_size`` rows. Calls hold only
+        rows that use guidance or only rows that do not, so a row's call shape depends on the row alone."""
         schedule = self.schedule(num_steps)
         target = schedule.label(start_step)
         per_row: list[Trajectory | None] = [None] * len(rows)
@@ -389,36 +394,38 @@ class EditEngine:
         # One inversion per distinct (image, source prompt, inversion settings); rows continuing a shallower stored
         # trajectory start from its deepest level, the others from x0, so they are inverted in separate calls.
         leaders = [members[0] for members in todo.values()]
-        by_start: dict[tuple[int, str], list[int]] = {}
+        by_start: dict[tuple[int, str, bool], list[int]] = {}
         for i in leaders:
             stored = rows[i].cached
             start = schedule.level_of(stored.deepest) if stored is not None else schedule.num_steps
-            by_start.setdefault((start, str(rows[i].method)), []).append(i)
-        for (from_level, method_name), members in by_start.items():
+            by_start.setdefault((start, str(rows[i].method), float(rows[i].inversion_guidance) != 1.0),
+                                []).append(i)
+        for (from_level, method_name, _), group in by_start.items():
             method = parse_method(method_name)
-            batch = [rows[i] for i in members]
-            if from_level == schedule.num_steps:
-                x = self.encode_images(self.preprocess([r.image for r in batch]), [r.seed for r in batch])
-                prefix = None
-            else:
-                prefix = torch.cat([r.cached.latents for r in batch], dim=1)  # (L, B, C, h, w)
-                x = prefix[-1]
-            if method.name == "noise":
-                new = self._forward_noise(x, [r.seed for r in batch], schedule, start_step)
-                passes = 0
-            else:
-                new = self.invert(x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
-                                  [r.inversion_guidance for r in batch], num_steps, start_step,
-                                  from_level=from_level, refine=method.refine)
-                passes = (from_level - start_step) * (1 + method.refine)
-            if prefix is not None:
-                new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
-                                 torch.cat([prefix.to(new.latents), new.latents[1:]]))
-                for i in members:
-                    cache_hit[i] = True
-            for j, i in enumerate(members):
-                per_row[i] = new.rows([j])
-                inversion_passes[i] = passes
+            for members in self._chunks(group):
+                batch = [rows[i] for i in members]
+                if from_level == schedule.num_steps:
+                    x = self.encode_images(self.preprocess([r.image for r in batch]), [r.seed for r in batch])
+                    prefix = None
+                else:
+                    prefix = torch.cat([r.cached.latents for r in batch], dim=1)  # (L, B, C, h, w)
+                    x = prefix[-1]
+                if method.name == "noise":
+                    new = self._forward_noise(x, [r.seed for r in batch], schedule, start_step)
+                    passes = 0
+                else:
+                    new = self.invert(x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
+                                      [r.inversion_guidance for r in batch], num_steps, start_step,
+                                      from_level=from_level, refine=method.refine)
+                    passes = (from_level - start_step) * (1 + method.refine)
+                if prefix is not None:
+                    new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
+                                     torch.cat([prefix.to(new.latents), new.latents[1:]]))
+                    for i in members:
+                        cache_hit[i] = True
+                for j, i in enumerate(members):
+                    per_row[i] = new.rows([j])
+                    inversion_passes[i] = passes
         for members in todo.values():
             for i in members[1:]:
                 per_row[i] = per_row[members[0]]
@@ -434,12 +441,13 @@ class EditEngine:
         for i in null_rows:
             if null_key not in per_row[i].extras:
                 by_iterations.setdefault(rows[i].method.param, []).append(i)
-        for iterations, need in by_iterations.items():  # each row its own iteration count (null-text:K)
-            embeds, evals = self._optimize_null_text([per_row[i] for i in need], [rows[i] for i in need], schedule,
-                                                     start_step, iterations)
-            for j, i in enumerate(need):
-                per_row[i] = per_row[i].with_extra(null_key, embeds[:, j:j + 1].cpu())
-                inversion_passes[i] += evals
+        for iterations, group in by_iterations.items():  # each row its own iteration count (null-text:K)
+            for need in self._chunks(group):
+                embeds, evals = self._optimize_null_text([per_row[i] for i in need], [rows[i] for i in need],
+                                                         schedule, start_step, iterations)
+                for j, i in enumerate(need):
+                    per_row[i] = per_row[i].with_extra(null_key, embeds[:, j:j + 1].cpu())
+                    inversion_passes[i] += evals
         uncond_steps = {i: per_row[i].extras[null_key][:, 0] for i in null_rows}
 
         start = torch.cat([traj.at(target) for traj in per_row]).to(self.device, torch.float32)  # (B, C, h, w)
@@ -447,8 +455,8 @@ class EditEngine:
         uncond = [r.method.unconditional_prompt(r.source_prompt, r.negative_prompt) for r in rows]
         guidance = [r.guidance_scale for r in rows]
         seeds = [r.seed for r in rows]
-        x0 = self.sample(start, [r.edit_prompt for r in rows], uncond, guidance, num_steps, start_step, seeds, eta,
-                         uncond_steps)
+        x0 = self._sample_rows(start, [r.edit_prompt for r in rows], uncond, guidance, num_steps, start_step, seeds,
+                               eta, uncond_steps)
         images = self.decode(x0)
         outputs = [
             EditOutput(images[i], _to_cpu(per_row[i]), inversion_passes[i], num_steps - start_step, cache_hit[i],
@@ -460,14 +468,30 @@ class EditEngine:
                                    uncond_steps)
         return outputs
 
+    def _sample_rows(self, start: torch.Tensor, prompts: list[str], uncond: list[str], guidance: list[float],
+                     num_steps: int, start_step: int, seeds: list[int], eta: float,
+                     uncond_steps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """``sample`` over any number of rows, in calls of ``batch_size`` rows that are all guided or all not."""
+        x0 = torch.empty_like(start)
+        by_guidance: dict[bool, list[int]] = {}
+        for i, w in enumerate(guidance):
+            by_guidance.setdefault(float(w) != 1.0, []).append(i)
+        for group in by_guidance.values():
+            for chunk in self._chunks(group):
+                steps = {j: uncond_steps[i] for j, i in enumerate(chunk) if i in uncond_steps}
+                x0[chunk] = self.sample(start[chunk], [prompts[i] for i in chunk], [uncond[i] for i in chunk],
+                                        [guidance[i] for i in chunk], num_steps, start_step,
+                                        [seeds[i] for i in chunk], eta, steps).to(x0)
+        return x0
+
     def _measure_fidelity(self, rows: list[EditRow], outputs: list[EditOutput], start: torch.Tensor,
                           uncond: list[str], guidance: list[float], num_steps: int, start_step: int,
                           seeds: list[int], eta: float, uncond_steps: dict[int, torch.Tensor]) -> None:
         """Resample each inversion with its *source* prompt and compare with the input: how faithful it was."""
         from ddim_worker.metrics import latent_mse, psnr, ssim
 
-        x0_rec = self.sample(start, [r.source_prompt for r in rows], uncond, guidance, num_steps, start_step, seeds,
-                             eta, uncond_steps)
+        x0_rec = self._sample_rows(start, [r.source_prompt for r in rows], uncond, guidance, num_steps, start_step,
+                                   seeds, eta, uncond_steps)
         reconstructions = self.decode(x0_rec)
         inputs = ((self.preprocess([r.image for r in rows]) + 1) * 127.5).round().to(torch.uint8)
         inputs = inputs.permute(0, 2, 3, 1).numpy()

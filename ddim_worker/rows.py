@@ -63,6 +63,8 @@ RESULTS_SCHEMA = pa.schema([
     ("inversion_passes", pa.int64()),
     ("sampling_passes", pa.int64()),
     ("unet_passes", pa.int64()),
+    ("unet_samples", pa.float64()),  # UNet samples run for the row: its share of its calls, padding included
+    ("ideal_unet_samples", pa.int64()),  # what the row's work needs: passes, doubled where guidance is used
     ("seconds", pa.float64()),
     ("psnr", pa.float64()),  # fidelity (--measure-fidelity): reconstruction vs preprocessed input, dB
     ("ssim", pa.float64()),
@@ -105,6 +107,11 @@ def results_table(rows: list[dict]) -> pa.Table:
     return pa.table(columns, schema=RESULTS_SCHEMA)
 
 
+def _guided(scale: object) -> bool:
+    value = _coerce(scale, pa.float64())
+    return value is not None and value != 1.0
+
+
 def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
     """The results schema's columns of a batch of finished rows (Ray's NumPy batch, as the stages leave it)."""
 
@@ -129,6 +136,10 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
         cache_hit=[bool(_coerce(c, pa.bool_())) and k for c, k in zip(column("cache_hit", False), ok)],
         inversion_passes=inversion, sampling_passes=sampling,
         unet_passes=[a + b for a, b in zip(inversion, sampling)],
+        unet_samples=[float(_coerce(v, pa.float64()) or 0.0) for v in column("unet_samples", 0.0)],
+        ideal_unet_samples=[a * (2 if _guided(iw) else 1) + b * (2 if _guided(w) else 1)
+                            for a, b, iw, w in zip(inversion, sampling, column("inversion_guidance"),
+                                                   column("guidance_scale"))],
         seconds=seconds,
         recovered=[bool(_coerce(r, pa.bool_())) for r in column("recovered", False)],
     )

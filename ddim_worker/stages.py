@@ -225,8 +225,8 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
 
 
 #: What the driver gets back per finished row: enough to count and to know which rows are done, nothing more.
-SUMMARY_FIELDS = ("manifest_row", "status", "error_code", "inversion_passes", "unet_passes", "cache_hit", "dtype",
-                  "recovered")
+SUMMARY_FIELDS = ("manifest_row", "status", "error_code", "inversion_passes", "unet_passes", "unet_samples",
+                  "ideal_unet_samples", "cache_hit", "dtype", "recovered")
 
 
 def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:

@@ -56,8 +56,9 @@ def test_unet_runs_n_minus_s_times_each_way_with_the_whole_batch(engine):
         engine.edit(rows)
     finally:
         handle.remove()
-    assert len(calls) == 2 * (12 - 4)
-    assert calls == [2 * 3] * len(calls)  # every call: the whole batch, doubled for CFG
+    # Inverting: the whole batch in each call, doubled for CFG. Sampling: the guided rows in calls of their own
+    # (doubled) and the row at guidance 1 in calls of its own, run once: guidance costs only where it is used.
+    assert calls == [2 * 3] * (12 - 4) + [2 * 2] * (12 - 4) + [1] * (12 - 4)
 
 
 def test_unguided_rows_need_half_the_unet_work(engine):
@@ -220,4 +221,5 @@ def test_fixed_batch_size_makes_rows_independent_of_their_neighbours(tiny_model_
     shuffled = engine.edit([rows[4], rows[2], rows[0]])
     for j, i in enumerate((4, 2, 0)):
         assert np.array_equal(shuffled[j].image, together[i].image), i
-    assert set(engine.guided_unet.call_sizes) == {6}  # always the padded, doubled batch
+    # every call padded to the batch size: doubled where its rows use guidance, once for the row at guidance 1
+    assert set(engine.guided_unet.call_sizes) == {6, 3}

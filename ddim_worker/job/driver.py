@@ -105,6 +105,8 @@ class Tally:
     inversions: int = 0
     cache_hits: int = 0
     unet_passes: int = 0
+    unet_samples: float = 0.0
+    ideal_unet_samples: int = 0
     recovered: int = 0
     dtypes: set = field(default_factory=set)
 
@@ -126,6 +128,8 @@ class Tally:
         self.inversions += int((passes > 0).sum())
         self.cache_hits += int(summary["cache_hit"].astype(bool).sum())
         self.unet_passes += int(summary["unet_passes"].astype(np.int64).sum())
+        self.unet_samples += float(summary["unet_samples"].astype(np.float64).sum())
+        self.ideal_unet_samples += int(summary["ideal_unet_samples"].astype(np.int64).sum())
         self.recovered += int(summary["recovered"].astype(bool).sum())
         self.dtypes.update(str(d) for d, s in zip(summary["dtype"], statuses) if s == OK and d)
         return statuses
@@ -269,6 +273,10 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         "inversions": tally.inversions,
         "cache_hits": tally.cache_hits,
         "unet_passes": tally.unet_passes,
+        # UNet samples run (padding and CFG doubling included) next to what the work needs: unique inversions x
+        # (n - s) x (2 when guided) + rows x (n - s) x (2 when guided), cache hits excluded
+        "unet_samples": round(tally.unet_samples),
+        "ideal_unet_samples": tally.ideal_unet_samples,
         "wall_seconds": round(wall, 3),
         "rows_per_second": round(computed / wall, 4) if wall > 0 else None,
         "stopped_early": stopped_early,

@@ -23,6 +23,13 @@ from ddim_worker.stages import StageContext, prepare_batch, write_images, write_
 
 log = logging.getLogger("ddim_edit.job")
 
+#: Logical CPUs a local Ray instance gets beyond the machine's cores (see ``init_ray``).
+LOCAL_EXTRA_CPUS = 2
+
+#: Engine calls' worth of rows an actor edits per task: the unique inversions of all of them fill calls of their
+#: own and so do the edits, so a partial (padded) call happens once per task, not once per batch_size rows.
+ENGINE_CALLS_PER_TASK = 4
+
 #: Blocks of row-group descriptors, at most: enough for every core of a large cluster to read at once.
 MAX_READ_BLOCKS = 4096
 
@@ -43,8 +50,12 @@ def init_ray(config: JobConfig) -> None:
     if not ray.is_initialized():
         # No address: a new local instance ("local"), never a stale cluster recorded in /tmp/ray by `ray start`.
         address = config.address or os.environ.get("RAY_ADDRESS") or "local"
+        # A local instance gets a few logical CPUs more than the machine has: the I/O-bound stages (reading, fetching,
+        # writing) hold CPU slots while they wait, and on a 2-core machine the stream would otherwise stall with the
+        # reading task and the engine actor holding every slot.
+        extra = {"num_cpus": (os.cpu_count() or 1) + LOCAL_EXTRA_CPUS} if address == "local" else {}
         # Workers' warnings (fetch retries, unreadable cache entries, engine fallbacks) reach `ray job logs`.
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **extra)
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -131,10 +142,11 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
     ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
     # Blocks of one engine batch: a task's outputs are merged into one block, so without this the engine actor would
     # get a whole row group per call and hand nothing on until it had edited all of it (streaming, no shuffle).
-    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    rows_per_call = batch_size * ENGINE_CALLS_PER_TASK
+    ds = ds.repartition(target_num_rows_per_block=rows_per_call)
     # Fetching is I/O-bound: half a CPU per task lets two run per core. It also keeps the stage apart from the engine
     # actors (Ray Data fuses stages with equal resources), so engine actors never wait on the network.
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="numpy",
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"ctx": ctx}, batch_size=rows_per_call, batch_format="numpy",
                         num_cpus=0.5)
     engine_cpus = 1 if config.device == "cuda" else config.cpus_per_actor
     ds = ds.map_batches(
@@ -147,18 +159,20 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
                                "num_threads": max(int(engine_cpus), 1),
                                "measure_fidelity": config.measure_fidelity, "revision": config.revision,
                                "variant": config.variant},
-        batch_size=batch_size,
+        batch_size=rows_per_call,
         batch_format="numpy",
         num_gpus=config.gpus_per_actor or None,
         num_cpus=engine_cpus,
         resources=config.engine_resources or None,
     )
-    ds = ds.map_batches(write_images, fn_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="numpy",
-                        num_cpus=1)
-    # Results shards of up to --results-shard-rows rows (the last one smaller). A quarter CPU: light work, and a
-    # stage of its own, so the PNG writes above are never held back until a shard is full.
+    # PNG encoding and writes are light: a quarter CPU, so every stage fits on a small node at once (a stage that
+    # cannot be scheduled while the others hold their CPUs would stall the stream).
+    ds = ds.map_batches(write_images, fn_kwargs={"ctx": ctx}, batch_size=rows_per_call, batch_format="numpy",
+                        num_cpus=0.25)
+    # Results shards of up to --results-shard-rows rows (the last one smaller). A stage of its own (other resources,
+    # so Ray Data does not fuse it with the PNG writes, which are never held back until a shard is full).
     return ds.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=config.results_shard_rows,
-                          batch_format="numpy", num_cpus=0.25)
+                          batch_format="numpy", num_cpus=0.2)
 
 
 def record_rows(source_ctx: SourceContext, ctx: StageContext):

@@ -176,14 +176,41 @@ class SourceContext:
 
 
 def index_groups(batch: dict[str, np.ndarray], ctx: SourceContext) -> dict[str, np.ndarray]:
-    """For each row of these row groups: its manifest row and its id's hash (0 where the row has no valid id)."""
+    """For each row of these row groups: its manifest row and its id's hash (0 where the row has no usable id).
+
+    Only the id is worked out (a given id, or the hash of the row's content), not the row's settings: this pass runs
+    before any row can start, so it does the least per row. A row whose settings are bad fails later anyway.
+    """
     rows, hashes = [], []
+    source = ctx.source
     for group in _groups(batch):
-        table = read_group(ctx.source, group)
-        for row in parse_rows(ctx.source, table, group.first_row, ctx.defaults, ctx.max_prompt_chars):
-            rows.append(row.manifest_row)
-            hashes.append(id_hash(row.id) if row.error is None and row.id else 0)
+        names = [t for o, t in source.columns.items() if o in ID_INPUTS]
+        table = read_group(source, group).select(list(dict.fromkeys(names)))
+        columns = {o: table.column(t).to_pylist() for o, t in source.columns.items() if o in ID_INPUTS}
+        for k in range(table.num_rows):
+            record = {o: values[k] for o, values in columns.items()}
+            rows.append(group.first_row + k)
+            hashes.append(_index_hash(record))
     return {"manifest_row": np.array(rows, np.int64), "id_hash": np.array(hashes, np.uint64)}
+
+
+#: What a row's id depends on: the given id, or its content (see ``manifest.row_id``).
+ID_INPUTS = ("id", "image_url", "image", "source_prompt", "edit_prompt", "negative_prompt", "num_steps",
+             "start_step", "guidance_scale", "inversion_guidance", "eta", "seed", "inversion")
+
+
+def _index_hash(record: dict[str, Any]) -> int:
+    try:
+        if "image" in record and not record.get("image_url") and record.get("id") is None:
+            data, path = embedded_bytes(record.get("image"))
+            if data is not None:
+                record["image_digest"] = hashlib.sha256(data).hexdigest()
+            elif path:
+                record["image_url"] = path
+        record.pop("image", None)
+        return id_hash(row_id(record))
+    except RowError:
+        return 0
 
 
 def _resolve(value: Any) -> Any:

@@ -7,26 +7,18 @@ across the batch's images), a thread pool (``FetchPolicy.concurrency`` downloads
 order, where one row's failure never touches another. ``fetch_bytes`` fetches one URL with a throwaway ``Fetcher``.
 
 DNS rebinding: every http(s) try (first try, each retry, each redirect hop) runs ``check_http_url`` and then
-connects only to the addresses that check approved (``_PinnedHTTPConnection``): the name is not resolved a second
-time at connect, while the Host header, TLS SNI and certificate check still use the host name. A new connection
-to a host whose addresses this thread did not just check is refused (fail closed). Through an HTTP(S) proxy from
-the environment the proxy makes the connection: the check still runs on the target, the pinning does not apply.
+connects only to the addresses that check approved (``http_connections``). Through an HTTP(S) proxy from the
+environment the proxy makes the connection: the check still runs on the target, the pinning does not apply.
 """
 
 from __future__ import annotations
 
 import errno
-import heapq
-import http.cookiejar
-import importlib.metadata
-import itertools
 import json
 import logging
 import os
 import random
-import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,12 +28,10 @@ from urllib.parse import urljoin, urlsplit
 
 import fsspec
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import parse_url
 
+from .http_connections import USER_AGENT, _ImageDeadline, _local, _norm_host, make_session  # noqa: F401 - re-exported
 from .url_policy import (
     FetchError,
     FetchPolicy,
@@ -54,290 +44,12 @@ from .url_policy import (
     resolve_local_path,
 )
 
+from .worker_logging import _warn_once_a_minute, ensure_worker_logging  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("ddim-edit")
-    except importlib.metadata.PackageNotFoundError:
-        return "dev"
-
-
-USER_AGENT = f"ddim-edit/{_version()} (+batch image editing)"
-
-
-# ---------------------------------------------------------------- worker logging
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at emit time (pytest and Ray swap it), never to a stale stream."""
-
-    _ddim_edit_worker_handler = True
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-_logging_lock = threading.Lock()
-_logging_pid: int | None = None
-
-
-def ensure_worker_logging(level: int | str | None = None) -> None:
-    """Send this package's log records (``ddim_worker.*``, WARNING and up by default) to stderr, once per process.
-
-    Ray writes a worker's stderr to its log files and, when the driver called ``ray.init(log_to_driver=True)``,
-    forwards it to the driver, whose output is what ``ray job logs`` shows. ``DDIM_EDIT_LOG_LEVEL=INFO`` in the
-    workers' environment also shows retries. Calling it again (every batch) does nothing.
-    """
-    global _logging_pid
-    if _logging_pid == os.getpid():
-        return
-    with _logging_lock:
-        if _logging_pid == os.getpid():
-            return
-        logger = logging.getLogger("ddim_worker")
-        level = level or os.environ.get("DDIM_EDIT_LOG_LEVEL") or logging.WARNING
-        if isinstance(level, str):
-            level = logging.getLevelName(level.upper())
-            level = level if isinstance(level, int) else logging.WARNING
-        if not any(getattr(h, "_ddim_edit_worker_handler", False) for h in logger.handlers):
-            handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            handler.setLevel(level)
-            logger.addHandler(handler)
-        if logger.level == logging.NOTSET or logger.level > level:
-            logger.setLevel(level)
-        _logging_pid = os.getpid()
-
-
-_warned: dict[str, float] = {}
-_warned_lock = threading.Lock()
-
-
-def _warn_once_a_minute(key: str, message: str, *args) -> None:
-    """A warning per ``key`` at most once a minute per process: a throttling host must not flood the job log."""
-    now = time.monotonic()
-    with _warned_lock:
-        if now - _warned.get(key, -1e9) < 60:
-            return
-        _warned[key] = now
-    log.warning(message, *args)
-
-
-# ---------------------------------------------------------------- deadline per image
-
-
-class _ImageDeadline:
-    """The deadline of one image's fetch, over every hop, try and wait. For http(s) the watchdog shuts the sockets
-    of the connections this fetch is using when the deadline passes, so a server trickling bytes cannot hold a
-    worker past it."""
-
-    def __init__(self, deadline_s: float):
-        self.deadline_s = deadline_s
-        self.end = time.monotonic() + deadline_s
-        self.expired = False
-        self._finished = False
-        self._conns: set = set()
-        self._lock = threading.Lock()
-        self._watched = False
-
-    def remaining(self) -> float:
-        return self.end - time.monotonic()
-
-    def check(self, url: str) -> None:
-        if self.expired or self.remaining() <= 0:
-            raise self.timeout_error(url)
-
-    def timeout_error(self, url: str) -> FetchError:
-        return FetchError("fetch_timeout", f"{url}: no complete answer within the {self.deadline_s:g} s deadline")
-
-    def watch(self) -> None:
-        if not self._watched:
-            self._watched = True
-            _WATCHDOG.schedule(self)
-
-    def register(self, conn_or_sock) -> None:
-        """A connection (or socket) this try is using: shut when the deadline passes."""
-        with self._lock:
-            if self._finished:
-                return
-            self._conns.add(conn_or_sock)
-            if self.expired:
-                _shut(conn_or_sock)
-
-    def end_attempt(self) -> None:
-        """Before the connection goes back to the pool: from here on the watchdog must not touch it."""
-        with self._lock:
-            self._conns.clear()
-
-    def finish(self) -> None:
-        with self._lock:
-            self._finished = True
-            self._conns.clear()
-
-    def expire(self) -> None:
-        with self._lock:
-            if self._finished:
-                return
-            self.expired = True
-            for conn in self._conns:
-                _shut(conn)
-
-
-def _shut(conn_or_sock) -> None:
-    sock = conn_or_sock if isinstance(conn_or_sock, socket.socket) else getattr(conn_or_sock, "sock", None)
-    if sock is not None:
-        try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes a blocked recv; the base method, not SSL's
-        except OSError:
-            pass
-
-
-class _Watchdog:
-    """One daemon thread per process expiring image deadlines (a heap of deadlines, not a timer thread each)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-
-    def schedule(self, item: _ImageDeadline) -> None:
-        with self._cond:
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._heap, self._pid = [], os.getpid()  # a forked child starts without the parent's thread
-                self._thread = threading.Thread(target=self._run, name="ddim-fetch-deadlines", daemon=True)
-                self._thread.start()
-            heapq.heappush(self._heap, (item.end, next(self._seq), item))
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                end, _, item = self._heap[0]
-                delay = end - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-            item.expire()  # outside the heap lock; does nothing for a finished fetch
-
-
-_WATCHDOG = _Watchdog()
-
-
-# ---------------------------------------------------------------- connections pinned to checked addresses
-
-_local = threading.local()  # .pin = (host, port, addresses) and .deadline = _ImageDeadline, for this thread's try
-
-
-def _norm_host(host: str) -> str:
-    return host.strip("[]").rstrip(".").lower()
-
-
-def _connect_ip(ip: str, port: int, timeout, source_address, socket_options) -> socket.socket:
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        for opt in socket_options or ():
-            sock.setsockopt(*opt)
-        if isinstance(timeout, (int, float)):
-            sock.settimeout(timeout)
-        if source_address:
-            sock.bind(source_address)
-        sock.connect((ip, port))  # an address, never a name: nothing is resolved here
-        return sock
-    except BaseException:
-        sock.close()
-        raise
-
-
-class _PinnedMixin:
-    """Connects to the addresses ``check_http_url`` just approved for this host in this thread, in order."""
-
-    def _new_conn(self) -> socket.socket:
-        pin = getattr(_local, "pin", None)
-        host = _norm_host(self.host)
-        if pin is None or (pin[0], pin[1]) != (host, self.port):
-            raise NewConnectionError(self, f"refusing to connect to {self.host}:{self.port}: not the checked host")
-        deadline = getattr(_local, "deadline", None)
-        if deadline is not None:
-            deadline.register(self)
-        last: Exception | None = None
-        for ip in pin[2]:
-            try:
-                sock = _connect_ip(ip, self.port, self.timeout, self.source_address, self.socket_options)
-                if deadline is not None:  # the TLS handshake can trickle too
-                    deadline.register(sock)
-            except TimeoutError as e:
-                last = ConnectTimeoutError(self, f"Connection to {self.host} ({ip}) timed out. "
-                                                 f"(connect timeout={self.timeout})")
-                last.__cause__ = e
-            except OSError as e:
-                last = NewConnectionError(self, f"Failed to establish a new connection to {ip}: {e}")
-                last.__cause__ = e
-            else:
-                sys.audit("http.client.connect", self, self.host, self.port)
-                return sock
-        raise last if last is not None else NewConnectionError(self, f"{self.host}: no checked address")
-
-    def request(self, *args, **kwargs):
-        deadline = getattr(_local, "deadline", None)
-        if deadline is not None:  # a reused connection too: the watchdog can cut it
-            deadline.register(self)
-            if self.sock is not None:  # http.client drops conn.sock for a close-delimited body: keep the socket
-                deadline.register(self.sock)
-        return super().request(*args, **kwargs)
-
-
-class _PinnedHTTPConnection(_PinnedMixin, HTTPConnection):
-    pass
-
-
-class _PinnedHTTPSConnection(_PinnedMixin, HTTPSConnection):
-    pass
-
-
-class _PinnedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _PinnedHTTPConnection
-
-
-class _PinnedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _PinnedHTTPSConnection
-
-
-class PinnedAdapter(HTTPAdapter):
-    """A pooled ``HTTPAdapter`` whose new connections go only to the addresses checked for this try."""
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _PinnedHTTPPool, "https": _PinnedHTTPSPool}
-
-
-def make_session(policy: FetchPolicy) -> requests.Session:
-    """A session for one ``Fetcher``: pinned pooled adapter (as many connections per host as threads), our
-    User-Agent, no cookies kept, no automatic retries or redirects (we do both, re-checking every time)."""
-    s = requests.Session()
-    adapter = PinnedAdapter(pool_connections=32, pool_maxsize=max(1, policy.concurrency), max_retries=0)
-    s.mount("http://", adapter)
-    s.mount("https://", adapter)
-    s.headers["User-Agent"] = USER_AGENT
-    s.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))  # no state carried between rows
-    return s
 
 
 # ---------------------------------------------------------------- retries

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-import ddim_worker.fetch as fetch_module
+import ddim_worker.http_connections as fetch_module  # the module that opens the sockets
 from ddim_worker.fetch import (
     USER_AGENT,
     Fetcher,

@@ -51,7 +51,6 @@ def run(arch: str, images: int, edits: int, work: Path) -> dict[str, Any]:
 
     from ddim_worker.job.config import JobConfig
     from ddim_worker.job.driver import run_job
-    from ddim_worker.job.engine_pool import ENGINE_CALLS_PER_TASK
     from ddim_worker.tiny_model import ARCHS, make_model
 
     size = ARCHS[arch]["size"]
@@ -63,7 +62,7 @@ def run(arch: str, images: int, edits: int, work: Path) -> dict[str, Any]:
         out = work / f"out-{k}-{name}"
         summary = run_job(JobConfig.from_flat(dict(manifest=str(paths[name]), output=str(out), model=str(model),
                                                    size=size, report=False, cpus_per_actor=2, **SETTINGS)))
-        best, mean = steady_rows_per_s(out / "images", SETTINGS["batch_size"] * ENGINE_CALLS_PER_TASK)
+        best, mean = steady_rows_per_s(out / "images", SETTINGS["batch_size"] * summary["config"]["calls_per_task"])
         runs[name].append({"steady_rows_per_s": mean, "best_rows_per_s": best,
                            "unet_samples": summary["unet_samples"], "ideal_unet_samples": summary["ideal_unet_samples"],
                            "inversions": summary["inversions"], "rows": summary["computed"],

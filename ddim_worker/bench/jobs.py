@@ -107,7 +107,10 @@ def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path,
     base = dict(model=model, size=cfg.size, dtype=cfg.dtype, num_steps=edit.num_steps, start_step=edit.start_step,
                 guidance_scale=edit.guidance_scale, inversion_guidance=edit.inversion_guidance, seed=edit.seed,
                 actors=1, gpus_per_actor=1.0 if cuda else 0.0, cpus_per_actor=float(cpus_per_actor), overwrite=True,
-                **job_fast_path)
+                # one engine batch per actor task, as the in-process reference runs: the job's PNGs then come in
+                # bursts of one batch, which is what the steady rate is measured from (grouping across batches is
+                # measured by jobs/grouping_benchmark.py)
+                calls_per_task=1, **job_fast_path)
 
     def one(name: str, rows: list[dict], latent_cache: Path, batch_size: int) -> dict:
         manifest = _write_manifest(rows, root / f"manifest-{name}.parquet")

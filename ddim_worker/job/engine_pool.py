@@ -26,10 +26,6 @@ log = logging.getLogger("ddim_edit.job")
 #: Logical CPUs a local Ray instance gets beyond the machine's cores (see ``init_ray``).
 LOCAL_EXTRA_CPUS = 2
 
-#: Engine calls' worth of rows an actor edits per task: the unique inversions of all of them fill calls of their
-#: own and so do the edits, so a partial (padded) call happens once per task, not once per batch_size rows.
-ENGINE_CALLS_PER_TASK = 4
-
 #: Blocks of row-group descriptors, at most: enough for every core of a large cluster to read at once.
 MAX_READ_BLOCKS = 4096
 
@@ -142,7 +138,7 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
     ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
     # Blocks of one engine batch: a task's outputs are merged into one block, so without this the engine actor would
     # get a whole row group per call and hand nothing on until it had edited all of it (streaming, no shuffle).
-    rows_per_call = batch_size * ENGINE_CALLS_PER_TASK
+    rows_per_call = batch_size * config.engine.calls_per_task
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
     # Fetching is I/O-bound: half a CPU per task lets two run per core. It also keeps the stage apart from the engine
     # actors (Ray Data fuses stages with equal resources), so engine actors never wait on the network.

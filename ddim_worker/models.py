@@ -184,7 +184,12 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_
                   revision: str | None = None, variant: str | None = None) -> Any:
     """``StableDiffusionPipeline.from_pretrained`` on a local folder, hub id or object-store URL, moved to device."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Workers' output reaches the driver's log: no loading progress bars there.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     source = local_model_path(model, storage_options)
     check_model(source, revision=revision)
     try:

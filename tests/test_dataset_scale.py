@@ -132,3 +132,17 @@ def test_gpus_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
     assert row["status"] == "ok" and row["dtype"] == "float32"
     assert "dtype=float32" in read_png_text((tmp_path / "out" / "images" / "a.png").read_bytes())[
         "ddim_edit:settings"]
+
+
+def test_a_two_cpu_node_does_not_stall(tiny_model_path, tmp_path):
+    """Every stage can run at once on a 2-CPU Ray node (the reading task once starved fetching there)."""
+    (tmp_path / "a.png").write_bytes(picture(9))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "small_node.py"), str(tmp_path),
+                           str(tiny_model_path)], capture_output=True, text=True, timeout=420, env=env,
+                          stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    counts = json.loads(lines[-1])["counts"]
+    assert counts["ok"] == 4 and counts["failed"] == 8192 + 2000 - 4

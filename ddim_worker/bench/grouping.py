@@ -56,7 +56,7 @@ def run(arch: str, images: int, edits: int, work: Path) -> dict[str, Any]:
     size = ARCHS[arch]["size"]
     model = make_model(work / arch, arch)
     paths = manifests(work, images, edits, size)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2 cores + 2 slots for the I/O stages
     runs: dict[str, list[dict]] = {"augment": [], "distinct": []}
     for k, name in enumerate(("augment", "distinct", "distinct", "augment")):
         out = work / f"out-{k}-{name}"

@@ -23,6 +23,9 @@ from ddim_worker.stages import StageContext, prepare_batch, write_images, write_
 
 log = logging.getLogger("ddim_edit.job")
 
+#: CPU slots the stages around the engine ask for, one task each: an engine actor never takes these.
+OTHER_STAGES_CPUS = 2.0
+
 #: Logical CPUs a local Ray instance gets beyond the machine's cores (see ``init_ray``).
 LOCAL_EXTRA_CPUS = 2
 
@@ -145,6 +148,10 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
     ds = ds.map_batches(prepare_batch, fn_kwargs={"ctx": ctx}, batch_size=rows_per_call, batch_format="numpy",
                         num_cpus=0.5)
     engine_cpus = 1 if config.device == "cuda" else config.cpus_per_actor
+    # The actor runs torch on `engine_cpus` threads but leaves the CPU slots the other stages need to run at all
+    # (reading 1, fetching 0.5, writing 0.25 + 0.2): on a small CPU-only node the stream would otherwise stall.
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    engine_cpu_slots = min(float(engine_cpus), max(cluster_cpus - OTHER_STAGES_CPUS, 0.25))
     ds = ds.map_batches(
         EditActor,
         # Elastic between 1 and --actors: a job goes on when a node with an actor is lost and cannot be replaced.
@@ -158,7 +165,7 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
         batch_size=rows_per_call,
         batch_format="numpy",
         num_gpus=config.gpus_per_actor or None,
-        num_cpus=engine_cpus,
+        num_cpus=engine_cpu_slots,
         resources=config.engine_resources or None,
     )
     # PNG encoding and writes are light: a quarter CPU, so every stage fits on a small node at once (a stage that

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-stop", type=int, default=None, help="end the VAE stage at this step (schedule of --steps)")
+    p.add_argument("--vae-stop", type=int, default=None, help="end the VAE (or decoder) stage at this step; --steps sets its schedule")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("vae",):
         train_vae(work, args.steps or 1200, args.batch or 32, args.lr or 1.5e-3, args.seed, stop=args.vae_stop)
     if args.stage in ("decoder",):
-        train_vae(work, args.steps or 1500, args.batch or 32, args.lr or 5e-4, args.seed, decoder_only=True)
+        train_vae(work, args.steps or 1500, args.batch or 32, args.lr or 5e-4, args.seed, decoder_only=True,
+                  stop=args.vae_stop)
     if args.stage in ("latents",):
         cache_latents(work, args.steps or 24000, args.seed)
     if args.stage in ("unet",):
@@ -265,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("assemble",):
         assemble(work, Path(args.path))
     if args.stage == "all":
-        train_vae(work, 1200, 32, 1.5e-3, args.seed, stop=args.vae_stop)
+        # The shipped run's settings (docs/shapes-model.md): VAE schedule of 1200 steps stopped at 800; 24 000
+        # cached latents; UNet + text 3500 steps at batch 128 (constant LR after warm-up, EMA); decoder alone,
+        # schedule of 1500 steps stopped at 600 (in the shipped run it ran beside the UNet stage, niced).
+        train_vae(work, 1200, 32, 1.5e-3, args.seed, stop=args.vae_stop or 800)
         cache_latents(work, 24000, args.seed)
-        train_unet(work, 4000, 128, 1e-3, args.seed)
-        train_vae(work, 1500, 32, 5e-4, args.seed, decoder_only=True)
+        train_unet(work, 3500, 128, 1e-3, args.seed)
+        train_vae(work, 1500, 32, 5e-4, args.seed, decoder_only=True, stop=600)
         assemble(work, Path(args.path))
     return 0
 

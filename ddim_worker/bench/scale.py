@@ -137,6 +137,10 @@ def load_average() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen, grace_s: float) -> str:
     """SIGINT to the driver; SIGKILL to its whole process group (Ray's processes included) after ``grace_s``."""
     how = "exited"
@@ -175,7 +179,10 @@ def run_job_for(command: list[str], out: str | os.PathLike, seconds: float, log_
     with open(log_path, "wb") as log:
         started = time.monotonic()
         wall_start = time.time()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # SIGINT at its default (a KeyboardInterrupt in Python): a benchmark started in the background by a
+        # non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and the job would only ever be SIGKILLed.
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
         peak: dict[str, int] = {}
         before_ray = 0
         ray_started_s = first_png_s = None

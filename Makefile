@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-MODEL  := models/tiny
+MODEL  := models/shapes
 OUT    := out
 
 .PHONY: install test demo model clean chromium
@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The shapes model: weights trained here and shipped in the package (ddim_worker/shapes/weights), written in a second.
 $(MODEL)/model_index.json: $(STAMP)
-	$(BIN)/ddim-edit make-tiny-model $(MODEL)
+	$(BIN)/ddim-edit make-shapes-model $(MODEL)
 
 model: $(MODEL)/model_index.json
 

@@ -1,7 +1,10 @@
-"""`make demo`: the one-image edit, then the real Ray job on the example manifest, on a local Ray instance.
+"""`make demo`: the shapes model edits a shipped manifest of scenes with the real Ray job, on a local Ray instance.
 
-Uses the tiny random-weight model (no weights can be downloaded here), so the pictures are noise-like; the point is
-the whole path: manifest -> fetch -> engine actors -> PNGs, latents, results.parquet, job.json under out/.
+The shapes model (``ddim-edit make-shapes-model``: weights trained here and shipped in the package) knows one world:
+a shape of one colour on a plain background. The demo edits colours, shapes and backgrounds with the model's
+recommended settings, then shows the results in ``out/shapes/report.html`` and ``out/shapes/contact-sheet.png``
+(input | edited). First it edits one scene with ``ddim-edit edit``, and it ends with text-to-image
+(``ddim-edit sample``).
 """
 
 from __future__ import annotations
@@ -15,27 +18,42 @@ if __package__ in (None, ""):
 
 from ddim_worker.cli import main as cli_main
 from ddim_worker.job.driver import main as job_main
+from ddim_worker.shapes.model import edit_settings
 
 REPO = Path(__file__).resolve().parents[1]
-# Small settings so the demo takes seconds on a laptop CPU; the defaults (512 px, 50 steps, start 10) are the textbook's.
-DEMO_SETTINGS = ["--size", "64", "--num-steps", "20", "--start-step", "4"]
+
+
+def settings_flags() -> list[str]:
+    """The shapes model's recommended edit settings as flags (``--num-steps 50 --start-step 20 ...``)."""
+    from ddim_worker.job.config import all_fields
+
+    known = all_fields()
+    return [item for name, value in edit_settings().items() if name in known
+            for item in ("--" + name.replace("_", "-"), str(value))]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=str(REPO / "models" / "tiny"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "models" / "shapes"))
     p.add_argument("--output", default=str(REPO / "out"))
     args = p.parse_args(argv)
     out = Path(args.output)
-    print("== one image: ddim-edit edit")
-    status = cli_main(["edit", str(REPO / "manifests" / "demo" / "house.jpg"),
-                       "--source-prompt", "a picture of a house", "--edit-prompt", "a picture of a red house",
-                       "--model", args.model, *DEMO_SETTINGS, "--out", str(out / "edit-one.png")])
+    flags = settings_flags()
+    print("== one image: ddim-edit edit (a red circle becomes blue)")
+    status = cli_main(["edit", str(REPO / "manifests" / "shapes" / "red-circle.png"),
+                       "--source-prompt", "a red circle on a white background",
+                       "--edit-prompt", "a blue circle on a white background", "--model", args.model, *flags,
+                       "--out", str(out / "edit-one.png")])
     if status:
         return status
-    print("== the batch job: ddim-edit run manifests/demo.parquet")
-    return job_main([str(REPO / "manifests" / "demo.parquet"), "--output", str(out / "demo"), "--model", args.model,
-                     *DEMO_SETTINGS, "--batch-size", "4"])
+    print("== the batch job: ddim-edit run manifests/shapes.parquet")
+    status = job_main([str(REPO / "manifests" / "shapes.parquet"), "--output", str(out / "shapes"), "--model",
+                       args.model, *flags, "--batch-size", "4"])
+    if status:
+        return status
+    print("== text-to-image: ddim-edit sample")
+    return cli_main(["sample", "--model", args.model, "--prompt", "a green triangle on a black background",
+                     "--num-images", "4", "--out", str(out / "samples")])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ddim_worker.shapes import scenes as S
+from ddim_worker.settings import DEFAULTS
 
 HELD_OUT_SEED = 424_242
 METHODS = ("ddim", "negative-prompt", "fixed-point:3", "null-text:10", "noise")
@@ -50,7 +51,7 @@ def judge(image: np.ndarray, source: np.ndarray, scene: S.Scene, target_colour: 
 
 
 def edit_table(engine, count: int = 24, methods=METHODS, start_steps=(10, 20), guidances=(3.5, 7.5),
-               num_steps: int = 50, measure_fidelity: bool = True, batch: int = 24) -> list[dict]:
+               num_steps: int = DEFAULTS.num_steps, measure_fidelity: bool = True, batch: int = 24) -> list[dict]:
     from ddim_worker.engine import EditRow
 
     pairs = colour_edits(held_out(count))
@@ -82,7 +83,7 @@ def edit_table(engine, count: int = 24, methods=METHODS, start_steps=(10, 20), g
     return table
 
 
-def reconstruction_check(engine, count: int = 24, start_step: int = 20, num_steps: int = 50) -> dict:
+def reconstruction_check(engine, count: int = 24, start_step: int = 20, num_steps: int = DEFAULTS.num_steps) -> dict:
     """Edit prompt == source prompt through DDIM: colour kept and PSNR against the input."""
     from ddim_worker.engine import EditRow
 
@@ -102,7 +103,7 @@ def reconstruction_check(engine, count: int = 24, start_step: int = 20, num_step
             "vae_colour_kept": float(np.mean(vae_kept))}
 
 
-def t2i_check(engine, per_caption: int = 1, num_steps: int = 50, guidance: float = 7.5, eta: float = 0.0) -> dict:
+def t2i_check(engine, per_caption: int = 1, num_steps: int = DEFAULTS.num_steps, guidance: float = 7.5, eta: float = 0.0) -> dict:
     """Text-to-image for every caption (54), judged from pixels: shape colour (the pixels unlike the background) and
     background colour (the border) against the prompt; shape by a rough fill-ratio test."""
     from ddim_worker.shapes.sample import text_to_image

@@ -8,8 +8,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ddim_worker.settings import DEFAULTS
 
-def text_to_image(engine, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 50,
+
+def text_to_image(engine, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = DEFAULTS.num_steps,
                   guidance_scale: float = 7.5, eta: float = 0.0, negative_prompt: str = "") -> np.ndarray:
     """(B, H, W, 3) uint8: one image per (prompt, seed), noise seeded per row."""
     h = engine.size // engine.pipe.vae_scale_factor
@@ -20,7 +22,7 @@ def text_to_image(engine, prompts: Sequence[str], seeds: Sequence[int], num_step
     return engine.decode(latents)
 
 
-def run_sample(model: str, prompt: str, num_images: int, out: str, seed: int = 0, num_steps: int = 50,
+def run_sample(model: str, prompt: str, num_images: int, out: str, seed: int = 0, num_steps: int = DEFAULTS.num_steps,
                eta: float = 0.0, guidance_scale: float = 7.5, size: int = 64, device: str = "cpu",
                dtype: str = "fp32") -> list[Path]:
     from PIL import Image

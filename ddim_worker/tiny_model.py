@@ -120,7 +120,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+def clip_vocab_and_merges(words: tuple[str, ...] = _TOKENIZER_WORDS) -> tuple[dict[str, int], list[str]]:
     """The vocabulary and merges of a small CLIP BPE tokenizer, generated here rather than downloaded.
 
     The vocabulary is CLIP's layout in miniature: every byte character alone and with the end-of-word mark ``</w>``,
@@ -130,7 +130,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
     seen = set(vocab)
-    for word in _TOKENIZER_WORDS:
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
             left, right = symbols[0], symbols[1]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +56,16 @@ def results(output: str, storage_options: dict | None = None) -> dict[str, dict]
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), f"an id appears twice in the results: {ids}"
     return {r["id"]: r for r in rows}
+
+
+def run_script(name: str, *args: str, timeout: float = 600) -> tuple[dict, str]:
+    """Run ``tests/scripts/<name>`` (its own Ray, apart from the session's) and parse the JSON line it prints last;
+    also returns its stderr (the job's log)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "scripts" / name), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1]), proc.stderr

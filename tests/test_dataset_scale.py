@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 
 from ddim_worker.images import read_png_text
 from ddim_worker.job.source import find_duplicates, id_hash, plan_source
-from tests.jobkit import picture, result_rows, results, run, write_manifest
+from tests.jobkit import picture, result_rows, results, run, run_script, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,15 +113,8 @@ def test_gpus_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
     (tmp_path / "a.png").write_bytes(picture(3))
     manifest = write_manifest([{"id": "a", "image_url": "a.png", "source_prompt": "a", "edit_prompt": "b"}],
                               str(tmp_path / "m.parquet"))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "gpu_worker_cluster.py"), manifest,
-                           str(tmp_path / "out"), str(tiny_model_path)], capture_output=True, text=True,
-                          timeout=600, env=env, stdin=subprocess.DEVNULL)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(lines[-1])
-    assert report["error"] is None, report["error"] + proc.stderr[-3000:]
+    report, log = run_script("gpu_worker_cluster.py", manifest, str(tmp_path / "out"), str(tiny_model_path))
+    assert report["error"] is None, report["error"] + log[-3000:]
     summary = report["summary"]
     assert summary["gpus_per_actor"] == 1.0 and summary["dtype"] == "float32"
     assert json.loads((tmp_path / "out" / "job.json").read_text())["dtype"] == "float32"
@@ -137,12 +127,6 @@ def test_gpus_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
 def test_a_two_cpu_node_does_not_stall(tiny_model_path, tmp_path):
     """Every stage can run at once on a 2-CPU Ray node (the reading task once starved fetching there)."""
     (tmp_path / "a.png").write_bytes(picture(9))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "small_node.py"), str(tmp_path),
-                           str(tiny_model_path)], capture_output=True, text=True, timeout=420, env=env,
-                          stdin=subprocess.DEVNULL)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-3000:]
-    counts = json.loads(lines[-1])["counts"]
+    report, _ = run_script("small_node.py", str(tmp_path), str(tiny_model_path), timeout=420)
+    counts = report["counts"]
     assert counts["ok"] == 4 and counts["failed"] == 8192 + 2000 - 4

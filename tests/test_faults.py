@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ddim_worker.job.driver import JobError
-from tests.jobkit import picture, result_rows, results, run, write_manifest
+from tests.jobkit import picture, result_rows, results, run, run_script, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,21 +75,14 @@ def test_killed_engine_actor_costs_a_retry_not_the_job(tiny_model_path, tmp_path
 
 def test_lost_worker_node_is_survived_by_rerunning_unfinished_rows(tiny_model_path, tmp_path):
     manifest = _manifest(tmp_path, 8)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "node_loss.py"), manifest,
-                           str(tmp_path / "out"), str(tiny_model_path)], capture_output=True, text=True,
-                          timeout=600, env=env, stdin=subprocess.DEVNULL)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(lines[-1])
-    assert report["error"] is None, report["error"] + proc.stderr[-3000:]
+    report, log = run_script("node_loss.py", manifest, str(tmp_path / "out"), str(tiny_model_path))
+    assert report["error"] is None, report["error"] + log[-3000:]
     assert report["removed_after_images"] is not None, "the worker node was not removed mid-job"
     table = results(str(tmp_path / "out"))
     assert sorted(table) == [f"f{i}" for i in range(8)] and all(r["status"] == "ok" for r in table.values())
     assert report["summary"]["counts"] == {"ok": 8, "failed": 0, "skipped": 0}
     if report["summary"]["attempts"] > 1:  # Ray aborted the dataset: the driver said so and re-ran the rest
-        assert "re-running the" in proc.stderr
+        assert "re-running the" in log
     print(f"node loss: removed after {report['removed_after_images']} images; finished in "
           f"{report['seconds']:.1f}s after {report['summary']['attempts']} dataset attempt(s)")
 

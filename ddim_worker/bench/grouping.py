@@ -56,7 +56,8 @@ def run(arch: str, images: int, edits: int, work: Path) -> dict[str, Any]:
     size = ARCHS[arch]["size"]
     model = make_model(work / arch, arch)
     paths = manifests(work, images, edits, size)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2 cores + 2 slots for the I/O stages
+    # a new local instance (never a cluster left running on this machine): 2 cores + 2 slots for the I/O stages
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[dict]] = {"augment": [], "distinct": []}
     for k, name in enumerate(("augment", "distinct", "distinct", "augment")):
         out = work / f"out-{k}-{name}"

@@ -35,39 +35,12 @@ TEXT_CONFIG: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_at
                                    projection_dim=64, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-character table (the tokenizer's base alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[str]]:
-    """A CLIP BPE vocabulary in miniature: the byte alphabet (alone and with ``</w>``), one merge chain per scene
-    word, so each scene word is one whole token, then ``<|startoftext|>`` and ``<|endoftext|>``."""
-    alphabet = list(_bytes_to_unicode().values())
-    vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    seen = set(vocab)
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            left, right = symbols[0], symbols[1]
-            if f"{left} {right}" not in merges:
-                merges.append(f"{left} {right}")
-            merged = left + right
-            if merged not in seen:
-                vocab.append(merged)
-                seen.add(merged)
-            symbols = [merged] + symbols[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab)}, merges
+    """A CLIP BPE vocabulary in miniature (``tiny_model.clip_vocab_and_merges``) whose merges make each scene word
+    one whole token."""
+    from ddim_worker.tiny_model import clip_vocab_and_merges
+
+    return clip_vocab_and_merges(tuple(words))
 
 
 def make_tokenizer():

@@ -11,13 +11,11 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ddim_worker.rows import RowError
 from ddim_worker.settings import SETTING_NAMES, EditSettings, SettingError, from_values

@@ -146,7 +146,7 @@ def test_run_from_config_file_flag_wins_and_rerun_from_job_json(tiny_model_path,
         assert (r["num_steps"], r["start_step"], r["eta"], r["status"]) == (5, 2, eta, "ok")
         assert r["sampling_passes"] == 5 - 2
         settings = read_png_text((out / "images" / f"{rid}.png").read_bytes())["ddim_edit:settings"]
-        assert f"num_steps=5 start_step=2" in settings and f"eta={eta}" in settings
+        assert "num_steps=5 start_step=2" in settings and f"eta={eta}" in settings
     record = json.loads((out / "job.json").read_text())
     assert record["config"]["num_steps"] == 5 and record["config"]["start_step"] == 2
     assert record["config"]["model"] == str(tiny_model_path)

@@ -83,8 +83,6 @@ class EngineDevice:
 
 
 def _describe_device(dtype: str) -> EngineDevice:
-    import torch
-
     from ddim_worker import fastpath
     from ddim_worker.models import choose_device, choose_dtype
 

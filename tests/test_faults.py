@@ -37,7 +37,8 @@ def _partial_files(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if ".tmp-" in p.name]
 
 
-SLOW = dict(num_steps=16, start_step=2, batch_size=1)  # long enough to be interrupted mid-job
+# long enough to be interrupted mid-job, a PNG at a time (one engine batch of one row per actor task)
+SLOW = dict(num_steps=16, start_step=2, batch_size=1, calls_per_task=1)
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -91,7 +92,7 @@ def test_killed_driver_then_rerun_finishes_without_redoing_work(tiny_model_path,
     manifest = _manifest(tmp_path, 8)
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "jobs" / "edit.py"), manifest, "--output", str(out), "--model",
-               str(tiny_model_path), "--size", "64", "--steps", "16", "--start-step", "2", "--batch-size", "1"]
+               str(tiny_model_path), "--size", "64", "--steps", "16", "--start-step", "2", "--batch-size", "1", "--calls-per-task", "1"]
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

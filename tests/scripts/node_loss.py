@@ -41,7 +41,7 @@ def main(manifest: str, output: str, model: str) -> None:
         try:
             box["summary"] = run_job(JobConfig.from_flat(dict(
                 manifest=manifest, output=output, model=model, size=64, num_steps=24, start_step=2, batch_size=1,
-                actors=2, engine_resources={"engine_slot": 1})))
+                calls_per_task=1, actors=2, engine_resources={"engine_slot": 1})))
         except BaseException as exc:  # reported in the JSON line
             box["error"] = repr(exc)
 

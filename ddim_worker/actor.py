@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ddim_worker.engine import EditEngine, EditRow
+from ddim_worker.failpoints import failpoint
 from ddim_worker.fastpath import apply_fast_path
 from ddim_worker.fetch import ensure_worker_logging
 from ddim_worker.inversion import parse_method
@@ -126,6 +127,7 @@ class EditActor:
                       sampling_passes=sampling_passes, cache_hit=cache_hit, status=status, error_code=code,
                       error=error, engine_seconds=np.full(n, per_row_seconds),
                       engine_dtype=np.full(n, self.dtype, dtype=object), unet_samples=unet_samples)
+        failpoint("engine_batch_done")
         return result
 
     def _remember(self, key: Any, trajectory: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import posixpath
 import re
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-from ddim_worker.rows import RowError
+from ddim_worker.rows import RowError, is_missing
 from ddim_worker.settings import SETTING_NAMES, EditSettings, SettingError, from_values
 
 #: Our column names: ``image_url`` or ``image`` is required, and both prompts; every edit setting may be a column.
@@ -124,6 +123,8 @@ def row_settings(record: Mapping[str, Any], defaults: EditSettings,
         raise RowError("bad_setting", str(exc)) from None
     for name in ("source_prompt", "edit_prompt", "negative_prompt"):
         value = settings[name] if name == "negative_prompt" else record.get(name)
+        if is_missing(value):
+            raise RowError("bad_prompt", f"{name} is missing (null)")
         if not isinstance(value, str):
             raise RowError("bad_prompt", f"{name} must be text, got {type(value).__name__}")
         if name != "negative_prompt" and not value.strip():
@@ -140,12 +141,71 @@ def row_settings(record: Mapping[str, Any], defaults: EditSettings,
 _ID_SETTINGS = ("num_steps", "start_step", "guidance_scale", "inversion_guidance", "seed", "inversion")
 
 
+def image_reference(record: dict[str, Any]) -> None:
+    """Settle which image a row names, in place: ``image_url`` (text, or None when null or empty) or, failing that,
+    the embedded image's bytes (``image_bytes``, with ``image_digest``) or its path; the ``image`` value is dropped.
+
+    Raises ``RowError("missing_image")`` when the row names no image at all: a null never becomes a file name.
+    """
+    url = record.get("image_url")
+    if is_missing(url) or (isinstance(url, str) and not url.strip()):
+        url = None
+    elif not isinstance(url, str):
+        raise RowError("missing_image", f"image_url must be text, got {type(url).__name__}: {url!r}")
+    record["image_url"] = url
+    embedded = record.pop("image", None)
+    if url is None and embedded is not None:
+        data, path = embedded_bytes(embedded)
+        if data is not None:
+            record["image_bytes"] = data
+            record["image_digest"] = hashlib.sha256(data).hexdigest()
+        elif path and not is_missing(path):
+            record["image_url"] = str(path)
+    if record["image_url"] is None and record.get("image_bytes") is None:
+        raise RowError("missing_image", "the row names no image: image_url is null or empty and no image is "
+                                        "embedded")
+
+
+def id_hash(row_id_text: str) -> int:
+    """A 64-bit hash of an id (never 0, which marks "no id"), for duplicate and done checks in NumPy."""
+    value = int.from_bytes(hashlib.blake2b(row_id_text.encode(), digest_size=8).digest(), "little")
+    return value or 1
+
+
+def usable_id(value: Any) -> bool:
+    """Whether ``value`` is an id a result can be filed under (text an object key may hold)."""
+    return isinstance(value, str) and bool(SAFE_ID.match(value)) and ".." not in value
+
+
+def ledger_key(row_id_text: Any, error_code: Any, manifest_row: int) -> int:
+    """What a result row is filed under in the ledger: its id's hash, or, for a row whose id cannot be used (or
+    repeats an earlier row's), its manifest position: such rows are one result each, never merged with the id's."""
+    if usable_id(row_id_text) and error_code != "duplicate_id":
+        return id_hash(row_id_text)
+    return id_hash(f"\x00manifest-row:{int(manifest_row)}")
+
+
+def input_digest(row_id_text: str, values: Mapping[str, Any]) -> str:
+    """A digest of what a row is made from: its id, image reference, prompts and every resolved setting.
+
+    The results and the PNG record it; a rerun redoes an ``ok`` row whose digest changed under the same id.
+    """
+    content = {
+        "id": row_id_text,
+        "image": values.get("image_url") or values.get("image_digest"),
+        "source_prompt": values.get("source_prompt"),
+        "edit_prompt": values.get("edit_prompt"),
+        "settings": {name: values.get(name) for name in SETTING_NAMES},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def row_id(record: Mapping[str, Any]) -> str:
     """The row's own id if it has one (checked: ids become object keys), else a stable hash of its content."""
     given = record.get("id")
-    if given is not None and not (isinstance(given, float) and math.isnan(given)):
+    if not is_missing(given):
         text = str(given)
-        if not SAFE_ID.match(text) or ".." in text:
+        if not usable_id(text):
             shown = text if len(text) <= 60 else text[:57] + "..."
             raise RowError("bad_setting", f"id {shown!r} cannot be used as an object key: ids are 1-128 characters "
                                           "of letters, digits, '.', '_' and '-', not starting with '.', without '..'")

@@ -190,7 +190,11 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_
     # Workers' output reaches the driver's log: no loading progress bars there.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    source = local_model_path(model, storage_options)
+    try:
+        source = local_model_path(model, storage_options)
+    except OSError as exc:  # this node cannot hold the copy (disk full, read-only cache folder)
+        raise ModelLoadError(f"cannot load model {model!r}: copying it to {MODEL_CACHE_DIR} failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
     check_model(source, revision=revision)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(

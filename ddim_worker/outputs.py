@@ -9,6 +9,9 @@
       failed.parquet               the failed rows' manifest rows, to rerun only them
       job.json                     counts, timings, versions and the effective configuration
       report.html, report-N.html, contact-sheet.png
+      lease.json                   the run that holds this output now (with its heartbeat); gone when it ends
+      .inflight/<generation>-<digest>   a results shard being written (the driver waits for these when it stops)
+      .stop-<generation>           written when a run stops early: its tasks write no more shards
 """
 
 from __future__ import annotations
@@ -63,6 +66,20 @@ class OutputLayout:
     @property
     def contact_sheet(self) -> str:
         return join_uri(self.root, CONTACT_SHEET_NAME)
+
+    @property
+    def lease(self) -> str:
+        return join_uri(self.root, "lease.json")
+
+    @property
+    def inflight_folder(self) -> str:
+        return join_uri(self.root, ".inflight")
+
+    def inflight(self, generation: str, digest: str) -> str:
+        return join_uri(self.inflight_folder, f"{generation}-{digest}")
+
+    def stop_marker(self, generation: str) -> str:
+        return join_uri(self.root, f".stop-{generation}")
 
 
 def report_page_name(number: int) -> str:

@@ -113,15 +113,13 @@ def _rows(results: list[Mapping[str, Any]] | pa.Table) -> list[dict[str, Any]]:
 
 
 def load_results(output_uri: str, storage_options: dict | None = None) -> pa.Table:
-    """Every Parquet file of the job's ``results/`` folder (its shards) as one table."""
-    import pyarrow.parquet as pq
+    """The job's results, one row per id in its latest state (the ledger's reader, ``job.ledger.read_table``)."""
+    from ddim_worker.job.ledger import read_table
 
-    folder = OutputLayout(output_uri).results_folder
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join_uri(folder, name), storage_options)))
-              for name in storage.list_names(folder, storage_options, suffix=".parquet")]
-    if not tables:
-        raise FileNotFoundError(f"no results under {folder}")
-    return pa.concat_tables(tables, promote_options="default")
+    table = read_table(OutputLayout(output_uri), storage_options, images=False)
+    if not table.num_rows:
+        raise FileNotFoundError(f"no results under {OutputLayout(output_uri).results_folder}")
+    return table
 
 
 def _text(value: Any) -> str:

@@ -14,6 +14,7 @@ PENDING = ""  # status of a row still in flight
 
 #: Stable error codes (the ``error_code`` column); the human ``error`` column says what exactly went wrong.
 ERROR_CODES = (
+    "missing_image",  # the row names no image (a null or empty image_url and no embedded image)
     "fetch_failed",  # the image could not be read (network error, 4xx, storage error) after retries
     "fetch_timeout",  # the image source did not answer within --fetch-timeout
     "not_found",  # 404 / missing object / missing file
@@ -70,7 +71,32 @@ RESULTS_SCHEMA = pa.schema([
     ("ssim", pa.float64()),
     ("latent_mse", pa.float64()),
     ("manifest_row", pa.int64()),
+    # The ledger's order: the run and attempt that wrote the row (``r000003-a01``); the latest one is the row's state.
+    ("generation", pa.string()),
+    # What the row was made from (id, image reference, prompts, every resolved setting): a rerun redoes a row whose
+    # inputs changed under the same id, and a PNG is recovered only when its own record of this digest matches.
+    ("input_digest", pa.string()),
 ])
+
+
+def is_missing(value: object) -> bool:
+    """A null in any of the forms a value takes on its way through pyarrow, NumPy, pandas and Ray Data: None, NaN
+    (float or NumPy), pandas ``NA`` / ``NaT``. Never turned into the text ``"nan"`` or ``"None"``."""
+    if value is None:
+        return True
+    if isinstance(value, float) or type(value).__module__ == "numpy" and hasattr(value, "dtype") \
+            and getattr(value, "ndim", 1) == 0 and value.dtype.kind == "f":
+        return bool(math.isnan(float(value)))
+    return type(value).__name__ in ("NAType", "NaTType")
+
+
+def text_or_none(value: object) -> str | None:
+    """``value`` as text, or None when it is missing (see :func:`is_missing`); bytes are not text."""
+    if is_missing(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    return value if isinstance(value, str) else str(value)
 
 
 def _coerce(value: object, type_: pa.DataType) -> object:
@@ -85,7 +111,7 @@ def _coerce(value: object, type_: pa.DataType) -> object:
 
 
 def _coerce_or_raise(value: object, type_: pa.DataType) -> object:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if is_missing(value):
         return None
     if hasattr(value, "item"):
         value = value.item()

@@ -19,11 +19,20 @@ import pyarrow as pa
 
 from ddim_worker import latent_cache, storage
 from ddim_worker.fetch import Fetcher, ensure_worker_logging, shared_fetcher
-from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image, encode_png, preprocess
+from ddim_worker.failpoints import failpoint
+from ddim_worker.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    ImageError,
+    decode_image,
+    encode_png,
+    preprocess,
+    read_png_text,
+)
 from ddim_worker.inversion import parse_method
 from ddim_worker.manifest import ManifestFiles
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, OK, PENDING, RESULT_SETTING_FIELDS, RowError, results_columns
+from ddim_worker.rows import FAILED, OK, PENDING, RESULT_SETTING_FIELDS, RowError, results_columns, text_or_none
 from ddim_worker.settings import EditSettings, field_kind
 from ddim_worker.url_policy import FetchError, FetchPolicy
 
@@ -59,8 +68,7 @@ TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "lat
 
 
 def text_column(values: list) -> np.ndarray:
-    return np.array(["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in values],
-                    dtype=object)
+    return np.array([text_or_none(v) or "" for v in values], dtype=object)
 
 
 def _fail(out: dict[str, list], i: int, code: str, message: str) -> None:
@@ -112,13 +120,19 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     for i, row in enumerate(rows):
         if (out["status"][i] or PENDING) != PENDING:
             continue
-        if ctx.resume and storage.exists(ctx.image_uri(str(row["id"])), ctx.storage_options):
+        if ctx.resume and recoverable_png(row, ctx):
             out["status"][i], out["recovered"][i] = OK, True
         else:
             todo.append(i)
     started = time.perf_counter()
     fetch = [i for i in todo if _embedded(rows[i]) is None]
-    fetched = dict(zip(fetch, _fetcher(ctx).fetch_all([str(rows[i].get("image_url") or "") for i in fetch])))
+    urls = [text_or_none(rows[i].get("image_url")) for i in fetch]
+    for i, url in zip(fetch, urls):
+        if url is None:  # parsing fails such rows first; a null must never become the file name "nan"
+            _fail(out, i, "missing_image", "the row names no image")
+    fetch = [i for i, url in zip(fetch, urls) if url is not None]
+    todo = [i for i in todo if out["status"][i] == PENDING]
+    fetched = dict(zip(fetch, _fetcher(ctx).fetch_all([text_or_none(rows[i].get("image_url")) for i in fetch])))
     fetch_seconds = (time.perf_counter() - started) / max(len(todo), 1)
     pixels = np.zeros((n, ctx.size, ctx.size, 3), dtype=np.uint8)
     for i in todo:
@@ -147,6 +161,26 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     return result
 
 
+def recoverable_png(row: dict, ctx: StageContext) -> bool:
+    """Whether this row's edited PNG already exists and was made from this very row: an earlier run wrote it and was
+    killed before its results shard. Its own text chunks must name the row's input digest (id, image, prompts and
+    every setting), the model's fingerprint and the working size; a PNG made otherwise is recomputed, never recorded
+    with settings it was not made with."""
+    try:
+        data = storage.read_bytes(ctx.image_uri(str(row["id"])), ctx.storage_options)
+    except (FileNotFoundError, OSError):
+        return False
+    try:
+        text = read_png_text(data)
+    except ImageError:
+        return False
+    model = text.get("ddim_edit:model", "")
+    return (text.get("ddim_edit:input") == text_or_none(row.get("input_digest"))
+            and text.get("ddim_edit:id") == str(row["id"])
+            and model.endswith(f"({ctx.model_fingerprint})")
+            and f"size={ctx.size}" in text.get("ddim_edit:settings", "").split())
+
+
 SETTING_KINDS = {f.name: field_kind(f) for f in dataclasses.fields(EditSettings)}
 
 #: The settings a PNG's ``ddim_edit:settings`` text lists (the prompts have chunks of their own).
@@ -169,6 +203,7 @@ def png_text(row: dict, ctx: StageContext, dtype: str | None = None) -> dict[str
         "ddim_edit:settings": " ".join([*(f"{name}={_setting(name, row[name])}" for name in SETTINGS_IN_PNG),
                                         f"size={ctx.size}", f"dtype={dtype or ctx.dtype}"]),
         "ddim_edit:model": f"{ctx.model} ({ctx.model_fingerprint})",
+        "ddim_edit:input": str(row.get("input_digest") or ""),
     }
 
 
@@ -209,6 +244,7 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
                                     encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
             png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
             storage.write_bytes(ctx.image_uri(rid), png, ctx.storage_options)
+            failpoint("image_written")
             output_uri[i], status[i] = ctx.image_uri(rid), OK
             if ctx.embed_images:
                 pngs[i] = png
@@ -231,13 +267,12 @@ SUMMARY_FIELDS = ("manifest_row", "status", "error_code", "inversion_passes", "u
 
 def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
     """Write these finished rows as a results shard (ok rows and rows to retry apart) and summarise them."""
-    from ddim_worker.job.shards import EDITED_IMAGE, write_shard
+    from ddim_worker.job.shards import EDITED_IMAGE, keys_digest, table_keys, write_shard
     from ddim_worker.job.source import carried_table
 
     n = len(batch["id"])
-    if ctx.stop_marker and storage.exists(ctx.stop_marker, ctx.storage_options):
-        return {name: np.zeros(0, dtype=object) for name in SUMMARY_FIELDS}  # the driver records these as not run
     rows = results_columns(batch, n, ctx.dtype)
+    rows["generation"] = [ctx.generation] * n
     table = pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in ctx.results_schema
                       if f.name in rows})
     carried = carried_table(list(batch["carried"]), ctx.carried)
@@ -248,7 +283,16 @@ def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
                   for p, s, rid in zip(batch["png"], rows["status"], rows["id"])]
         table = table.append_column(EDITED_IMAGE, pa.array(images, type=EDITED_IMAGE.type))
     table = table.cast(ctx.results_schema)
-    write_shard(ctx.layout, table, ctx.generation, ctx.storage_options)
+    # While the shard is written a token says so: a driver that stops early waits for tokens, not a fixed time.
+    token = ctx.layout.inflight(ctx.generation, keys_digest(table_keys(table)))
+    storage.write_bytes(token, b"", ctx.storage_options)
+    try:
+        if ctx.stop_marker and storage.exists(ctx.stop_marker, ctx.storage_options):
+            return {name: np.zeros(0, dtype=object) for name in SUMMARY_FIELDS}  # the driver records them as not run
+        write_shard(ctx.layout, table, ctx.generation, ctx.storage_options)
+        failpoint("results_written")
+    finally:
+        storage.remove(token, ctx.storage_options)
     summary = {name: np.array(rows[name], dtype=object) for name in SUMMARY_FIELDS if name in rows}
     summary["recovered"] = np.array(rows["recovered"], dtype=bool)
     return summary

@@ -202,10 +202,12 @@ def check_writable(output_uri: str, storage_options: dict[str, Any] | None = Non
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 
 
-def remove_stale_temp_files(prefix_uri: str, storage_options: dict[str, Any] | None = None) -> int:
+def remove_stale_temp_files(prefix_uri: str, storage_options: dict[str, Any] | None = None, *,
+                            older_than: float) -> int:
     """Delete temp files a killed writer left under a local prefix (object stores have none: a PUT is whole).
 
-    Only safe when no writer of this output is running, i.e. at the start of a job; returns how many were removed.
+    Only those last written before ``older_than`` (epoch seconds): a temp file newer than that may be another
+    writer's write in flight (a shared latent cache), and is left alone. Returns how many were removed.
     """
     fs, root = filesystem(prefix_uri, storage_options)
     if not _is_local(fs) or not os.path.isdir(root):
@@ -213,7 +215,11 @@ def remove_stale_temp_files(prefix_uri: str, storage_options: dict[str, Any] | N
     removed = 0
     for folder, _, files in os.walk(root):
         for name in files:
-            if _TEMP_NAME.match(name):
-                os.unlink(os.path.join(folder, name))
-                removed += 1
+            path = os.path.join(folder, name)
+            try:
+                if _TEMP_NAME.match(name) and os.stat(path).st_mtime < older_than:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer renamed or removed it meanwhile
     return removed

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from ddim_worker import storage
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.driver import run_job
-from ddim_worker.job.shards import read_results
+from ddim_worker.job.ledger import read_table
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.synthetic import picture_bytes
 
@@ -44,9 +44,7 @@ def run(manifest: str, output: str, model: Path, **overrides: Any) -> dict:
 
 def result_rows(output: str, storage_options: dict | None = None) -> list[dict]:
     """The results table as a reader sees it (every shard of ``results/``), in manifest order."""
-    table = read_results(OutputLayout(output), storage_options)
-    if "edited_image" in table.column_names:
-        table = table.drop_columns(["edited_image"])
+    table = read_table(OutputLayout(output), storage_options, images=False)
     return sorted(table.to_pylist(), key=lambda r: r["manifest_row"])
 
 

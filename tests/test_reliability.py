@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import struct
 import time
 import zlib
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddim_worker.job.driver import JobError
-from tests.jobkit import picture, result_rows, results, run, write_manifest
+from tests.jobkit import picture, result_rows, run, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

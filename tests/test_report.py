@@ -12,7 +12,6 @@ import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image

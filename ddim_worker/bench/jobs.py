@@ -56,9 +56,9 @@ def _write_manifest(rows: list[dict], path: Path) -> Path:
 
 def _read_results(layout: OutputLayout) -> list[dict]:
     """The counts' columns of the job's results (every shard)."""
-    from ddim_worker.job.shards import read_results
+    from ddim_worker.job.ledger import read_table
 
-    table = read_results(layout, None)
+    table = read_table(layout, None, images=False)
     return table.select([c for c in ("inversion_passes", "cache_hit") if c in table.column_names]).to_pylist()
 
 

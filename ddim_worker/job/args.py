@@ -40,6 +40,12 @@ examples:
   ddim-edit run --config job.yaml --print-config        # the effective configuration, as YAML
   ddim-edit run --config out/job.json                   # rerun a job from its record
   ray job submit --working-dir . -- python jobs/edit.py manifest.parquet --output s3://bucket/edits
+
+exit codes:
+  0  every manifest row is accounted for in OUTPUT/results (ok, or failed with its error_code)
+  2  the job cannot run: bad manifest, model or output, another run holds the output, no engine actor could start
+     (one line on stderr; OUTPUT/job.json says why)
+  3  stopped early (--max-failed-fraction); the rows not run are recorded as skipped
 """
 
 

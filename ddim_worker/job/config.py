@@ -33,6 +33,10 @@ _FETCH = FetchPolicy()  # the fetch limits' defaults live with the policy that e
 #: The nested settings objects and the names of their fields in the flat form.
 NESTED = {"edit": EditSettings, "engine": EngineSettings}
 
+#: Options that act once, on the run that is given them: ``job.json`` does not record them, so a rerun from it
+#: (``--config OUT/job.json``) never deletes results or breaks a lease by surprise.
+ONE_SHOT = ("overwrite", "break_lease", "prune_stale")
+
 
 @dataclass
 class JobConfig:
@@ -48,6 +52,10 @@ class JobConfig:
                                  group="job")
     limit: int | None = option(None, "only the first N manifest rows", group="job", minimum=1)
     overwrite: bool = option(False, "redo rows whose outputs exist (default: resume, skipping them)", group="job")
+    break_lease: bool = option(False, "take the output's lease even from a run that seems alive (it must be dead: "
+                                      "two runs on one output duplicate work)", group="job")
+    prune_stale: bool = option(False, "delete the result rows of ids the manifest no longer has (default: keep "
+                                      "them, and count them in job.json)", group="job")
     address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)",
                                  group="job")
     actors: int = option(1, "engine actors (one per GPU)", group="job", minimum=1)

@@ -1,18 +1,20 @@
-"""The job's driver: check, start the stream, count what comes back, and write the records at the end.
+"""The job's driver: check, take the output's lease, start the stream, count what comes back, record the end.
 
-Every manifest row ends as one result row in the ``results/`` shards: ``ok``, ``failed`` (with an ``error_code``)
-or ``skipped`` (not run: the job stopped early). Rows an earlier run finished keep their result and are not redone.
-A lost node or dead actor aborts Ray Data's dataset; the driver then re-runs only what is still to do. The driver's
-memory does not grow with the manifest beyond a few bytes a row (id hashes and two bits; see ``source``).
+Every manifest row ends as one result row in the ``results/`` ledger: ``ok``, ``failed`` (with an ``error_code``)
+or ``skipped`` (not run: the job stopped early). Rows an earlier run finished from the same inputs keep their result
+and are not redone. A lost node or dead actor aborts Ray Data's dataset; the driver then re-runs only what is still
+to do. The counts the driver reports are read back from the ledger (``ledger``), so they are the table's. The
+driver's memory does not grow with the manifest beyond a few bytes a row (id hashes, a state per row; see
+``source`` and ``ledger``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from ddim_worker import storage
-from ddim_worker.job import engine_pool, records, shards
+from ddim_worker.job import engine_pool, ledger, records, shards
 from ddim_worker.job.config import JobConfig
+from ddim_worker.job.lease import Lease, LeaseHeld, check_free
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
-from ddim_worker.manifest import ManifestError, parse_column_map
+from ddim_worker.manifest import ManifestError, ledger_key, parse_column_map
 from ddim_worker.models import ModelLoadError, check_model, model_fingerprint
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import FAILED, OK, SKIPPED
@@ -34,8 +37,11 @@ log = logging.getLogger("ddim_edit.job")
 #: Result rows the report reads (a sample, at scale): its pages and contact sheet stay bounded.
 REPORT_ROWS = 1000
 
-#: Seconds a stopped job waits for tasks already past the stop marker to finish their shard.
-STOP_GRACE_S = 2.0
+#: Longest wait, after a stop, for results shards that tasks past the stop marker are still writing (a token each).
+STOP_WAIT_S = 60.0
+
+#: Temp files in a shared latent cache older than this are a killed writer's, never a write in flight.
+STALE_TEMP_AGE_S = 3600.0
 
 #: Computed rows before --max-failed-fraction is judged (a first failed row alone must not stop a job).
 MIN_ROWS_FOR_FAILED_FRACTION = 10
@@ -45,8 +51,12 @@ class JobError(RuntimeError):
     """The job as a whole cannot run (bad manifest, model or output): one clear message, no traceback per row."""
 
 
+class LeaseLost(JobError):
+    """Another run took the output: this run writes nothing more, its records included."""
+
+
 class Progress:
-    """Rows done / failed / total, rows/s and ETA, logged at most every few seconds."""
+    """Rows done / failed / total, rows/s and ETA, logged at most every few seconds; counts from what is done."""
 
     def __init__(self, total: int, already: int, every_s: float = 5.0):
         self.total, self.done, self.failed, self.every_s = total, already, 0, every_s
@@ -54,7 +64,7 @@ class Progress:
         self.computed = 0
 
     def update(self, statuses: list[str], force: bool = False) -> None:  # noqa: D102
-        self.done += len(statuses)
+        self.done = min(self.done + len(statuses), self.total)
         self.computed += len(statuses)
         self.failed += sum(s == FAILED for s in statuses)
         now = time.monotonic()
@@ -63,8 +73,8 @@ class Progress:
             rate = self.computed / max(now - self.started, 1e-9)
             left = self.total - self.done
             eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-            log.info("rows %d/%d done (%d failed), %.2f rows/s, ETA %s", self.done, self.total, self.failed, rate,
-                     eta)
+            log.info("rows %d/%d done (%d failed this run), %.2f rows/s, ETA %s", self.done, self.total,
+                     self.failed, rate, eta)
 
 
 def check_model_or_fail(config: JobConfig) -> tuple[str, str | None]:
@@ -86,7 +96,7 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _is_setup_failure(exc: BaseException) -> bool:
-    """The engine actors cannot start (model load failed): retrying the dataset would fail the same way."""
+    """The engine actors cannot start (model load failed)."""
     chain, seen = [exc], set()
     while chain[-1] is not None and id(chain[-1]) not in seen:
         seen.add(id(chain[-1]))
@@ -96,12 +106,12 @@ def _is_setup_failure(exc: BaseException) -> bool:
 
 @dataclass
 class Tally:
-    """What the driver keeps while rows stream past: counters, and one bit per manifest row (done, failed)."""
+    """What the driver keeps while rows stream past: work counters, and a byte per manifest row (computed)."""
 
     total: int
-    finished: np.ndarray = field(init=False)  # rows this generation wrote a result for
-    failed: np.ndarray = field(init=False)
-    counts: Counter = field(default_factory=Counter)
+    computed: np.ndarray = field(init=False)  # rows this run edited (or failed), counted once across attempts
+    rows_seen: int = 0  # results that came back this attempt (progress of an attempt that then aborted)
+    failed_seen: int = 0
     inversions: int = 0
     cache_hits: int = 0
     unet_passes: int = 0
@@ -111,68 +121,40 @@ class Tally:
     dtypes: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.finished = np.zeros(self.total, bool)
-        self.failed = np.zeros(self.total, bool)
-
-    def new_generation(self) -> None:
-        self.finished[:] = False
-        self.failed[:] = False
+        self.computed = np.zeros(self.total, bool)
 
     def add(self, summary: dict[str, np.ndarray]) -> list[str]:
         rows = summary["manifest_row"].astype(np.int64)
         statuses = [str(s) for s in summary["status"]]
-        self.finished[rows] = True
-        self.failed[rows] = [s == FAILED for s in statuses]
-        self.counts.update(statuses)
+        recovered = summary["recovered"].astype(bool)
+        ran = np.array([s in (OK, FAILED) for s in statuses], bool) & ~recovered
+        self.computed[rows[ran]] = True
+        self.rows_seen += len(statuses)
+        self.failed_seen += sum(s == FAILED for s in statuses)
         passes = summary["inversion_passes"].astype(np.int64)
         self.inversions += int((passes > 0).sum())
         self.cache_hits += int(summary["cache_hit"].astype(bool).sum())
         self.unet_passes += int(summary["unet_passes"].astype(np.int64).sum())
         self.unet_samples += float(summary["unet_samples"].astype(np.float64).sum())
         self.ideal_unet_samples += int(summary["ideal_unet_samples"].astype(np.int64).sum())
-        self.recovered += int(summary["recovered"].astype(bool).sum())
+        self.recovered += int(recovered.sum())
         self.dtypes.update(str(d) for d, s in zip(summary["dtype"], statuses) if s == OK and d)
         return statuses
 
 
-def _stop_marker(layout: OutputLayout, generation: str) -> str:
-    return storage.join_uri(layout.root, f".stop-{generation}")
+@dataclass
+class Manifest:
+    """The manifest as the driver holds it: its rows' ledger keys (8 bytes a row), and what reading tasks need."""
 
+    source_ctx: SourceContext
+    keys: np.ndarray  # uint64 per manifest row: the key its result is filed under (see ``manifest.ledger_key``)
 
-def _run_generations(config: JobConfig, source_ctx: SourceContext, ctx: StageContext, batch_size: int, model: str,
-                     progress: Progress, tally: Tally) -> tuple[StageContext, str | None, int]:
-    """Run the rows left to do through Ray Data; after an abort (a lost node), again over what is still left."""
-    layout = ctx.layout
-    stopped_early = None
-    for attempt in range(1, config.max_attempts + 1):
-        ok_shards = [s for s in shards.list_shards(layout, config.storage_options) if s.kind == shards.OK_KIND]
-        done = engine_pool.done_hashes(shards.shard_uris(layout, ok_shards), config.storage_options)
-        generation = shards.new_generation(attempt)
-        ctx = dataclasses.replace(ctx, generation=generation, stop_marker=_stop_marker(layout, generation))
-        run_ctx = dataclasses.replace(source_ctx, done=_put(done))
-        tally.new_generation()
-        try:
-            for summary in engine_pool.build_dataset(config, run_ctx, ctx, batch_size, model).iter_batches(
-                    batch_size=None, batch_format="numpy"):
-                progress.update(tally.add(summary))
-                computed = sum(tally.counts.values())
-                if config.max_failed_fraction is not None and computed >= MIN_ROWS_FOR_FAILED_FRACTION:
-                    failed = tally.counts[FAILED]
-                    if failed / computed > config.max_failed_fraction:
-                        stopped_early = (f"stopped early: {failed} of {computed} computed rows failed, over "
-                                         f"--max-failed-fraction {config.max_failed_fraction}")
-                        storage.write_bytes(_stop_marker(layout, ctx.generation), b"stop", config.storage_options)
-                        break
-            return ctx, stopped_early, attempt
-        except Exception as exc:  # noqa: BLE001 - a lost node or dead actor aborts Ray Data's whole dataset
-            if _is_setup_failure(exc):
-                raise JobError(f"the engine could not start: {_root_cause(exc)}") from None
-            if attempt == config.max_attempts:
-                raise JobError(f"dataset failed {attempt} times; rerun the same command to resume: "
-                               f"{_root_cause(exc)}") from exc
-            log.warning("dataset aborted (%s); re-running the unfinished rows (attempt %d of %d)",
-                        _root_cause(exc), attempt + 1, config.max_attempts)
-    raise AssertionError("unreachable")
+    @property
+    def total(self) -> int:
+        return len(self.keys)
+
+    def unique_keys(self) -> np.ndarray:
+        return np.unique(self.keys)
 
 
 def _put(value: Any) -> Any:
@@ -181,57 +163,205 @@ def _put(value: Any) -> Any:
     return ray.put(value)
 
 
-def _record_not_run(config: JobConfig, source_ctx: SourceContext, ctx: StageContext, tally: Tally,
-                    reason: str) -> None:
-    """After an early stop, every row with no result yet gets one (``skipped``), so the results stay complete.
+def index_manifest(source_ctx: SourceContext) -> Manifest:
+    """Id hashes of every row (Ray tasks), repeated ids found (their full ids compared), each row's ledger key."""
+    rows, hashes = engine_pool.index_manifest(source_ctx)
+    firsts = find_duplicates(rows, hashes)
+    first_ids = engine_pool.ids_of_rows(source_ctx, sorted(set(firsts.values()))) if firsts else {}
+    duplicates = {h: (r, first_ids.get(r)) for h, r in firsts.items()}
+    keys = hashes.copy()
+    repeated = np.isin(hashes, np.fromiter(firsts, np.uint64, len(firsts))) if firsts else np.zeros(len(keys), bool)
+    first_rows = np.fromiter(firsts.values(), np.int64, len(firsts)) if firsts else np.zeros(0, np.int64)
+    later = repeated & ~np.isin(rows, first_rows)
+    for r in np.flatnonzero((keys == 0) | later):  # no usable id, or a repeat: one result per manifest row
+        keys[r] = ledger_key(None, None, int(r))
+    return Manifest(dataclasses.replace(source_ctx, duplicates=duplicates), keys)
 
-    Tasks in flight when the driver stopped may still write a shard; once they have seen the stop marker, the rows
-    with a result are every ok row and every row of this generation's shards, read back from the shards themselves.
+
+def _wait_for_inflight(layout: OutputLayout, generation: str, storage_options: dict) -> None:
+    """After a stop: wait until no task of this generation is still writing a shard (bounded by ``STOP_WAIT_S``)."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    while time.monotonic() < deadline:
+        writing = [n for n in storage.list_names(layout.inflight_folder, storage_options)
+                   if n.startswith(generation + "-")]
+        if not writing:
+            return
+        time.sleep(0.2)
+    log.warning("results shards still being written %.0f s after the stop; going on", STOP_WAIT_S)
+
+
+@dataclass
+class Run:
+    """One run of the job: its number (the ledger's order), its lease, and what it has learnt so far."""
+
+    config: JobConfig
+    layout: OutputLayout
+    lease: Lease
+    number: int = 0
+    generation: str = ""
+    attempts: int = 0
+    stopped_early: str | None = None
+    recorded: bool = False  # job.json holds this run's final record
+
+    def check_lease(self) -> None:
+        """Stop at once (tasks write no more shards) when another run took this output's lease."""
+        if self.lease.lost is not None:
+            storage.write_bytes(self.layout.stop_marker(self.generation), b"stop", self.config.storage_options)
+            raise LeaseLost(f"this run lost its lease on {self.config.output} to {self.lease.lost.describe()}; it "
+                            "stopped writing")
+
+
+def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, batch_size: int, model: str,
+                  progress: Progress, tally: Tally) -> StageContext:
+    """Run the rows left to do through Ray Data; after an abort (a lost node, actors that could not start while
+    others did), again over what is still left, as the next attempt."""
+    config, layout = run.config, run.layout
+    aborts = 0
+    for attempt in itertools.count(1):
+        run.attempts = attempt
+        index = ledger.scan(layout, config.storage_options)
+        run.generation = shards.generation_name(run.number, attempt)
+        ctx = dataclasses.replace(ctx, generation=run.generation, stop_marker=layout.stop_marker(run.generation))
+        run_ctx = dataclasses.replace(manifest.source_ctx, done=_put(index.done()))
+        seen_before = tally.rows_seen
+        batches = iter(engine_pool.build_dataset(config, run_ctx, ctx, batch_size, model).iter_batches(
+            batch_size=None, batch_format="numpy"))
+        try:
+            for summary in batches:
+                run.check_lease()
+                progress.update(tally.add(summary))
+                computed = int(tally.computed.sum())
+                if config.max_failed_fraction is not None and computed >= MIN_ROWS_FOR_FAILED_FRACTION:
+                    if tally.failed_seen / max(tally.rows_seen, 1) > config.max_failed_fraction:
+                        run.stopped_early = (f"stopped early: {tally.failed_seen} of {tally.rows_seen} computed rows "
+                                             f"failed, over --max-failed-fraction {config.max_failed_fraction}")
+                        storage.write_bytes(ctx.stop_marker, b"stop", config.storage_options)
+                        break
+            return ctx
+        except JobError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a lost node or dead actor aborts Ray Data's whole dataset
+            progressed = tally.rows_seen > seen_before
+            if _is_setup_failure(exc):
+                if not progressed:  # no engine actor could start: another attempt would fail the same way
+                    raise JobError(f"the engine could not start: {_root_cause(exc)}") from None
+                # some actors work and others cannot start (a bad node): go on with another attempt; it is not
+                # counted against --max-attempts, and each such attempt makes progress, so they end
+                log.warning("engine actors failed to start while others worked (%s); re-running the unfinished "
+                            "rows (attempt %d)", _root_cause(exc), attempt + 1)
+                continue
+            aborts += 1
+            if aborts >= config.max_attempts:
+                raise JobError(f"dataset failed {aborts} times; rerun the same command to resume: "
+                               f"{_root_cause(exc)}") from exc
+            log.warning("dataset aborted (%s); re-running the unfinished rows (attempt %d, abort %d of %d)",
+                        _root_cause(exc), attempt + 1, aborts, config.max_attempts)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops the stream's executor: no task starts after this
+
+
+def _record_not_run(run: Run, manifest: Manifest, ctx: StageContext, reason: str) -> None:
+    """After an early stop, every row with no result at all gets one (``skipped``), so the results stay complete.
+
+    Tasks that were past the stop marker finish their shard first (the driver waits for their tokens); rows that
+    have a result from an earlier run (failed, say) keep it.
     """
-    time.sleep(STOP_GRACE_S)
-    listed = shards.list_shards(ctx.layout, config.storage_options)
-    ok = [s for s in listed if s.kind == shards.OK_KIND]
-    done = engine_pool.done_hashes(shards.shard_uris(ctx.layout, ok), config.storage_options)
-    this_run = [s for s in listed if s.generation == ctx.generation]
-    finished = tally.finished | engine_pool.rows_in_shards(shards.shard_uris(ctx.layout, this_run),
-                                                           config.storage_options, tally.total)
-    not_run = dataclasses.replace(source_ctx, done=_put(done), finished=_put(finished), not_run=reason)
-    record_ctx = dataclasses.replace(ctx, stop_marker=None)
-    for summary in engine_pool.record_rows(not_run, record_ctx).iter_batches(batch_size=None, batch_format="numpy"):
-        tally.add(summary)
+    _wait_for_inflight(run.layout, run.generation, run.config.storage_options)
+    index = ledger.scan(run.layout, run.config.storage_options)
+    finished = index.states(manifest.keys) > 0
+    not_run = dataclasses.replace(manifest.source_ctx, finished=_put(finished), not_run=reason)
+    for _ in engine_pool.record_rows(not_run, dataclasses.replace(ctx, stop_marker=None)).iter_batches(
+            batch_size=None, batch_format="numpy"):
+        pass
+
+
+def take_lease(config: JobConfig, layout: OutputLayout) -> Lease:
+    """The output's lease, taken before anything is written (refused in one line when another run holds it)."""
+    try:
+        check_free(layout.lease, config.storage_options, config.break_lease)
+        storage.check_writable(config.output, config.storage_options)
+        return Lease.acquire(layout.lease, config.storage_options, config.manifest, config.break_lease)
+    except LeaseHeld as exc:
+        raise JobError(str(exc)) from None
+    except OSError as exc:
+        raise JobError(f"cannot write to --output {config.output}: {exc}") from None
 
 
 def run_job(config: JobConfig) -> dict[str, Any]:
     """Run the whole job; returns the summary that is also written to ``job.json``."""
     started = time.monotonic()
     layout = OutputLayout(config.output, config.latent_cache)
+    lease = take_lease(config, layout)
     try:
-        storage.check_writable(config.output, config.storage_options)
+        return _run_job(Run(config, layout, lease), started)
+    finally:
+        lease.release()
+
+
+def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
+    """Everything that needs no Ray: model, manifest footers, stale files, the run's number. Raises ``JobError``."""
+    config, layout = run.config, run.layout
+    try:
+        storage.remove(layout.failed_manifest, config.storage_options)  # an earlier run's: never this run's
     except OSError as exc:
         raise JobError(f"cannot write to --output {config.output}: {exc}") from None
     model, hub_commit = check_model_or_fail(config)
-    for prefix in {config.output, layout.latents}:
-        if removed := storage.remove_stale_temp_files(prefix, config.storage_options):
-            log.warning("removed %d partial files a killed earlier run left under %s", removed, prefix)
     try:
         source = plan_source(config.manifest, parse_column_map(config.columns), config.storage_options,
                              config.limit)
     except (ManifestError, OSError) as exc:
         raise JobError(f"cannot read manifest {config.manifest}: {exc}") from None
+    if config.prune_stale and config.limit is not None:
+        raise JobError("--prune-stale needs the whole manifest: with --limit it would delete the rows past the limit")
     fingerprint = model_fingerprint(model, config.storage_options, config.revision, hub_commit)
-    if config.overwrite and (removed := shards.remove_all(layout, config.storage_options)):
-        log.info("--overwrite: removed %d earlier results shards", removed)
+    try:
+        # Temp files a killed writer left: of this output, every one older than our lease (we hold it now); of a
+        # shared latent cache, only those too old to be another job's write in flight.
+        if removed := storage.remove_stale_temp_files(config.output, config.storage_options,
+                                                      older_than=run.lease.record.started):
+            log.warning("removed %d partial files a killed earlier run left under %s", removed, config.output)
+        if layout.latents != storage.join_uri(config.output, "latents"):
+            storage.remove_stale_temp_files(layout.latents, config.storage_options,
+                                            older_than=time.time() - STALE_TEMP_AGE_S)
+        if config.overwrite and (removed := shards.remove_all(layout, config.storage_options)):
+            log.info("--overwrite: removed %d earlier results shards", removed)
+        run.number = shards.next_run(shards.list_shards(layout, config.storage_options))
+        records.mark_started(config, run.lease.record.run_id, run.number)
+    except OSError as exc:
+        raise JobError(f"cannot write to --output {config.output}: {exc}") from None
+    return model, hub_commit, source, fingerprint
 
+
+def _run_job(run: Run, started: float) -> dict[str, Any]:
+    """Everything after the lease. Whatever ends the run, ``job.json`` says so: the counts (``_finish``) or, for a
+    run that failed before it could count, the error (an earlier run's record never reads as this run's)."""
+    try:
+        model, hub_commit, source, fingerprint = _prepare(run)
+        return _run_started(run, started, model, hub_commit, source, fingerprint)
+    except LeaseLost:
+        raise  # the output is another run's now: write nothing more
+    except Exception as exc:
+        if not run.recorded:
+            try:
+                records.mark_failed(run.config, run.lease.record.run_id, run.number,
+                                    str(exc) if isinstance(exc, JobError) else _root_cause(exc))
+            except OSError:
+                pass  # the original error is the one to report
+        raise
+
+
+def _run_started(run: Run, started: float, model: str, hub_commit: str | None, source: Any,
+                 fingerprint: str) -> dict[str, Any]:
+    config, layout = run.config, run.layout
     engine_pool.init_ray(config)
     config.gpus_per_actor = engine_pool.cluster_gpus_per_actor(config)
     device = engine_pool.probe_engine_device(config) if config.device == "cuda" else None
     dtype = device.dtype if device else _cpu_dtype(config)
     batch_size = engine_pool.batch_size_for(config, device)
 
-    source_ctx = SourceContext(source, config.edit, config.max_prompt_chars)
-    rows_index, hashes = engine_pool.index_manifest(source_ctx)
-    source_ctx = dataclasses.replace(source_ctx, duplicates=find_duplicates(rows_index, hashes))
-    del rows_index
+    manifest = index_manifest(SourceContext(source, config.edit, config.max_prompt_chars))
     ctx = StageContext(layout=layout, manifest=source.files, model=config.model, model_fingerprint=fingerprint,
                        dtype=dtype, size=config.engine.size, storage_options=config.storage_options,
                        policy=config.policy(), max_pixels=config.max_pixels, min_side=config.min_image_side,
@@ -239,36 +369,78 @@ def run_job(config: JobConfig) -> dict[str, Any]:
                        results_schema=shards.results_schema(source.carried_schema, config.embed_images),
                        embed_images=config.embed_images)
     log.info("manifest %s: %d rows in %d row groups, %d files; %d repeated ids", config.manifest,
-             source.total_rows, len(source.groups), len(source.files.files), len(source_ctx.duplicates))
+             source.total_rows, len(source.groups), len(source.files.files), len(manifest.source_ctx.duplicates))
 
+    # The ledger as it stands: rewrite what a killed run left repeated, count what is done already.
+    before = ledger.scan(layout, config.storage_options)
+    if compacted := ledger.compact(layout, before, config.storage_options):
+        log.info("results: %d repeated rows from earlier runs compacted away", compacted)
+        before = ledger.scan(layout, config.storage_options)
+    unique = manifest.unique_keys()
+    done_before = before.counts(unique)[OK]
     tally = Tally(source.total_rows)
-    progress = Progress(source.total_rows, 0)
-    ctx, stopped_early, attempts = _run_generations(config, source_ctx, ctx, batch_size, model, progress, tally)
-    if stopped_early:
-        log.error(stopped_early)
-        _record_not_run(config, source_ctx, ctx, tally, "not run: " + stopped_early)
+    progress = Progress(source.total_rows, done_before)
+    error: str | None = None
+    try:
+        ctx = _run_attempts(run, manifest, ctx, batch_size, model, progress, tally)
+        if run.stopped_early:
+            log.error(run.stopped_early)
+            _record_not_run(run, manifest, ctx, "not run: " + run.stopped_early)
+    except LeaseLost:
+        raise
+    except JobError as exc:
+        error = str(exc)
     progress.update([], force=True)
-    superseded = shards.remove_superseded(layout, ctx.generation, config.storage_options)
-    storage.remove(_stop_marker(layout, ctx.generation), config.storage_options)
-    failed_uri = records.write_failed_manifest(config, source_ctx, tally.failed)
-    report = {"pages": [None], "contact_sheet": None}
-    if config.report:
-        from ddim_worker.report import write_report
+    summary = _finish(run, manifest, ctx, tally, started, error, dict(
+        model=model, hub_commit=hub_commit, fingerprint=fingerprint, dtype=dtype, batch_size=batch_size,
+        done_before=done_before))
+    if error is not None:
+        raise JobError(error)
+    return summary
 
-        sample = shards.sample_rows(layout, config.storage_options, REPORT_ROWS)
-        report = write_report(config.output, sample, config.storage_options)
-    ok_shards = [s for s in shards.list_shards(layout, config.storage_options) if s.kind == shards.OK_KIND]
-    ids = np.unique(hashes[hashes != 0])  # a repeated id is one result (its first row), not two
-    done_before = int(np.isin(ids, engine_pool.done_hashes(
-        shards.shard_uris(layout, ok_shards), config.storage_options)).sum()) - tally.counts[OK]
+
+def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, started: float, error: str | None,
+            facts: dict[str, Any]) -> dict[str, Any]:
+    """Compact the ledger, read the counts back from it, write failed.parquet, the report and job.json. Every
+    failure to write them is one ``JobError``."""
+    config, layout = run.config, run.layout
+    try:
+        storage.remove(layout.stop_marker(run.generation), config.storage_options)
+        index = ledger.scan(layout, config.storage_options)
+        unique = manifest.unique_keys()
+        outside = index.outside(unique)
+        pruned = ledger.compact(layout, index, config.storage_options, drop=outside if config.prune_stale else None)
+        if pruned:
+            index = ledger.scan(layout, config.storage_options)
+            outside = index.outside(unique)
+        counts = index.counts(unique)
+        states = index.states(manifest.keys)
+        # the rows to rerun: failed ones, and any the run never reached (a job that ended in an error)
+        failed_uri = records.write_failed_manifest(config, manifest.source_ctx,
+                                                   (states == ledger.STATUS_RANK[FAILED]) | (states == 0))
+        report = {"pages": [None], "contact_sheet": None}
+        if config.report and error is None:
+            from ddim_worker.report import write_report
+
+            sample = ledger.sample_rows(layout, index, config.storage_options, REPORT_ROWS)
+            report = write_report(config.output, sample, config.storage_options)
+    except OSError as exc:
+        raise JobError(f"cannot write the job's records under {config.output}: {type(exc).__name__}: {exc}") \
+            from None
     wall = time.monotonic() - started
-    computed = sum(tally.counts.values()) - tally.counts[SKIPPED] - tally.recovered
+    computed = int(tally.computed.sum())
+    stale = int(outside.sum())
+    if stale:
+        log.warning("results hold %d rows of ids this run's manifest does not have (kept; --prune-stale deletes "
+                    "them)", stale)
     summary = {
-        "counts": {OK: tally.counts[OK] + max(done_before, 0), FAILED: tally.counts[FAILED],
-                   SKIPPED: tally.counts[SKIPPED]},
-        "total": source.total_rows,
-        "done_before": max(done_before, 0),  # ok in an earlier run: skipped, their results kept
-        "computed": computed,
+        "state": "failed" if error else ("stopped" if run.stopped_early else "finished"),
+        "error": error,
+        "counts": {OK: counts[OK], FAILED: counts[FAILED], SKIPPED: counts[SKIPPED]},  # the table's, over the manifest
+        "missing": counts["missing"],  # manifest rows with no result row (a job that failed before reaching them)
+        "total": manifest.total,
+        "done_before": facts["done_before"],  # ok in an earlier run: skipped, their results kept
+        "computed": computed,  # rows this run edited or failed (once each, whatever the attempts)
         "recovered": tally.recovered,  # PNG written by a killed run before its results shard: recorded, not redone
         "inversions": tally.inversions,
         "cache_hits": tally.cache_hits,
@@ -279,23 +451,30 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         "ideal_unet_samples": tally.ideal_unet_samples,
         "wall_seconds": round(wall, 3),
         "rows_per_second": round(computed / wall, 4) if wall > 0 else None,
-        "stopped_early": stopped_early,
-        "attempts": attempts,  # > 1: Ray aborted the dataset (lost node) and the driver re-ran unfinished rows
-        "generation": ctx.generation,
-        "superseded_shards": superseded,
-        "batch_size": batch_size,
+        "stopped_early": run.stopped_early,
+        "attempts": run.attempts,  # > 1: Ray aborted the dataset (lost node) and the driver re-ran unfinished rows
+        "run": run.number,
+        "run_id": run.lease.record.run_id,
+        "generation": run.generation,
+        "results_rows_outside_manifest": stale,  # rows of ids the manifest no longer has (--prune-stale)
+        "results_rows_pruned": pruned,
+        "batch_size": facts["batch_size"],
         "gpus_per_actor": config.gpus_per_actor,
-        "config": {k: v for k, v in config.flat().items() if k != "storage_options"},  # rerun: --config job.json
+        "config": records.recorded_config(config),  # rerun: --config job.json
         "model": config.model,
-        "model_revision": hub_commit,
-        "model_fingerprint": fingerprint,
-        "dtype": sorted(tally.dtypes)[0] if len(tally.dtypes) == 1 else (sorted(tally.dtypes) or dtype),
+        "model_revision": facts["hub_commit"],
+        "model_fingerprint": facts["fingerprint"],
+        "dtype": sorted(tally.dtypes)[0] if len(tally.dtypes) == 1 else (sorted(tally.dtypes) or facts["dtype"]),
         "versions": records.versions(),
         "outputs": {"images": layout.folder("edited"), "results": layout.results_folder, "latents": layout.latents,
                     "failed_manifest": failed_uri, "report": report["pages"][0] if report["pages"] else None,
                     "contact_sheet": report["contact_sheet"], "job": layout.job_record},
     }
-    records.write_job_record(config, summary)
+    try:
+        records.write_job_record(config, summary)
+        run.recorded = True
+    except OSError as exc:
+        raise JobError(f"cannot write {layout.job_record}: {type(exc).__name__}: {exc}") from None
     return summary
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ddim_worker.job.config import JobConfig
-from ddim_worker.job.source import SourceContext, id_hash, index_groups, read_rows
+from ddim_worker.job.source import SourceContext, index_groups, read_rows
 from ddim_worker.settings import DEFAULT_BATCH_SIZE
 from ddim_worker.stages import StageContext, prepare_batch, write_images, write_results
 
@@ -35,8 +35,13 @@ MAX_READ_BLOCKS = 4096
 #: Rows per shard when rows are recorded without the engine.
 MAX_RECORD_ROWS = 8192
 
-#: Result shards whose ids one task reads when a job resumes.
-SHARDS_PER_TASK = 16
+#: Times an engine actor retries loading the model in its own process before it gives up and dies.
+ACTOR_INIT_RETRIES = 1
+
+#: Consecutive engine actor deaths during start-up the pool tolerates, per actor of the pool, before it fails the
+#: attempt (the count starts again whenever an actor starts). The driver then starts a new attempt if this one made
+#: progress (some actor works), and stops the job if it did not (no actor can load the model).
+ACTOR_INIT_DEATHS_PER_ACTOR = 2
 
 #: How long the driver waits for an engine GPU to say what it is before going on with defaults (an autoscaler may
 #: still be adding the GPU node).
@@ -60,6 +65,11 @@ def init_ray(config: JobConfig) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False  # the driver prints its own progress line
     context.execution_options.preserve_order = False
+    # An engine actor that cannot load the model (a node with a full disk, a flaky store) tries again in-process,
+    # then dies and is replaced, while the other actors go on; only a pool where no actor ever starts fails.
+    context.actor_init_retry_on_errors = True
+    context.actor_init_max_retries = ACTOR_INIT_RETRIES
+    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_PER_ACTOR * max(config.actors, 1)
 
 
 def cluster_gpus_per_actor(config: JobConfig) -> float:
@@ -203,38 +213,33 @@ def index_manifest(source_ctx: SourceContext) -> tuple[np.ndarray, np.ndarray]:
     return rows, hashes
 
 
-def done_hashes(uris: list[str], storage_options: dict) -> np.ndarray:
-    """Sorted id hashes of every row in these shards (read by Ray tasks, a few shards each)."""
-    parts = _from_shards(uris, storage_options, "id_hash")
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
-
-
-def rows_in_shards(uris: list[str], storage_options: dict, total: int) -> np.ndarray:
-    """A bool per manifest row: does one of these shards hold its result?"""
-    found = np.zeros(total, bool)
-    for part in _from_shards(uris, storage_options, "manifest_row"):
-        found[part[(part >= 0) & (part < total)]] = True
-    return found
-
-
-def _from_shards(uris: list[str], storage_options: dict, what: str) -> list[np.ndarray]:
+def ids_of_rows(source_ctx: SourceContext, rows: list[int]) -> dict[int, str | None]:
+    """The full ids of a few manifest rows (the first rows of repeated id hashes), read by Ray tasks."""
     import ray
 
-    if not uris:
-        return []
-    chunks = [{"uris": uris[i:i + SHARDS_PER_TASK]} for i in range(0, len(uris), SHARDS_PER_TASK)]
-    ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), MAX_READ_BLOCKS)))
-    ds = ds.map_batches(_shard_keys, fn_kwargs={"storage_options": storage_options}, batch_size=1,
+    wanted = np.array(sorted(rows), np.int64)
+    groups = [g for g in source_ctx.source.descriptors()
+              if ((wanted >= g["first_row"]) & (wanted < g["first_row"] + g["rows"])).any()]
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_READ_BLOCKS)))
+    ds = ds.map_batches(_ids_of_rows, fn_kwargs={"ctx": source_ctx, "wanted": wanted}, batch_size=1,
                         batch_format="numpy")
-    return [batch[what] for batch in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    out: dict[int, str | None] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        out.update({int(r): (str(i) if i else None) for r, i in zip(batch["manifest_row"], batch["id"])})
+    return out
 
 
-def _shard_keys(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
-    from ddim_worker.job.shards import read_keys
+def _ids_of_rows(batch: dict[str, np.ndarray], ctx: SourceContext, wanted: np.ndarray) -> dict[str, np.ndarray]:
+    from ddim_worker.job.source import _groups, parse_rows, read_group
 
-    ids, rows = read_keys([u for uris in batch["uris"] for u in uris], storage_options)
-    return {"id_hash": np.array([id_hash(i) if i else 0 for i in ids], np.uint64),
-            "manifest_row": np.array(rows, np.int64)}
+    rows, ids = [], []
+    for group in _groups(batch):
+        for row in parse_rows(ctx.source, read_group(ctx.source, group), group.first_row, ctx.defaults,
+                              ctx.max_prompt_chars):
+            if row.manifest_row in wanted:
+                rows.append(row.manifest_row)
+                ids.append(row.id or "")
+    return {"manifest_row": np.array(rows, np.int64), "id": np.array(ids, dtype=object)}
 
 
 def failed_manifest_rows(source_ctx: SourceContext, failed: np.ndarray):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
-from ddim_worker.job.config import JobConfig
+from ddim_worker.job.config import ONE_SHOT, JobConfig
 from ddim_worker.job.source import SourceContext
 from ddim_worker.outputs import OutputLayout
 
@@ -44,6 +44,27 @@ def write_job_record(config: JobConfig, summary: dict[str, Any]) -> str:
     uri = OutputLayout(config.output).job_record
     storage.write_bytes(uri, json.dumps(summary, indent=2, default=str).encode(), config.storage_options)
     return uri
+
+
+def recorded_config(config: JobConfig) -> dict[str, Any]:
+    """The configuration ``job.json`` records (``--config OUT/job.json`` reruns it): every option but credentials
+    and the one-shot actions (``config.ONE_SHOT``)."""
+    return {k: v for k, v in config.flat().items() if k != "storage_options" and k not in ONE_SHOT}
+
+
+def mark_started(config: JobConfig, run_id: str, run: int) -> None:
+    """A new run's first records: ``job.json`` says it is running (an earlier run's counts must not read as this
+    run's if it fails), and the earlier ``failed.parquet`` goes (this run writes its own at the end)."""
+    layout = OutputLayout(config.output)
+    storage.remove(layout.failed_manifest, config.storage_options)
+    write_job_record(config, {"state": "running", "run": run, "run_id": run_id, "config": recorded_config(config),
+                              "versions": versions()})
+
+
+def mark_failed(config: JobConfig, run_id: str, run: int, error: str) -> None:
+    """``job.json`` of a run that failed before it could count anything."""
+    write_job_record(config, {"state": "failed", "error": error, "run": run, "run_id": run_id,
+                              "config": recorded_config(config), "versions": versions()})
 
 
 def versions() -> dict[str, str]:

@@ -1,18 +1,19 @@
-"""The results table as Parquet shards under ``OUTPUT/results/``: written once, never rewritten.
+"""The results table as Parquet shards under ``OUTPUT/results/``: the job's ledger, written by its tasks.
 
-Each shard holds finished rows of one kind: ``ok-<generation>-<token>.parquet`` (edited, for good) or
-``retry-<generation>-<token>.parquet`` (failed, or not run: the next run tries them again). A generation is one pass of
-the job over the rows left to do (a run, or a re-run after Ray aborted the dataset). A run skips the ids of every ok
-shard, re-tries everything else, and when it is over deletes the retry shards of older generations: their rows were
-all tried again and have newer results. So after every run, reading ``results/`` as one table gives exactly one row
-per manifest row, in its latest state, without any step rewriting a shard or reading all rows so far.
+Each shard holds finished rows of one kind: ``ok-<generation>-<digest>.parquet`` (edited) or
+``retry-<generation>-<digest>.parquet`` (failed, or not run: the next run tries them again). A generation is one pass
+of the job over the rows left to do: ``r000003-a01`` is run 3, attempt 1 (a re-run after Ray aborted the dataset is
+the next attempt). The digest is a hash of the shard's rows' ledger keys, so a shard's name and content are a function
+of what it records: a write task that Ray retries rewrites the same object instead of adding one. Every row also
+carries its ``generation``; ``ledger`` resolves one row per id (the latest generation wins) and compacts the shards so
+that any Parquet reader sees one row per id after a run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-import uuid
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
+from ddim_worker.manifest import ledger_key
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import OK, RESULTS_SCHEMA
 
@@ -30,13 +32,36 @@ OK_KIND, RETRY_KIND = "ok", "retry"
 EDITED_IMAGE = pa.field("edited_image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
 
 
-def new_generation(attempt: int) -> str:
-    """Sortable and unique per run and attempt: ``20261126T081500-1a2b3c-a1``."""
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}-a{attempt}"
+_GENERATION = re.compile(r"^r(\d{6,})-a(\d{2,})$")
 
 
-def shard_name(kind: str, generation: str) -> str:
-    return f"{kind}-{generation}-{uuid.uuid4().hex[:12]}.parquet"
+def generation_name(run: int, attempt: int) -> str:
+    """``r000003-a01``: run 3 of this output, attempt 1. Runs are numbered from the ledger itself (one more than any
+    shard's), and one run at a time holds an output (its lease), so the numbers order the runs."""
+    return f"r{run:06d}-a{attempt:02d}"
+
+
+def generation_order(generation: str) -> tuple:
+    """A sort key of a generation: later runs and attempts sort later. Generations of shards written before runs
+    were numbered (``20261126T081500-1a2b3c-a1``) sort before every numbered one, by their time stamp."""
+    match = _GENERATION.match(generation)
+    return (1, int(match.group(1)), int(match.group(2))) if match else (0, generation)
+
+
+def next_run(shards: Iterable[Shard]) -> int:
+    """The number of the run about to start: one more than any shard records."""
+    runs = [generation_order(s.generation)[1] for s in shards if generation_order(s.generation)[0] == 1]
+    return max(runs, default=0) + 1
+
+
+def keys_digest(keys: Iterable[int]) -> str:
+    """A shard's name part: a hash of its rows' ledger keys, sorted (the same rows give the same name)."""
+    payload = ",".join(str(k) for k in sorted(int(k) for k in keys))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def shard_name(kind: str, generation: str, keys: Iterable[int]) -> str:
+    return f"{kind}-{generation}-{keys_digest(keys)}.parquet"
 
 
 def parse_name(name: str) -> tuple[str, str] | None:
@@ -92,17 +117,33 @@ def _value_dtype(kind: pa.DataType) -> str:
         else str(kind)
 
 
+def table_keys(table: pa.Table) -> list[int]:
+    """The ledger key of every row of a results table (its id's hash, or its manifest position; see
+    ``manifest.ledger_key``)."""
+    return [ledger_key(i, c, r if r is not None else -1) for i, c, r in
+            zip(table.column("id").to_pylist(), table.column("error_code").to_pylist(),
+                table.column("manifest_row").to_pylist())]
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def write_shard(layout: OutputLayout, table: pa.Table, generation: str, storage_options: dict | None) -> list[str]:
-    """Split finished rows into an ok shard and a retry shard and write them; returns the objects written."""
+    """Split finished rows into an ok shard and a retry shard and write them; returns the objects written.
+
+    Their names are a function of the rows (see ``shard_name``): run twice on the same rows, it writes the same two
+    objects again.
+    """
     written = []
     is_ok = pc.equal(table.column("status"), OK)
     for kind, mask in ((OK_KIND, is_ok), (RETRY_KIND, pc.invert(is_ok))):
         part = table.filter(mask)
         if part.num_rows:
-            sink = pa.BufferOutputStream()
-            pq.write_table(part, sink)
-            uri = storage.join_uri(layout.results_folder, shard_name(kind, generation))
-            storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_options)
+            uri = storage.join_uri(layout.results_folder, shard_name(kind, generation, table_keys(part)))
+            storage.write_bytes(uri, parquet_bytes(part), storage_options)
             written.append(uri)
     return written
 
@@ -128,14 +169,6 @@ def shard_uris(layout: OutputLayout, shards: Iterable[Shard]) -> list[str]:
     return [storage.join_uri(layout.results_folder, s.name) for s in shards]
 
 
-def remove_superseded(layout: OutputLayout, generation: str, storage_options: dict | None) -> int:
-    """Delete the retry shards of generations before ``generation``: their rows were tried again."""
-    old = [s for s in list_shards(layout, storage_options) if s.kind == RETRY_KIND and s.generation != generation]
-    for uri in shard_uris(layout, old):
-        storage.remove(uri, storage_options)
-    return len(old)
-
-
 def remove_all(layout: OutputLayout, storage_options: dict | None) -> int:
     """``--overwrite``: every earlier result goes (the rows are all redone)."""
     shards = list_shards(layout, storage_options)
@@ -144,39 +177,3 @@ def remove_all(layout: OutputLayout, storage_options: dict | None) -> int:
     return len(shards)
 
 
-def read_keys(uris: list[str], storage_options: dict | None) -> tuple[list[str | None], list[int]]:
-    """The ids and manifest rows of some shards (used by Ray tasks, a few shards each)."""
-    ids: list[str | None] = []
-    rows: list[int] = []
-    for uri in uris:
-        data = storage.read_bytes(uri, storage_options)
-        table = pq.read_table(pa.BufferReader(data), columns=["id", "manifest_row"])
-        ids.extend(table.column("id").to_pylist())
-        rows.extend(-1 if r is None else r for r in table.column("manifest_row").to_pylist())
-    return ids, rows
-
-
-def sample_rows(layout: OutputLayout, storage_options: dict | None, limit: int, generation: str | None = None,
-                kinds: tuple[str, ...] = (OK_KIND, RETRY_KIND)) -> list[dict]:
-    """Up to ``limit`` result rows, reading as few shards as that takes (the report at scale)."""
-    rows: list[dict] = []
-    shards = [s for s in list_shards(layout, storage_options) if s.kind in kinds
-              and (generation is None or s.generation == generation)]
-    for uri in shard_uris(layout, sorted(shards, key=lambda s: s.name)):
-        if len(rows) >= limit:
-            break
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri, storage_options)))
-        if EDITED_IMAGE.name in table.column_names:
-            table = table.drop_columns([EDITED_IMAGE.name])
-        rows.extend(table.slice(0, limit - len(rows)).to_pylist())
-    return rows
-
-
-def read_results(layout: OutputLayout, storage_options: dict | None) -> pa.Table:
-    """Every shard as one table (tests and small jobs; a large job's results are read with any Parquet reader)."""
-    shards = list_shards(layout, storage_options)
-    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(uri, storage_options)))
-              for uri in shard_uris(layout, shards)]
-    if not tables:
-        return RESULTS_SCHEMA.empty_table()
-    return pa.concat_tables(tables, promote_options="default")

@@ -12,7 +12,6 @@ bit per row. Nothing else grows with the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +26,16 @@ import pyarrow.parquet as pq
 from ddim_worker.manifest import (
     ManifestError,
     ManifestFiles,
-    embedded_bytes,
     find_manifest_files,
+    id_hash,
+    image_reference,
+    input_digest,
     resolve_columns,
     row_id,
     row_settings,
 )
-from ddim_worker.rows import FAILED, PENDING, RESULTS_SCHEMA, SKIPPED, RowError
-from ddim_worker.settings import EditSettings
+from ddim_worker.rows import FAILED, PENDING, RESULTS_SCHEMA, SKIPPED, RowError, is_missing, text_or_none
+from ddim_worker.settings import SETTING_NAMES, EditSettings
 
 #: Footers read at once when a manifest has many files (object stores answer in parallel).
 FOOTER_THREADS = 16
@@ -71,9 +72,52 @@ class ManifestSource:
         return [{"file": g.file, "group": g.group, "first_row": g.first_row, "rows": g.rows} for g in self.groups]
 
 
+#: Every Parquet file starts and ends with these bytes; the smallest possible file holds both and a footer length.
+PARQUET_MAGIC = b"PAR1"
+MIN_PARQUET_BYTES = 12
+
+
 def _footer(uri: str, storage_options: dict) -> pq.FileMetaData:
-    with fsspec.open(uri, "rb", **storage_options) as handle:
-        return pq.ParquetFile(handle).metadata
+    """A manifest file's footer, or a ``ManifestError`` that says what the file is instead (text, CSV, truncated)."""
+    try:
+        with fsspec.open(uri, "rb", **storage_options) as handle:
+            size = handle.size if getattr(handle, "size", None) is not None else handle.seek(0, 2)
+            if size < MIN_PARQUET_BYTES:
+                raise ManifestError(f"manifest file {uri} is not Parquet: {size} bytes, too short for a Parquet file "
+                                    "(truncated?)")
+            handle.seek(0)
+            head = handle.read(4)
+            if head != PARQUET_MAGIC:
+                raise ManifestError(f"manifest file {uri} is not Parquet: it starts with {head!r}, not {PARQUET_MAGIC!r} "
+                                    "(a CSV or text file named .parquet?)")
+            handle.seek(size - 4)
+            if handle.read(4) != PARQUET_MAGIC:
+                raise ManifestError(f"manifest file {uri} is truncated: it has no Parquet footer at its end")
+            handle.seek(0)
+            return pq.ParquetFile(handle).metadata
+    except ManifestError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read manifest file {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def check_same_schema(files: tuple[str, ...], schemas: list[pa.Schema]) -> None:
+    """Every file of a manifest has the first file's columns with the first file's types: a task reading the second
+    file must never find a column missing (naming the file and the column here beats a failed dataset later)."""
+    first_uri, first = files[0], schemas[0]
+    for uri, schema in zip(files[1:], schemas[1:]):
+        for f in first:
+            if f.name not in schema.names:
+                raise ManifestError(f"manifest file {uri} lacks column {f.name!r}, which {first_uri} has: every file "
+                                    "of a manifest needs the same columns")
+            other = schema.field(f.name).type
+            if not other.equals(f.type):
+                raise ManifestError(f"column {f.name!r} is {other} in manifest file {uri} but {f.type} in "
+                                    f"{first_uri}: every file of a manifest needs the same column types")
+        extra = [name for name in schema.names if name not in first.names]
+        if extra:
+            raise ManifestError(f"manifest file {uri} has column {extra[0]!r}, which {first_uri} lacks: every file "
+                                "of a manifest needs the same columns")
 
 
 def plan_source(uri: str, mapping: Mapping[str, str], storage_options: dict | None = None,
@@ -83,11 +127,10 @@ def plan_source(uri: str, mapping: Mapping[str, str], storage_options: dict | No
     files = find_manifest_files(uri, options)
     with ThreadPoolExecutor(min(FOOTER_THREADS, len(files.files))) as pool:
         footers = list(pool.map(lambda f: _footer(f, options), files.files))
-    schema = footers[0].schema.to_arrow_schema()
+    schemas = [footer.schema.to_arrow_schema() for footer in footers]
+    schema = schemas[0]
     columns = resolve_columns(schema.names, mapping)
-    for file_uri, footer in zip(files.files[1:], footers[1:]):
-        if resolve_columns(footer.schema.to_arrow_schema().names, mapping) != columns:
-            raise ManifestError(f"{file_uri} has different columns from the manifest's first file")
+    check_same_schema(files.files, schemas)
     ours = set(columns.values())
     taken = set(RESULTS_SCHEMA.names) | {"edited_image"}
     carried = {name: (f"manifest_{name}" if name in taken else name) for name in schema.names if name not in ours}
@@ -118,12 +161,6 @@ def _groups(batch: dict[str, np.ndarray]) -> Iterator[RowGroup]:
         yield RowGroup(*(int(v) for v in values))
 
 
-def id_hash(row_id_text: str) -> int:
-    """A 64-bit hash of an id (never 0, which marks "no id"), for duplicate and done checks in NumPy."""
-    value = int.from_bytes(hashlib.blake2b(row_id_text.encode(), digest_size=8).digest(), "little")
-    return value or 1
-
-
 @dataclass
 class ParsedRow:
     """One manifest row in our vocabulary, validated: settings, id, image, its failure if any, carried values."""
@@ -145,20 +182,15 @@ def parse_rows(source: ManifestSource, table: pa.Table, first_row: int, defaults
         record = {o: values[k] for o, values in ours.items()}
         row = ParsedRow(first_row + k, record, carried={source.carried[n]: v[k] for n, v in carried.items()})
         try:
-            if "image" in record and not record.get("image_url"):
-                data, path = embedded_bytes(record.get("image"))
-                if data is not None:
-                    row.image_bytes = data
-                    record["image_digest"] = hashlib.sha256(data).hexdigest()
-                elif path:
-                    record["image_url"] = path
-            record.pop("image", None)
-            row.values = {**record, **row_settings(record, defaults, max_prompt_chars)}
+            image_reference(record)
+            row.image_bytes = record.pop("image_bytes", None)
             row.id = row_id(record)
+            row.values = {**record, **row_settings(record, defaults, max_prompt_chars)}
+            row.values["input_digest"] = input_digest(row.id, row.values)
         except RowError as exc:
             row.error = exc
-            given = record.get("id")
-            row.id = str(given) if given is not None else None
+            row.image_bytes = None
+            row.id = row.id or text_or_none(record.get("id"))
         yield row
 
 
@@ -169,10 +201,46 @@ class SourceContext:
     source: ManifestSource
     defaults: EditSettings
     max_prompt_chars: int
-    duplicates: dict[int, int] = field(default_factory=dict)  # id hash -> the first manifest row with that id
-    done: Any = None  # sorted uint64 array (or an ObjectRef of one) of id hashes an earlier run finished
-    finished: Any = None  # bool per manifest row (or an ObjectRef): rows that already have a result this run
+    # id hash -> (the first manifest row with that id, its id): rows after it with the same id fail as duplicates
+    duplicates: dict[int, tuple[int, str | None]] = field(default_factory=dict)
+    done: Any = None  # a DoneSet (or an ObjectRef of one): the ids whose latest result is ok, and their inputs
+    finished: Any = None  # bool per manifest row (or an ObjectRef): rows that already have a result
     not_run: str | None = None  # record the rows left as skipped, with this reason, instead of running them
+
+
+@dataclass(frozen=True)
+class DoneSet:
+    """The ids an earlier run finished (latest result ``ok``): sorted id hashes and, aligned, their input digests.
+
+    A row is skipped only when its id is here *and* its inputs are the ones that result was made from.
+    """
+
+    hashes: np.ndarray  # uint64, sorted
+    digests: np.ndarray  # uint64
+
+    @classmethod
+    def empty(cls) -> DoneSet:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def matches(self, key: int, digest: str | None) -> bool:
+        """Whether id hash ``key`` is done from the inputs ``digest`` names (a result written before digests were
+        recorded, digest 0, counts as made from the same inputs)."""
+        i = int(np.searchsorted(self.hashes, np.uint64(key)))
+        if i >= len(self.hashes) or int(self.hashes[i]) != key:
+            return False
+        recorded = int(self.digests[i])
+        return recorded == 0 or recorded == digest_number(digest)
+
+
+def digest_number(digest: str | None) -> int:
+    """An input digest (16 hex digits) as the uint64 the done set holds; 0 for none."""
+    try:
+        return int(str(digest), 16) if digest else 0
+    except ValueError:
+        return 0
 
 
 def index_groups(batch: dict[str, np.ndarray], ctx: SourceContext) -> dict[str, np.ndarray]:
@@ -201,13 +269,8 @@ ID_INPUTS = ("id", "image_url", "image", "source_prompt", "edit_prompt", "negati
 
 def _index_hash(record: dict[str, Any]) -> int:
     try:
-        if "image" in record and not record.get("image_url") and record.get("id") is None:
-            data, path = embedded_bytes(record.get("image"))
-            if data is not None:
-                record["image_digest"] = hashlib.sha256(data).hexdigest()
-            elif path:
-                record["image_url"] = path
-        record.pop("image", None)
+        if is_missing(record.get("id")):
+            image_reference(record)  # a content id covers the image
         return id_hash(row_id(record))
     except RowError:
         return 0
@@ -222,8 +285,7 @@ def _resolve(value: Any) -> Any:
 
 
 #: Our columns of a row in flight, in the order the stages and the results use.
-ROW_FIELDS = ("id", "image_url", "source_prompt", "edit_prompt", "negative_prompt", "num_steps", "start_step",
-              "guidance_scale", "inversion_guidance", "eta", "seed", "inversion", "manifest_row")
+ROW_FIELDS = ("id", "image_url", "source_prompt", "edit_prompt", *SETTING_NAMES, "manifest_row", "input_digest")
 
 
 def inversion_order(values: Mapping[str, Any], image_digest: str | None) -> str:
@@ -268,12 +330,14 @@ def _rows_to_do(table: pa.Table, first_row: int, ctx: SourceContext, done: Any,
             record.update(status=FAILED, error_code=row.error.code, error=row.error.message)
         else:
             h = id_hash(row.id)
-            first = ctx.duplicates.get(h)
-            if first is not None and first != row.manifest_row:
-                record.update(status=FAILED, error_code="duplicate_id",
-                              error=f"id {row.id!r} is also manifest row {first}; ids must be unique")
-            elif done is not None and len(done) and _contains(done, h):
-                continue  # finished by an earlier run: its result row is in an earlier shard
+            first_row, first_id = ctx.duplicates.get(h, (None, None))
+            if first_row is not None and first_row != row.manifest_row:
+                error = (f"id {row.id!r} is also manifest row {first_row}; ids must be unique" if first_id == row.id
+                         else f"id {row.id!r} and id {first_id!r} (manifest row {first_row}) have the same 64-bit "
+                              "hash; give one of them another id")
+                record.update(status=FAILED, error_code="duplicate_id", error=error)
+            elif done is not None and done.matches(h, row.values.get("input_digest")):
+                continue  # finished by an earlier run from these inputs: its result row is in an earlier shard
             elif ctx.not_run:
                 record.update(status=SKIPPED, error=ctx.not_run)
         record["inversion_key"] = inversion_order(row.values, row.values.get("image_digest"))
@@ -282,11 +346,6 @@ def _rows_to_do(table: pa.Table, first_row: int, ctx: SourceContext, done: Any,
         return None
     out.sort(key=lambda r: (r["inversion_key"], r["manifest_row"]))
     return {name: np.array([r[name] for r in out], dtype=object) for name in out[0]}
-
-
-def _contains(sorted_hashes: np.ndarray, value: int) -> bool:
-    i = int(np.searchsorted(sorted_hashes, np.uint64(value)))
-    return i < len(sorted_hashes) and int(sorted_hashes[i]) == value
 
 
 def find_duplicates(manifest_rows: np.ndarray, hashes: np.ndarray) -> dict[int, int]:

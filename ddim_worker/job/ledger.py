@@ -1,0 +1,300 @@
+"""The ledger: the ``results/`` shards read as one table with one row per id, in its latest state.
+
+Shards are written by tasks that Ray may run twice and by runs that redo some rows, so the same id can be recorded
+more than once. Every row carries its ``generation`` (run and attempt, see ``shards.generation_name``); for each
+ledger key (an id's hash, or the manifest position of a row whose id cannot be used) the row that wins is the one of
+the latest generation, then the higher status (``ok`` over ``failed`` over ``skipped``: a task that finished a row
+after the driver recorded it as not run), then the shard name (identical copies). Never the file listing's order.
+
+This module is the one reader: the driver's done set, its counts, the report, ``failed.parquet`` and the packer all
+take the winners from here. ``compact`` rewrites the shards that hold rows which lost (and, when asked, rows of ids no
+longer in the manifest), so that after a run any plain Parquet reader also sees one row per id.
+
+Reading a ledger of millions of rows: tasks read the key columns of a few shards each (``scan``) and hand the driver
+about 21 bytes a row (key, digest, shard, position, status); the driver resolves the winners with NumPy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ddim_worker import storage
+from ddim_worker.job.shards import (
+    EDITED_IMAGE,
+    Shard,
+    generation_order,
+    list_shards,
+    parquet_bytes,
+    shard_name,
+    shard_uris,
+    table_keys,
+)
+from ddim_worker.job.source import DoneSet, digest_number
+from ddim_worker.outputs import OutputLayout
+from ddim_worker.rows import FAILED, OK, RESULTS_SCHEMA, SKIPPED
+
+log = logging.getLogger("ddim_edit.job")
+
+#: Which of two rows of one id and one generation wins: a result beats "not run", and ok beats failed.
+STATUS_RANK = {SKIPPED: 1, FAILED: 2, OK: 3}
+STATUS_OF_RANK = {rank: status for status, rank in STATUS_RANK.items()}
+
+#: The columns a scan reads of each shard (``input_digest`` and ``generation`` may be missing in old shards).
+KEY_COLUMNS = ("id", "error_code", "manifest_row", "status", "input_digest")
+
+#: Shards a task reads per call when the ledger is scanned on the cluster.
+SHARDS_PER_TASK = 16
+
+#: Up to this many shards the driver reads the key columns itself: a Ray pass costs more than it saves.
+LOCAL_SHARDS = 32
+
+
+# -- reading one shard ---------------------------------------------------------------------------------------------
+
+def read_shard(uri: str, storage_options: dict | None, columns: Iterable[str] | None = None) -> pa.Table:
+    """One shard as a table (``columns`` present in it only)."""
+    data = storage.read_bytes(uri, storage_options)
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    names = parquet.schema_arrow.names
+    wanted = None if columns is None else [c for c in columns if c in names]
+    return parquet.read(columns=wanted)
+
+
+def shard_keys(uri: str, storage_options: dict | None) -> dict[str, np.ndarray]:
+    """Per row of one shard: its ledger key, status rank, input digest (as a number) and position."""
+    return shard_keys_of(read_shard(uri, storage_options, KEY_COLUMNS))
+
+
+def _scan_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
+    parts = []
+    for index, uri in zip(batch["index"], batch["uri"]):
+        part = shard_keys(str(uri), storage_options)
+        part["shard"] = np.full(len(part["key"]), int(index), np.int32)
+        parts.append(part)
+    return {name: np.concatenate([p[name] for p in parts]) for name in ("key", "status", "digest", "position",
+                                                                          "shard")}
+
+
+def map_shards(fn: Callable[..., dict[str, np.ndarray]], items: list[dict[str, Any]], use_ray: bool,
+               **kwargs: Any) -> list[dict[str, np.ndarray]]:
+    """``fn`` over ``items`` (one dict per shard) in chunks: on the cluster (Ray tasks) or in this process."""
+    chunks = [items[i:i + SHARDS_PER_TASK] for i in range(0, len(items), SHARDS_PER_TASK)]
+    batches = [{k: _objects([item[k] for item in chunk]) for k in chunk[0]} for chunk in chunks]
+    if not use_ray:
+        return [fn(batch, **kwargs) for batch in batches]
+    import ray
+
+    from ddim_worker.job.engine_pool import MAX_READ_BLOCKS
+
+    rows = [{k: list(v) for k, v in batch.items()} for batch in batches]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_READ_BLOCKS)))
+    ds = ds.map_batches(_unpack_chunk, fn_kwargs={"fn": fn, "kwargs": kwargs}, batch_size=1, batch_format="numpy")
+    return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def _unpack_chunk(batch: dict[str, np.ndarray], fn: Callable, kwargs: dict) -> dict[str, np.ndarray]:
+    return fn({k: _objects(list(batch[k][0])) for k in batch}, **kwargs)
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-D object array of ``values`` (``np.array`` would make equal-length lists a 2-D array)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+def _use_ray(count: int) -> bool:
+    if count <= LOCAL_SHARDS:
+        return False
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+# -- the index -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LedgerIndex:
+    """Every row of every shard, by key, with the winner of each key marked."""
+
+    shards: list[Shard]  # sorted by name; ``shard`` indexes this list
+    key: np.ndarray  # uint64
+    shard: np.ndarray  # int32
+    position: np.ndarray  # int32, row within its shard
+    status: np.ndarray  # int8, STATUS_RANK
+    digest: np.ndarray  # uint64, input digest (0: not recorded)
+    winner: np.ndarray  # bool
+
+    @classmethod
+    def build(cls, shards: list[Shard], parts: list[dict[str, np.ndarray]]) -> LedgerIndex:
+        def column(name: str, dtype: Any) -> np.ndarray:
+            return np.concatenate([p[name] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
+
+        key, shard, position = column("key", np.uint64), column("shard", np.int32), column("position", np.int32)
+        status, digest = column("status", np.int8), column("digest", np.uint64)
+        ranks = {g: r for r, g in enumerate(sorted({s.generation for s in shards}, key=generation_order))}
+        generation = np.array([ranks[s.generation] for s in shards], np.int32)[shard] if len(shard) else shard
+        order = np.lexsort((shard, status, generation, key))  # by key, then generation, status, shard name
+        winner = np.zeros(len(key), bool)
+        if len(key):
+            sorted_keys = key[order]
+            last = np.r_[sorted_keys[1:] != sorted_keys[:-1], True]
+            winner[order[last]] = True
+        return cls(shards, key, shard, position, status, digest, winner)
+
+    @property
+    def rows(self) -> int:
+        return len(self.key)
+
+    @property
+    def superseded(self) -> int:
+        return int((~self.winner).sum())
+
+    def done(self) -> DoneSet:
+        """The ids whose latest result is ok, with the input digests they were made from."""
+        mask = self.winner & (self.status == STATUS_RANK[OK])
+        order = np.argsort(self.key[mask], kind="stable")
+        return DoneSet(self.key[mask][order], self.digest[mask][order])
+
+    def states(self, keys: np.ndarray) -> np.ndarray:
+        """The latest status rank of each of ``keys`` (0: no result at all)."""
+        out = np.zeros(len(keys), np.int8)
+        won_keys, won_status = self.key[self.winner], self.status[self.winner]
+        if not len(won_keys):
+            return out
+        order = np.argsort(won_keys, kind="stable")
+        won_keys, won_status = won_keys[order], won_status[order]
+        where = np.searchsorted(won_keys, keys).clip(max=len(won_keys) - 1)
+        found = won_keys[where] == keys
+        out[found] = won_status[where[found]]
+        return out
+
+    def counts(self, keys: np.ndarray) -> dict[str, int]:
+        """ok / failed / skipped / missing over ``keys`` (the manifest's), from the winners."""
+        states = self.states(keys)
+        out = {status: int((states == rank).sum()) for status, rank in STATUS_RANK.items()}
+        out["missing"] = int((states == 0).sum())
+        return out
+
+    def outside(self, keys: np.ndarray) -> np.ndarray:
+        """Winners whose key is not among ``keys``: rows of ids this manifest no longer has (or not in this run)."""
+        return self.winner & ~np.isin(self.key, keys)
+
+
+def scan(layout: OutputLayout, storage_options: dict | None, use_ray: bool | None = None) -> LedgerIndex:
+    """Read the key columns of every shard (on the cluster when there are many) and resolve the winners."""
+    shards = sorted(list_shards(layout, storage_options), key=lambda s: s.name)
+    uris = shard_uris(layout, shards)
+    items = [{"index": i, "uri": uri} for i, uri in enumerate(uris)]
+    use_ray = _use_ray(len(items)) if use_ray is None else use_ray
+    parts = map_shards(_scan_task, items, use_ray, storage_options=storage_options or {}) if items else []
+    return LedgerIndex.build(shards, parts)
+
+
+# -- compaction ----------------------------------------------------------------------------------------------------
+
+def _compact_task(batch: dict[str, np.ndarray], layout: OutputLayout, storage_options: dict) -> dict[str, np.ndarray]:
+    removed = []
+    for uri, name, kind, generation, keep in zip(batch["uri"], batch["name"], batch["kind"], batch["generation"],
+                                                  batch["keep"]):
+        keep = list(keep)
+        if keep:
+            table = read_shard(str(uri), storage_options).take(pa.array(keep, pa.int64()))
+            new_uri = storage.join_uri(layout.results_folder, shard_name(str(kind), str(generation),
+                                                                         table_keys(table)))
+            storage.write_bytes(new_uri, parquet_bytes(table), storage_options)  # the new shard before the old goes
+            if new_uri == str(uri):
+                removed.append(0)
+                continue
+        storage.remove(str(uri), storage_options)
+        removed.append(1)
+    return {"removed": np.array(removed, np.int64)}
+
+
+def compact(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None,
+            drop: np.ndarray | None = None) -> int:
+    """Rewrite every shard holding a row that lost (or a row ``drop`` marks) with only its other rows; a shard left
+    empty is deleted. Returns how many rows were removed. Safe to interrupt: the new shard is written before the old
+    one is deleted, and a repeat of a row in two shards resolves to one winner until the next compaction."""
+    remove = ~index.winner if drop is None else (~index.winner | drop)
+    if not remove.any():
+        return 0
+    affected = np.unique(index.shard[remove])
+    items = []
+    for s in affected:
+        rows = index.shard == s
+        keep = np.sort(index.position[rows & ~remove]).tolist()
+        shard = index.shards[int(s)]
+        items.append({"uri": shard_uris(layout, [shard])[0], "name": shard.name, "kind": shard.kind,
+                      "generation": shard.generation, "keep": keep})
+    map_shards(_compact_task, items, _use_ray(len(items)), layout=layout, storage_options=storage_options or {})
+    return int(remove.sum())
+
+
+# -- reading the table ---------------------------------------------------------------------------------------------
+
+def _with_generation(table: pa.Table, generation: str) -> pa.Table:
+    """Shards written before rows carried their generation get it from their name."""
+    if "generation" in table.column_names:
+        return table
+    return table.append_column("generation", pa.array([generation] * table.num_rows, pa.string()))
+
+
+def read_table(layout: OutputLayout, storage_options: dict | None = None, keys: np.ndarray | None = None,
+               images: bool = True) -> pa.Table:
+    """The results as one table, one row per ledger key (the latest), in manifest order; ``keys`` keeps only those
+    (a manifest's). For tests, tools and small jobs: it reads every shard in this process (the packer reads a large
+    output on the cluster instead). ``images=False`` leaves ``edited_image`` out."""
+    shards = sorted(list_shards(layout, storage_options), key=lambda s: s.name)
+    tables, parts = [], []
+    for i, (shard, uri) in enumerate(zip(shards, shard_uris(layout, shards))):
+        table = _with_generation(read_shard(uri, storage_options), shard.generation)
+        if not images and EDITED_IMAGE.name in table.column_names:
+            table = table.drop_columns([EDITED_IMAGE.name])
+        part = shard_keys_of(table)
+        part["shard"] = np.full(table.num_rows, i, np.int32)
+        tables.append(table)
+        parts.append(part)
+    if not tables:
+        return RESULTS_SCHEMA.empty_table()
+    index = LedgerIndex.build(shards, parts)
+    mask = index.winner if keys is None else index.winner & np.isin(index.key, keys)
+    table = pa.concat_tables(tables, promote_options="default").filter(pa.array(mask))
+    return table.sort_by([("manifest_row", "ascending")])
+
+
+def shard_keys_of(table: pa.Table) -> dict[str, np.ndarray]:
+    """``shard_keys`` of a table already in memory."""
+    n = table.num_rows
+    digests = table.column("input_digest").to_pylist() if "input_digest" in table.column_names else [None] * n
+    return {"key": np.array(table_keys(table), np.uint64),
+            "status": np.array([STATUS_RANK.get(s, 0) for s in table.column("status").to_pylist()], np.int8),
+            "digest": np.array([digest_number(d) for d in digests], np.uint64),
+            "position": np.arange(n, dtype=np.int32)}
+
+
+def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None, limit: int) -> list[dict]:
+    """Up to ``limit`` winning rows, reading as few shards as that takes (the report at scale)."""
+    rows: list[dict] = []
+    for s, shard in enumerate(index.shards):
+        if len(rows) >= limit:
+            break
+        positions = np.sort(index.position[(index.shard == s) & index.winner])
+        if not len(positions):
+            continue
+        table = read_shard(shard_uris(layout, [shard])[0], storage_options)
+        if EDITED_IMAGE.name in table.column_names:
+            table = table.drop_columns([EDITED_IMAGE.name])
+        table = table.take(pa.array(positions[:limit - len(rows)], pa.int64()))
+        rows.extend(table.to_pylist())
+    return rows

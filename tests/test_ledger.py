@@ -1,0 +1,254 @@
+"""The results ledger: one row per id whatever wrote it twice, one run per output, rows that follow the manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ddim_worker.images import read_png_text
+from ddim_worker.job import ledger, shards
+from ddim_worker.job.driver import JobError
+from ddim_worker.job.lease import EXPIRES_S, Lease, LeaseHeld, LeaseRecord, check_free
+from ddim_worker.manifest import id_hash
+from ddim_worker.outputs import OutputLayout
+from ddim_worker.rows import RESULTS_SCHEMA
+from tests.jobkit import picture, result_rows, results, run, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the ledger without a job ----------------------------------------------------------------------------------------
+
+def _rows(ids: list[str], status: str, generation: str, digest: str = "00000000000000aa") -> pa.Table:
+    rows = [{"id": i, "status": status, "error_code": None if status == "ok" else "not_found",
+             "manifest_row": k, "generation": generation, "input_digest": digest} for k, i in enumerate(ids)]
+    return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+
+
+#: docs/results.md, "At any time": one row per id with DuckDB, whatever the state of the shards.
+LATEST_SQL = """SELECT * FROM read_parquet('OUT/results/*.parquet', union_by_name = true)
+QUALIFY row_number() OVER (
+    PARTITION BY CASE WHEN id IS NULL OR error_code = 'duplicate_id' THEN '#' || manifest_row ELSE id END
+    ORDER BY generation DESC, CASE status WHEN 'ok' THEN 3 WHEN 'failed' THEN 2 ELSE 1 END DESC) = 1"""
+
+
+def _plain(out: Path) -> list[dict]:
+    """The folder as any Parquet reader sees it (no ledger code in between)."""
+    return pq.read_table(out / "results").to_pylist()
+
+
+def test_a_rewritten_shard_has_the_same_name_and_the_latest_generation_wins(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    first = shards.write_shard(layout, _rows(["a", "b", "c"], "failed", "r000001-a01"), "r000001-a01", None)
+    again = shards.write_shard(layout, _rows(["c", "a", "b"], "failed", "r000001-a01"), "r000001-a01", None)
+    assert first == again and len(list((tmp_path / "results").iterdir())) == 1  # a retried write: same object
+    shards.write_shard(layout, _rows(["b"], "ok", "r000002-a01"), "r000002-a01", None)  # b redone, ok
+    shards.write_shard(layout, _rows(["c"], "skipped", "r000002-a01"), "r000002-a01", None)
+    shards.write_shard(layout, _rows(["c"], "failed", "r000002-a01"), "r000002-a01", None)  # a late task's result
+    index = ledger.scan(layout, None)
+    assert index.rows == 5 and index.superseded == 2
+    table = {r["id"]: r for r in ledger.read_table(layout).to_pylist()}
+    assert {k: (v["status"], v["generation"]) for k, v in table.items()} == {
+        "a": ("failed", "r000001-a01"), "b": ("ok", "r000002-a01"), "c": ("failed", "r000002-a01")}
+    assert len(_plain(tmp_path)) == 5  # before compaction a plain reader sees the repeats
+    import duckdb  # the query docs/results.md gives for reading the ledger at any time
+
+    query = LATEST_SQL.replace("OUT", str(tmp_path))
+    latest = {r[0]: (r[1], r[2]) for r in duckdb.sql(f"SELECT id, status, generation FROM ({query})").fetchall()}
+    assert latest == {k: (v["status"], v["generation"]) for k, v in table.items()}
+    assert ledger.compact(layout, index, None) == 2
+    plain = _plain(tmp_path)
+    assert sorted(r["id"] for r in plain) == ["a", "b", "c"]  # after it, any reader sees one row per id
+    assert ledger.compact(layout, ledger.scan(layout, None), None) == 0
+    done = ledger.scan(layout, None).done()
+    assert list(done.hashes) == [id_hash("b")] and done.matches(id_hash("b"), "00000000000000aa")
+    assert not done.matches(id_hash("b"), "00000000000000bb")  # same id, other inputs: not done
+
+
+def test_generations_order_by_run_number_not_by_name():
+    assert shards.generation_order("r000010-a01") > shards.generation_order("r000009-a03")
+    assert shards.generation_order("r000002-a01") > shards.generation_order("20991231T235959-abcdef-a9")
+    listed = [shards.Shard("x", "ok", "r000007-a02"), shards.Shard("y", "retry", "20261126T081500-1a2b3c-a1")]
+    assert shards.next_run(listed) == 8
+
+
+def test_rows_without_a_usable_id_are_one_result_each(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    table = pa.Table.from_pylist([
+        {"id": None, "status": "failed", "error_code": "missing_image", "manifest_row": 0, "generation": "r000001-a01"},
+        {"id": None, "status": "failed", "error_code": "missing_image", "manifest_row": 1, "generation": "r000001-a01"},
+        {"id": "x", "status": "ok", "manifest_row": 2, "generation": "r000001-a01"},
+        {"id": "x", "status": "failed", "error_code": "duplicate_id", "manifest_row": 3, "generation": "r000001-a01"},
+    ], schema=RESULTS_SCHEMA)
+    shards.write_shard(layout, table, "r000001-a01", None)
+    assert len(ledger.read_table(layout)) == 4
+
+
+# -- the lease ---------------------------------------------------------------------------------------------------
+
+def test_a_lease_is_refused_while_its_run_lives_and_taken_when_it_is_gone(tmp_path):
+    uri = str(tmp_path / "lease.json")
+    lease = Lease.acquire(uri, None, "m.parquet")
+    try:
+        with pytest.raises(LeaseHeld, match="held by run .* --break-lease"):
+            check_free(uri, None)
+    finally:
+        lease.release()
+    assert not (tmp_path / "lease.json").exists()
+    dead = LeaseRecord("old-run", "elsewhere", 1, time.time() - 999, time.time() - EXPIRES_S - 5)
+    (tmp_path / "lease.json").write_bytes(dead.to_bytes())
+    assert check_free(uri, None).run_id == "old-run"  # expired: free to take
+    gone = LeaseRecord("gone-run", __import__("socket").gethostname(), 2**22 + 12345, time.time(), time.time())
+    (tmp_path / "lease.json").write_bytes(gone.to_bytes())
+    assert check_free(uri, None).stale_reason().startswith("its driver")  # its process is gone from this host
+
+
+def _slow_job(manifest: str, out: Path, model: Path) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "edit.py"), manifest, "--output", str(out), "--model", str(model),
+            "--size", "64", "--num-steps", "24", "--start-step", "2", "--batch-size", "1", "--calls-per-task", "1",
+            "--no-report"]
+
+
+def test_a_second_run_on_a_held_output_exits_2_and_writes_nothing(tiny_model_path, tmp_path):
+    rows = []
+    for i in range(6):
+        (tmp_path / f"l{i}.png").write_bytes(picture(300 + i))
+        rows.append({"id": f"l{i}", "image_url": f"l{i}.png", "source_prompt": "a", "edit_prompt": f"b {i}"})
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    out = tmp_path / "out"
+    first = subprocess.Popen(_slow_job(manifest, out, tiny_model_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "job.json").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    holder = json.loads((out / "lease.json").read_text())["run_id"]
+    second = subprocess.run(_slow_job(manifest, out, tiny_model_path), capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert first.poll() is None, "the first run ended before the second could be refused"
+    assert second.returncode == 2
+    errors = [line for line in second.stderr.splitlines() if line.startswith("ddim-edit: error:")]
+    assert len(errors) == 1 and holder in errors[0] and "--break-lease" in errors[0], second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
+    assert json.loads((out / "lease.json").read_text())["run_id"] == holder  # the lease is untouched
+    assert json.loads((out / "job.json").read_text())["run_id"] == holder  # so is the running job's record
+    assert not list(out.glob(".ddim-edit-probe-*"))
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    third = subprocess.run(_slow_job(manifest, out, tiny_model_path), capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+    assert third.returncode == 0, third.stderr[-3000:]
+    plain = _plain(out)
+    assert sorted(r["id"] for r in plain) == [f"l{i}" for i in range(6)]
+    assert json.loads((out / "job.json").read_text())["computed"] == 0
+
+
+# -- runs against a changed output or manifest ----------------------------------------------------------------------
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_png_made_with_other_settings_is_recomputed_not_recorded(tiny_model_path, tmp_path):
+    for i in range(3):
+        (tmp_path / f"s{i}.png").write_bytes(picture(320 + i))
+    rows = [{"id": f"s{i}", "image_url": f"s{i}.png", "source_prompt": "a", "edit_prompt": "b"} for i in range(3)]
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    out = tmp_path / "out"
+    run(manifest, str(out), tiny_model_path, num_steps=4, start_step=1, guidance_scale=3.5)
+    for shard in (out / "results").glob("*.parquet"):  # a run killed after its PNGs, before its results
+        shard.unlink()
+    summary = run(manifest, str(out), tiny_model_path, num_steps=8, start_step=2, guidance_scale=5.0)
+    assert summary["recovered"] == 0 and summary["computed"] == 3
+    for rid, row in results(str(out)).items():
+        assert (row["num_steps"], row["start_step"], row["guidance_scale"]) == (8, 2, 5.0)
+        settings = read_png_text((out / "images" / f"{rid}.png").read_bytes())["ddim_edit:settings"].split()
+        assert {"num_steps=8", "start_step=2", "guidance_scale=5.0"} <= set(settings)
+    for shard in (out / "results").glob("*.parquet"):
+        shard.unlink()
+    same = run(manifest, str(out), tiny_model_path, num_steps=8, start_step=2, guidance_scale=5.0)
+    assert same["recovered"] == 3 and same["computed"] == 0  # made with these very settings: recorded
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_null_image_or_prompt_is_a_row_error_never_a_file_named_nan(tiny_model_path, tmp_path):
+    for name in ("nan", "None", "ok.png"):
+        (tmp_path / name).write_bytes(picture(330))
+    schema = pa.schema([("id", pa.string()), ("image_url", pa.string()), ("source_prompt", pa.string()),
+                        ("edit_prompt", pa.string()), ("guidance_scale", pa.float64())])
+    rows = [{"id": "null-url", "image_url": None, "source_prompt": "a", "edit_prompt": "b"},
+            {"id": "empty-url", "image_url": "", "source_prompt": "a", "edit_prompt": "b"},
+            {"id": "null-prompt", "image_url": "ok.png", "source_prompt": None, "edit_prompt": "b"},
+            {"id": "null-setting", "image_url": "ok.png", "source_prompt": "a", "edit_prompt": "b",
+             "guidance_scale": None},
+            {"id": None, "image_url": None, "source_prompt": "a", "edit_prompt": "b"}]
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"), schema=schema)
+    run(manifest, str(tmp_path / "out"), tiny_model_path, guidance_scale=2.0)
+    table = result_rows(str(tmp_path / "out"))
+    got = {r["manifest_row"]: (r["status"], r["error_code"]) for r in table}
+    assert got == {0: ("failed", "missing_image"), 1: ("failed", "missing_image"), 2: ("failed", "bad_prompt"),
+                   3: ("ok", None), 4: ("failed", "missing_image")}
+    assert table[3]["guidance_scale"] == 2.0  # a null setting is the job's default
+    assert "nan" not in {str(r["image_url"]).lower() for r in table}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_table_follows_the_manifest(tiny_model_path, tmp_path):
+    rows = []
+    for i in range(8):
+        (tmp_path / f"t{i}.png").write_bytes(picture(340 + i))
+        rows.append({"id": f"t{i}", "image_url": f"t{i}.png", "source_prompt": "a", "edit_prompt": "b"})
+    rows += [{"id": f"gone{i}", "image_url": f"missing{i}.png", "source_prompt": "a", "edit_prompt": "b"}
+             for i in range(4)]
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    out = tmp_path / "out"
+    full = run(manifest, str(out), tiny_model_path, results_shard_rows=3)
+    assert full["counts"] == {"ok": 8, "failed": 4, "skipped": 0}
+    # a --limit run keeps every row of the first run, failed rows included (their retry shards were not retried)
+    limited = run(manifest, str(out), tiny_model_path, limit=5, results_shard_rows=3)
+    assert limited["counts"] == {"ok": 5, "failed": 0, "skipped": 0} and limited["computed"] == 0
+    plain = _plain(out)
+    assert sorted(r["id"] for r in plain) == sorted(r["id"] for r in rows)
+    # a row whose inputs changed under the same id is redone; rows no longer in the manifest are counted, kept,
+    # and pruned on request
+    changed = [{**r, "edit_prompt": "b, changed"} if r["id"] == "t1" else r for r in rows[:6]]
+    smaller = write_manifest(changed, str(tmp_path / "m2.parquet"))
+    summary = run(smaller, str(out), tiny_model_path)
+    assert summary["computed"] == 1 and summary["results_rows_outside_manifest"] == 6
+    assert read_png_text((out / "images" / "t1.png").read_bytes())["ddim_edit:edit_prompt"] == "b, changed"
+    assert {r["id"]: r["edit_prompt"] for r in _plain(out)}["t1"] == "b, changed" and len(_plain(out)) == 12
+    with pytest.raises(JobError, match="--prune-stale needs the whole manifest"):
+        run(smaller, str(out), tiny_model_path, prune_stale=True, limit=2)
+    pruned = run(smaller, str(out), tiny_model_path, prune_stale=True)
+    assert pruned["results_rows_pruned"] == 6 and sorted(r["id"] for r in _plain(out)) == [f"t{i}" for i in range(6)]
+    assert pruned["counts"] == {"ok": 6, "failed": 0, "skipped": 0}
+
+
+# -- manifest errors before Ray ------------------------------------------------------------------------------------
+
+def test_bad_manifest_files_end_in_one_line_before_ray_starts(tiny_model_path, tmp_path):
+    cases = {}
+    (tmp_path / "text.parquet").write_text("this is not a table\n" * 10)
+    cases["text.parquet"] = "is not Parquet: it starts with b'this'"
+    (tmp_path / "csv.parquet").write_text("id,image_url,source_prompt,edit_prompt\na,x.png,a,b\n")
+    cases["csv.parquet"] = "a CSV or text file named .parquet"
+    (tmp_path / "short.parquet").write_bytes(b"PAR1abc")
+    cases["short.parquet"] = "7 bytes, too short"
+    folder = tmp_path / "two"
+    folder.mkdir()
+    base = {"id": "a", "image_url": "x.png", "source_prompt": "a", "edit_prompt": "b"}
+    write_manifest([{**base, "label": 1}], str(folder / "part-0.parquet"))
+    write_manifest([{**base, "id": "b"}], str(folder / "part-1.parquet"))
+    cases["two"] = "part-1.parquet lacks column 'label'"
+    for name, message in cases.items():
+        proc = subprocess.run([sys.executable, str(REPO / "jobs" / "edit.py"), str(tmp_path / name), "--output",
+                               str(tmp_path / f"out-{name}"), "--model", str(tiny_model_path)],
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ddim-edit: error:")]
+        assert len(errors) == 1 and message in errors[0], (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr, proc.stderr[-2000:]
+        record = json.loads((tmp_path / f"out-{name}" / "job.json").read_text())
+        assert record["state"] == "failed" and message in record["error"]

@@ -34,7 +34,8 @@ TRAJECTORIES_KEPT = 64
 class EditActor:
     def __init__(self, model: str, engine: EngineSettings, batch_size: int, device: str = "auto",
                  storage_options: dict | None = None, num_threads: int | None = None,
-                 measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None):
+                 measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None,
+                 cache_latents: bool = True):
         ensure_worker_logging()
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
@@ -46,6 +47,7 @@ class EditActor:
         apply_fast_path(self.engine.pipe, attention=engine.attention, channels_last=engine.channels_last,
                         compile_unet=engine.compile_unet)
         self.measure_fidelity = measure_fidelity
+        self.cache_latents = cache_latents  # --latent-cache off: no trajectory is encoded for the write stage
         self.dtype = str(self.engine.dtype).removeprefix("torch.")  # what this actor really runs, reported per row
         self._recent: OrderedDict[str, Any] = OrderedDict()
 
@@ -117,7 +119,7 @@ class EditActor:
                     fidelity[name][i] = getattr(out, name)
             if not parse_method(str(batch["inversion"][i])).caches:
                 continue
-            if out.inversion_passes > 0 or out.trajectory.extras and not out.cache_hit:
+            if self.cache_latents and (out.inversion_passes > 0 or out.trajectory.extras and not out.cache_hit):
                 blobs[i] = encode_trajectory_blob(out.trajectory)  # new levels: the write stage stores them
             self._remember(batch["cache_uri"][i], out.trajectory)
         result = {k: v for k, v in batch.items() if k != "cache_blob"}  # pixels go on: the write stage saves inputs

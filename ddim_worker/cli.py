@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"ddim-edit {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the Ray batch job on a manifest (see `ddim-edit run --help`)", add_help=False)
+    sub.add_parser("pack", help="pack an earlier run's edited dataset into OUTPUT/dataset (see `ddim-edit pack "
+                                "--help`)", add_help=False)
     _edit_parser(sub)
     _tiny_parser(sub)
     handlers = {"edit": cmd_edit, "make-tiny-model": cmd_make_tiny_model}
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddim_worker.job.driver import main as run_main
 
         return run_main(argv[1:])
+    if argv[:1] == ["pack"]:
+        from ddim_worker.job.pack_command import main as pack_main
+
+        return pack_main(argv[1:])
     args = parser.parse_args(argv)
     return handlers[args.command](args)
 

@@ -41,6 +41,7 @@ from .url_policy import (
     classify,
     default_resolver,
     join_relative,
+    opt_out_directive,
     resolve_local_path,
 )
 
@@ -254,6 +255,13 @@ class Fetcher:
                 raise FetchError("fetch_failed", f"{url}: HTTP {status}", retryable=True)
             if not 200 <= status < 300:
                 raise FetchError("fetch_failed", f"{url}: HTTP {status}")
+            if policy.disallowed_directives:
+                tags = r.raw.headers.getlist("X-Robots-Tag") if hasattr(r.raw, "headers") else []
+                directive = opt_out_directive(tags or [r.headers.get("X-Robots-Tag", "")],
+                                              policy.disallowed_directives)
+                if directive:
+                    raise FetchError("opted_out", f"{url}: the server opts this image out of AI use "
+                                                  f"(X-Robots-Tag: {directive}); --no-respect-opt-outs ignores it")
             length = r.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > policy.max_bytes:
                 raise FetchError("too_large", f"{url}: Content-Length {length} > {policy.max_bytes} bytes")

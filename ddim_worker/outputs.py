@@ -1,13 +1,16 @@
 """Every path a job writes under ``--output``, in one place.
 
     OUTPUT/
-      images/<id>.png              the edited image (written last: its presence means the row is done)
-      inputs/<id>.png              the preprocessed input the engine saw
-      reconstructions/<id>.png     the inversion resampled with the source prompt (--measure-fidelity)
-      latents/<xx>/<digest>.safetensors   cached inversion trajectories (unless --latent-cache points elsewhere)
-      results/ok-*.parquet, retry-*.parquet   the results table as shards: one row per manifest row
+      images/<p>/<id>.png          the edited image (--save-images, the default; written last: its presence means the
+                                   row is done); <p> is a prefix folder of the id (see ``prefix``)
+      inputs/<p>/<id>.png          the preprocessed input the engine saw (--save-inputs; else only the report's sample)
+      reconstructions/<p>/<id>.png the inversion resampled with the source prompt (--measure-fidelity)
+      latents/<xyz>/<digest>.safetensors   cached inversion trajectories (--latent-cache: elsewhere, or off)
+      results/ok-*.parquet, retry-*.parquet   the results ledger as shards: one row per manifest row
+      results/_made_with.json      the options and model the results are made with (a rerun must match them)
+      dataset/README.md, dataset/data/train-NNNNN-of-MMMMM.parquet   the edited dataset, packed (see ``job.pack``)
       failed.parquet               the failed rows' manifest rows, to rerun only them
-      job.json                     counts, timings, versions and the effective configuration
+      job.json                     counts, timings, bytes, versions and the effective configuration
       report.html, report-N.html, contact-sheet.png
       lease.json                   the run that holds this output now (with its heartbeat); gone when it ends
       .inflight/<generation>-<digest>   a results shard being written (the driver waits for these when it stops)
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from ddim_worker.storage import join_uri
@@ -24,6 +28,20 @@ from ddim_worker.storage import join_uri
 IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions"}
 REPORT_NAME = "report.html"
 CONTACT_SHEET_NAME = "contact-sheet.png"
+
+#: Hex digits of an id's hash that name its prefix folder: 16^3 = 4,096 folders, so 4 M rows put about 1,000 files in
+#: each and the folder itself holds 4,096 entries (object stores, file systems and the Hugging Face Hub all slow
+#: down, or refuse, past about 10,000 entries a folder).
+PREFIX_DIGITS = 3
+
+#: ``--latent-cache off``: no trajectory is read or written (a rerun still skips finished rows: the ledger does that).
+LATENT_CACHE_OFF = "off"
+
+
+def prefix(row_id: str) -> str:
+    """The prefix folder of a per-row file: the first hex digits of a hash of the id (ids spread evenly whatever
+    they look like: ``img-000001``, ``img-000002``... would all land in one folder if cut from the id itself)."""
+    return hashlib.sha256(row_id.encode()).hexdigest()[:PREFIX_DIGITS]
 
 
 @dataclass(frozen=True)
@@ -38,18 +56,43 @@ class OutputLayout:
         return join_uri(self.root, IMAGE_FOLDERS[kind])
 
     def image(self, kind: str, row_id: str) -> str:
-        return join_uri(self.folder(kind), f"{row_id}.png")
+        return join_uri(self.root, self.relative_image(kind, row_id))
+
+    @staticmethod
+    def relative_image(kind: str, row_id: str) -> str:
+        """``images/<p>/<id>.png``: where a row's image of ``kind`` lives, relative to the output (the report links)."""
+        return f"{IMAGE_FOLDERS[kind]}/{prefix(row_id)}/{row_id}.png"
 
     def edited(self, row_id: str) -> str:
         return self.image("edited", row_id)
 
     @property
+    def caches_latents(self) -> bool:
+        return self.latent_cache != LATENT_CACHE_OFF
+
+    @property
     def latents(self) -> str:
-        return self.latent_cache or join_uri(self.root, "latents")
+        """The latent cache's prefix (meaningless with ``--latent-cache off``: see ``caches_latents``)."""
+        if not self.caches_latents or not self.latent_cache:
+            return join_uri(self.root, "latents")
+        return self.latent_cache
+
+    @property
+    def dataset_folder(self) -> str:
+        return join_uri(self.root, "dataset")
+
+    @property
+    def dataset_data(self) -> str:
+        return join_uri(self.root, "dataset", "data")
 
     @property
     def results_folder(self) -> str:
         return join_uri(self.root, "results")
+
+    @property
+    def results_identity(self) -> str:
+        """``results/_made_with.json``: the options and model the results are made with (one schema per output)."""
+        return join_uri(self.root, "results", "_made_with.json")
 
     @property
     def failed_manifest(self) -> str:

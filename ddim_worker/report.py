@@ -10,8 +10,9 @@ What gets written (all through :mod:`ddim_worker.storage`, each object whole or 
   them): tiles input | edited (| reconstruction) under a caption strip with the row id (geometry below).
 
 The pages are self-contained: inline CSS, no scripts at all (a Content-Security-Policy meta tag forbids them), no
-external URLs. Images are referenced by relative paths (``images/<id>.png``, ``inputs/<id>.png``,
-``reconstructions/<id>.png``) and only when the object exists; each folder is listed once, never probed per row.
+external URLs. Images are referenced by relative paths (``images/<p>/<id>.png``, ``inputs/<p>/<id>.png``,
+``reconstructions/<p>/<id>.png``, see ``outputs``) and only where the row's results say the object was written
+(``output_uri``, ``input_uri``, ``reconstruction_uri``): nothing is listed or probed per row.
 A row's ``image_url`` is shown as text, never as a link. Every text from the manifest or the results (ids, prompts,
 errors, URLs) is HTML-escaped: manifests are untrusted.
 
@@ -130,21 +131,21 @@ def _status(row: Mapping[str, Any]) -> str:
     return _text(row.get("status")) or "unknown"
 
 
-def _file_name(row_id: str) -> str:
-    return f"{row_id}.png"
+#: The results column that says where a row's image of each kind was written.
+URI_COLUMNS = {"input": "input_uri", "edited": "output_uri", "reconstruction": "reconstruction_uri"}
 
 
-def _href(folder: str, row_id: str) -> str:
-    """Relative, URL-quoted reference to ``<folder>/<id>.png`` (safe inside a quoted attribute once escaped)."""
-    return f"{folder}/{urllib.parse.quote(_file_name(row_id), safe='')}"
+def _href(kind: str, row_id: str) -> str:
+    """Relative, URL-quoted reference to the row's image of ``kind`` (safe inside a quoted attribute once escaped)."""
+    folder, _, name = OutputLayout.relative_image(kind, row_id).rpartition("/")
+    return f"{folder}/{urllib.parse.quote(name, safe='')}"
 
 
-def _row_images(row: Mapping[str, Any], listed: Mapping[str, set[str]]) -> dict[str, str]:
-    """{kind: folder} of the images this row has. Failed rows show none: their id may be another row's (duplicates)."""
+def _row_images(row: Mapping[str, Any]) -> set[str]:
+    """The kinds of image this row has. Failed rows show none: their id may be another row's (duplicates)."""
     if _status(row) == FAILED or row.get("id") is None:
-        return {}
-    name = _file_name(str(row["id"]))
-    return {kind: folder for kind, folder in IMAGE_KINDS if name in listed.get(folder, set())}
+        return set()
+    return {kind for kind, column in URI_COLUMNS.items() if row.get(column)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def _dl(pairs: list[tuple[str, str]]) -> str:
     return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
 
-def _card(row: Mapping[str, Any], index: int, images: Mapping[str, str], show_recon: bool) -> str:
+def _card(row: Mapping[str, Any], index: int, images: set[str], show_recon: bool) -> str:
     status = _status(row)
     row_id = _text(row.get("id"))
     parts = [
@@ -232,7 +233,7 @@ def _card(row: Mapping[str, Any], index: int, images: Mapping[str, str], show_re
         figs = []
         for kind in kinds:
             if kind in images:
-                ref = _e(_href(images[kind], row_id))
+                ref = _e(_href(kind, row_id))
                 figs.append(f'<figure class="{kind}"><a href="{ref}"><img src="{ref}" alt="{kind} {_e(row_id)}" '
                             f'loading="lazy"></a><figcaption>{kind}</figcaption></figure>')
             else:
@@ -436,16 +437,15 @@ def write_report(
         raise ValueError("sheet_rows must be >= 0")
     rows = _rows(load_results(output_uri, storage_options) if results is None else results)
 
-    # One listing per image folder, never a probe per row (thousands of rows on S3).
+    # Where each image is comes from the rows themselves: no listing, no probe per row (thousands of rows on S3).
     layout = OutputLayout(output_uri)
-    listed = {folder: set(storage.list_names(layout.folder(kind), storage_options, suffix=".png"))
-              for kind, folder in IMAGE_KINDS}
-    images = [_row_images(r, listed) for r in rows]
+    images = [_row_images(r) for r in rows]
     show_recon = any("reconstruction" in im for im in images)
 
     # Contact sheet: the first `sheet_rows` ok/skipped rows that have an image.
     sheet_lines = [(r, im) for r, im in zip(rows, images)
                    if _status(r) in (OK, SKIPPED) and ("input" in im or "edited" in im or "reconstruction" in im)]
+    sheet_lines.sort(key=lambda line: "input" not in line[1])  # rows with their input first (a sample has them)
     sheet_lines = sheet_lines[:sheet_rows]
     sheet_uri = layout.contact_sheet
     if sheet_lines:

@@ -25,6 +25,7 @@ ERROR_CODES = (
     "bad_prompt",  # a missing, empty, non-text or over-long prompt
     "unsafe_url",  # refused by the URL policy (private network, local file outside the manifest, unknown scheme)
     "duplicate_id",  # a second row with an id already in the manifest
+    "opted_out",  # the image's server opts it out of AI use (X-Robots-Tag noai, noimageai, noindex, noimageindex)
     "engine_error",  # the engine failed on this row alone
     "write_failed",  # the outputs could not be written
 )
@@ -58,7 +59,9 @@ RESULTS_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error_code", pa.string()),
     ("error", pa.string()),
-    ("output_uri", pa.string()),
+    ("output_uri", pa.string()),  # the edited PNG (with --no-save-images only the report's sample has one)
+    ("input_uri", pa.string()),  # the preprocessed input (--save-inputs, or the report's sample)
+    ("reconstruction_uri", pa.string()),  # --measure-fidelity
     ("latent_uri", pa.string()),
     ("cache_hit", pa.bool_()),
     ("inversion_passes", pa.int64()),
@@ -67,6 +70,9 @@ RESULTS_SCHEMA = pa.schema([
     ("unet_samples", pa.float64()),  # UNet samples run for the row: its share of its calls, padding included
     ("ideal_unet_samples", pa.int64()),  # what the row's work needs: passes, doubled where guidance is used
     ("seconds", pa.float64()),
+    ("image_bytes", pa.int64()),  # bytes of the edited PNG (stored in images/ or embedded)
+    ("input_bytes", pa.int64()),  # bytes this row wrote to inputs/ and reconstructions/
+    ("latent_bytes", pa.int64()),  # bytes this row wrote to the latent cache (0 on a cache hit or with it off)
     ("psnr", pa.float64()),  # fidelity (--measure-fidelity): reconstruction vs preprocessed input, dB
     ("ssim", pa.float64()),
     ("latent_mse", pa.float64()),
@@ -157,6 +163,11 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
         error_code=[c if not k and c else None for c, k in zip(out["error_code"], ok)],
         error=[e if not k and e else None for e, k in zip(out["error"], ok)],  # skipped rows keep their reason
         output_uri=[u or None for u in out["output_uri"]],
+        input_uri=[u or None for u in out["input_uri"]],
+        reconstruction_uri=[u or None for u in out["reconstruction_uri"]],
+        image_bytes=[int(v or 0) for v in out["image_bytes"]],
+        input_bytes=[int(v or 0) for v in out["input_bytes"]],
+        latent_bytes=[int(v or 0) for v in out["latent_bytes"]],
         dtype=[_coerce(d, pa.string()) or default_dtype for d in column("engine_dtype")],
         latent_uri=[u if k and u else None for u, k in zip(out["latent_uri"], ok)],
         cache_hit=[bool(_coerce(c, pa.bool_())) and k for c, k in zip(column("cache_hit", False), ok)],

@@ -30,7 +30,7 @@ from ddim_worker.images import (
     read_png_text,
 )
 from ddim_worker.inversion import parse_method
-from ddim_worker.manifest import ManifestFiles
+from ddim_worker.manifest import ManifestFiles, id_hash
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import FAILED, OK, PENDING, RESULT_SETTING_FIELDS, RowError, results_columns, text_or_none
 from ddim_worker.settings import EditSettings, field_kind
@@ -55,16 +55,29 @@ class StageContext:
     generation: str = ""
     carried: pa.Schema = field(default_factory=lambda: pa.schema([]))
     results_schema: pa.Schema | None = None
-    embed_images: bool = False
+    embed_images: bool = False  # the edited PNG goes into the results shards (edited_image)
+    save_images: bool = True  # images/<p>/<id>.png for every row (off: only for the report's sample)
+    save_inputs: bool = False  # inputs/<p>/<id>.png for every row (off: only for the report's sample)
+    image_sample: float = 1.0  # the fraction of ids (by hash) whose input and edited images are kept for the report
     stop_marker: str | None = None  # once this object exists (the driver stopped early), no more shards are written
 
     def image_uri(self, row_id: str) -> str:
         return self.layout.edited(row_id)
 
+    def in_image_sample(self, row_id: str) -> bool:
+        return in_sample(row_id, self.image_sample)
+
+
+def in_sample(row_id: str, fraction: float) -> bool:
+    """Whether an id is in the sample of ``fraction`` of all ids, by its hash: the same ids every run and stage, so
+    the report finds the images the write stage kept for it without listing anything."""
+    return fraction >= 1.0 or id_hash(str(row_id)) < fraction * 2**64
+
 
 #: Text columns that may be empty in a whole block: "" there, never None, so every block has the same Arrow type
 #: (a block of Nones would be typed null or float, and Ray cannot concatenate it with a block of strings).
-TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "latent_uri")
+TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "input_uri", "reconstruction_uri",
+                "latent_uri")
 
 
 def text_column(values: list) -> np.ndarray:
@@ -143,11 +156,13 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
                 raise data
             image = decode_image(data, max_pixels=ctx.max_pixels, min_side=ctx.min_side)
             pixels[i] = preprocess(image, ctx.size)
+            # The key names the trajectory even with the cache off: an engine actor keeps its last ones by it.
             out["cache_uri"][i] = latent_cache.cache_uri(ctx.layout.latents, cache_key(ctx, pixels[i], rows[i]))
-            try:
-                out["cache_blob"][i] = storage.read_bytes(out["cache_uri"][i], ctx.storage_options)
-            except (FileNotFoundError, OSError):
-                pass  # a miss: the actor inverts
+            if ctx.layout.caches_latents:
+                try:
+                    out["cache_blob"][i] = storage.read_bytes(out["cache_uri"][i], ctx.storage_options)
+                except (FileNotFoundError, OSError):
+                    pass  # a miss: the actor inverts
         except (FetchError, ImageError, RowError) as exc:
             _fail(out, i, exc.code, getattr(exc, "message", None) or str(exc))
         except Exception as exc:  # noqa: BLE001 - any other surprise still fails only this row
@@ -208,61 +223,75 @@ def png_text(row: dict, ctx: StageContext, dtype: str | None = None) -> dict[str
 
 
 def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
-    """Write each edited row's new latents, its input and its PNG; the PNG last, so its presence means "done".
+    """Write each edited row's new latents, its side images and its PNG; the PNG last, so its presence means "done".
 
-    The PNG bytes go on to the results shard when ``--embed-images`` asks for them.
+    What is written follows the storage switches: the edited PNG with ``--save-images`` (or for the report's sample),
+    the input with ``--save-inputs`` (or for the report's sample), the latents unless ``--latent-cache off``. The PNG
+    bytes go on to the results shard when it embeds them (``--embed-images``, or ``--no-save-images``: the packed
+    dataset then takes them from there).
     """
     n = len(batch["id"])
     status, code, error = list(batch["status"]), list(batch["error_code"]), list(batch["error"])
-    output_uri, latent_uri, pngs = [None] * n, [None] * n, [b""] * n
+    uris: dict[str, list] = {name: [None] * n for name in ("output_uri", "input_uri", "reconstruction_uri",
+                                                            "latent_uri")}
+    sizes = {name: np.zeros(n, np.int64) for name in ("image_bytes", "input_bytes", "latent_bytes")}
+    pngs = [b""] * n
     write_seconds = np.zeros(n)
     for i in range(n):
         started = time.perf_counter()
         row = {name: batch[name][i] for name in batch}
         rid = str(row["id"])
         if status[i] == OK and row.get("recovered"):
-            output_uri[i] = ctx.image_uri(rid)
-            if ctx.embed_images:
-                pngs[i] = storage.read_bytes(output_uri[i], ctx.storage_options)
+            uris["output_uri"][i] = ctx.image_uri(rid)
+            png = storage.read_bytes(uris["output_uri"][i], ctx.storage_options) if ctx.embed_images else b""
+            pngs[i], sizes["image_bytes"][i] = png, len(png)
             continue
         if (status[i] or PENDING) != PENDING:
             continue
         dtype = str(row.get("engine_dtype") or ctx.dtype)
         try:
             blob = row.get("trajectory_blob")
-            if blob is not None and len(blob):
-                latent_uri[i] = latent_cache.cache_uri(ctx.layout.latents,
-                                                       cache_key(ctx, np.asarray(row["pixels"]), row, dtype))
-                storage.write_bytes(latent_uri[i], bytes(blob), ctx.storage_options)
-            elif row.get("cache_uri"):
-                latent_uri[i] = str(row["cache_uri"])
-            if row.get("pixels") is not None:  # the preprocessed input, for the report and audits
-                storage.write_bytes(ctx.layout.image("input", rid), encode_png(np.asarray(row["pixels"])),
-                                    ctx.storage_options)
-            if row.get("reconstruction") is not None:
-                storage.write_bytes(ctx.layout.image("reconstruction", rid),
-                                    encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
+            if ctx.layout.caches_latents and blob is not None and len(blob):
+                uris["latent_uri"][i] = latent_cache.cache_uri(ctx.layout.latents,
+                                                               cache_key(ctx, np.asarray(row["pixels"]), row, dtype))
+                storage.write_bytes(uris["latent_uri"][i], bytes(blob), ctx.storage_options)
+                sizes["latent_bytes"][i] = len(blob)
+            elif ctx.layout.caches_latents and row.get("cache_uri"):
+                uris["latent_uri"][i] = str(row["cache_uri"])
+            sampled = ctx.in_image_sample(rid)
+            for kind, key, column in (("input", "pixels", "input_uri"), ("reconstruction", "reconstruction",
+                                                                         "reconstruction_uri")):
+                if row.get(key) is not None and (kind == "reconstruction" or ctx.save_inputs or sampled):
+                    data = encode_png(np.asarray(row[key]))
+                    uris[column][i] = ctx.layout.image(kind, rid)
+                    storage.write_bytes(uris[column][i], data, ctx.storage_options)
+                    sizes["input_bytes"][i] += len(data)
             png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
-            storage.write_bytes(ctx.image_uri(rid), png, ctx.storage_options)
-            failpoint("image_written")
-            output_uri[i], status[i] = ctx.image_uri(rid), OK
+            sizes["image_bytes"][i] = len(png)
+            if ctx.save_images or sampled:
+                uris["output_uri"][i] = ctx.image_uri(rid)
+                storage.write_bytes(uris["output_uri"][i], png, ctx.storage_options)
+                failpoint("image_written")
+            status[i] = OK
             if ctx.embed_images:
                 pngs[i] = png
         except Exception as exc:  # noqa: BLE001 - a failed write fails this row only
             status[i], code[i], error[i] = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
-            output_uri[i] = latent_uri[i] = None
+            for column in uris:
+                uris[column][i] = None
         write_seconds[i] = time.perf_counter() - started
     keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "trajectory_blob", "cache_blob")]
     result = {k: batch[k] for k in keep}
     result.update(status=text_column(status), error_code=text_column(code), error=text_column(error),
-                  output_uri=text_column(output_uri), latent_uri=text_column(latent_uri),
+                  **{column: text_column(values) for column, values in uris.items()}, **sizes,
                   png=np.array([p or b"" for p in pngs], dtype=object), write_seconds=write_seconds)
     return result
 
 
 #: What the driver gets back per finished row: enough to count and to know which rows are done, nothing more.
 SUMMARY_FIELDS = ("manifest_row", "status", "error_code", "inversion_passes", "unet_passes", "unet_samples",
-                  "ideal_unet_samples", "cache_hit", "dtype", "recovered")
+                  "ideal_unet_samples", "cache_hit", "dtype", "recovered", "image_bytes", "input_bytes",
+                  "latent_bytes")
 
 
 def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
@@ -289,10 +318,11 @@ def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     try:
         if ctx.stop_marker and storage.exists(ctx.stop_marker, ctx.storage_options):
             return {name: np.zeros(0, dtype=object) for name in SUMMARY_FIELDS}  # the driver records them as not run
-        write_shard(ctx.layout, table, ctx.generation, ctx.storage_options)
+        written = write_shard(ctx.layout, table, ctx.generation, ctx.storage_options)
         failpoint("results_written")
     finally:
         storage.remove(token, ctx.storage_options)
     summary = {name: np.array(rows[name], dtype=object) for name in SUMMARY_FIELDS if name in rows}
     summary["recovered"] = np.array(rows["recovered"], dtype=bool)
+    summary["results_bytes"] = np.full(n, sum(size for _, size in written) / max(n, 1))
     return summary

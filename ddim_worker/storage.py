@@ -11,10 +11,12 @@ Why these wrappers exist:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -25,6 +27,7 @@ __all__ = [
     "join_uri",
     "filesystem",
     "write_bytes",
+    "open_write",
     "read_bytes",
     "exists",
     "list_names",
@@ -119,6 +122,36 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
         return
     fs.pipe_file(path, bytes(data))
     _invalidate(fs, path)
+
+
+@contextlib.contextmanager
+def open_write(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A binary file to stream a large object into, seen whole or not at all: on local disk a temp file renamed into
+    place on success (removed on failure); on object stores fsspec's upload, which S3 makes visible only once the
+    (multipart) upload completes."""
+    fs, path = filesystem(uri, storage_options)
+    if not _is_local(fs):
+        with fs.open(path, "wb") as handle:
+            yield handle
+        _invalidate(fs, path)
+        return
+    folder, name = os.path.split(path)
+    folder = folder or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

@@ -26,7 +26,7 @@ from urllib3.util import parse_url
 
 class FetchError(Exception):
     """A failed fetch. ``code`` is one of ``fetch_failed``, ``fetch_timeout``, ``not_found``, ``too_large``,
-    ``unsafe_url``; ``retryable`` marks transient failures (5xx, 429, resets, timeouts)."""
+    ``unsafe_url``, ``opted_out``; ``retryable`` marks transient failures (5xx, 429, resets, timeouts)."""
 
     def __init__(self, code: str, message: str, *, retryable: bool = False, retry_after: float | None = None):
         super().__init__(message)
@@ -67,6 +67,9 @@ class FetchPolicy:
     # own bucket (the job's --allow-prefix). Matched on whole path segments: s3://b/img allows s3://b/img/x.png but
     # not s3://b/img2/x.png. See ``check_object_url``.
     allowed_prefixes: tuple[str, ...] = ()
+    # On by default, as img2dataset: an image whose response carries one of these X-Robots-Tag directives (for every
+    # agent, or for ours) is not used: its row ends ``opted_out``. Empty: the header is not looked at.
+    disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_prefixes, str):
@@ -74,6 +77,7 @@ class FetchPolicy:
         object.__setattr__(self, "allowed_prefixes", tuple(self.allowed_prefixes))
         for prefix in self.allowed_prefixes:
             object_location(prefix, what="--allow-prefix", error=ValueError)
+        object.__setattr__(self, "disallowed_directives", tuple(d.lower() for d in self.disallowed_directives))
         if int(self.concurrency) < 1:
             raise ValueError(f"fetch concurrency must be at least 1, got {self.concurrency}")
         if not self.deadline_s > 0:
@@ -81,6 +85,26 @@ class FetchPolicy:
 
 
 Resolver = Callable[[str, "int | None"], "list[str]"]
+
+#: The agent token an X-Robots-Tag may address (``X-Robots-Tag: ddim-edit: noai``), besides directives for all agents.
+AGENT_TOKEN = "ddim-edit"
+
+
+def opt_out_directive(values: list[str], disallowed: tuple[str, ...], agent: str = AGENT_TOKEN) -> str | None:
+    """The first disallowed directive among a response's ``X-Robots-Tag`` values that applies to us, or None.
+
+    A value is ``directive, directive`` (for every agent) or ``agent: directive, ...`` (for that agent only), as in
+    img2dataset and Google's documentation of the header.
+    """
+    for value in values:
+        head, sep, rest = value.partition(":")
+        target, directives = (head.strip().lower(), rest) if sep else (None, value)
+        if target is not None and target not in (agent, "*"):
+            continue
+        for directive in (d.strip().lower() for d in directives.split(",")):
+            if directive in disallowed:
+                return directive
+    return None
 
 
 def default_resolver(host: str, port: int | None) -> list[str]:

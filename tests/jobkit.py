@@ -42,6 +42,11 @@ def run(manifest: str, output: str, model: Path, **overrides: Any) -> dict:
     return run_job(JobConfig.from_flat({"manifest": manifest, "output": output, "model": str(model), **options}))
 
 
+def png_path(output: Path | str, row_id: str, kind: str = "edited") -> Path:
+    """Where the job writes a row's image of ``kind`` under a local output (``outputs.OutputLayout``'s rule)."""
+    return Path(OutputLayout(str(output)).image(kind, row_id))
+
+
 def result_rows(output: str, storage_options: dict | None = None) -> list[dict]:
     """The results table as a reader sees it (every shard of ``results/``), in manifest order."""
     table = read_table(OutputLayout(output), storage_options, images=False)

@@ -12,7 +12,7 @@ import pytest
 
 from ddim_worker.images import read_png_text
 from ddim_worker.job.source import find_duplicates, id_hash, plan_source
-from tests.jobkit import picture, result_rows, results, run, run_script, write_manifest
+from tests.jobkit import picture, png_path, result_rows, results, run, run_script, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,12 +54,12 @@ def test_edited_dataset_with_users_columns_loads_with_datasets(tiny_model_path, 
     assert isinstance(loaded.features["edited_image"], datasets.Image)
     first = loaded[0]
     assert first["edited_image"].size == (64, 64) and first["label"] is not None
-    png = (out / "images" / f"{first['id']}.png").read_bytes()
+    png = png_path(out, first['id']).read_bytes()
     assert read_png_text(png)["ddim_edit:id"] == first["id"]
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     again = run(str(tmp_path / "manifest"), str(out), tiny_model_path, **options)
     assert again["computed"] == 0 and again["done_before"] == 1200
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")} == before  # no PNG rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == before  # no PNG rewritten
     assert len(results(str(out))) == 1200
 
 
@@ -120,7 +120,7 @@ def test_gpus_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
     assert json.loads((tmp_path / "out" / "job.json").read_text())["dtype"] == "float32"
     row = results(str(tmp_path / "out"))["a"]
     assert row["status"] == "ok" and row["dtype"] == "float32"
-    assert "dtype=float32" in read_png_text((tmp_path / "out" / "images" / "a.png").read_bytes())[
+    assert "dtype=float32" in read_png_text(png_path(tmp_path / "out", "a").read_bytes())[
         "ddim_edit:settings"]
 
 

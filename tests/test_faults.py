@@ -31,7 +31,7 @@ def _manifest(tmp_path: Path, n: int, name: str = "m.parquet") -> str:
 
 
 def _pngs(folder: Path) -> dict[str, bytes]:
-    return {p.stem: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+    return {p.stem: p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
 def _partial_files(root: Path) -> list[str]:
@@ -59,7 +59,7 @@ def test_killed_engine_actor_costs_a_retry_not_the_job(tiny_model_path, tmp_path
         actors = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
                                          filters=[("state", "=", "ALIVE")])
                   if "EditActor" in a.class_name]
-        done = len(list((tmp_path / "out" / "images").glob("*.png"))) if (tmp_path / "out" / "images").exists() \
+        done = len(list((tmp_path / "out" / "images").rglob("*.png"))) if (tmp_path / "out" / "images").exists() \
             else 0
         if actors and 1 <= done < 6:
             os.kill(actors[0].pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ from ddim_worker.engine import EditEngine, EditRow
 from ddim_worker.images import decode_image, encode_png, read_png_text
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.stages import StageContext, png_text
-from tests.jobkit import FAST, picture, results, run, write_manifest
+from tests.jobkit import FAST, picture, png_path, results, run, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -40,12 +40,13 @@ def test_end_to_end_on_s3(s3_server, bucket, tiny_model_path):
 
     listed = s3_server.client().list_objects_v2(Bucket="jobs", Prefix="e2e/out/")
     keys = {obj["Key"] for obj in listed.get("Contents", [])}
-    assert {f"e2e/out/images/row{i}.png" for i in range(3)} <= keys
+    assert {f"e2e/out/{OutputLayout.relative_image('edited', f'row{i}')}" for i in range(3)} <= keys
     assert any(k.startswith("e2e/out/results/ok-") and k.endswith(".parquet") for k in keys)
     assert "e2e/out/job.json" in keys
     latents = [k for k in keys if k.startswith("e2e/out/latents/") and k.endswith(".safetensors")]
     assert len(latents) == 3  # one trajectory per distinct image
-    body = s3_server.client().get_object(Bucket="jobs", Key="e2e/out/images/row0.png")["Body"].read()
+    body = s3_server.client().get_object(Bucket="jobs", Key=f"e2e/out/{OutputLayout.relative_image('edited', 'row0')}")[
+        "Body"].read()
     assert Image.open(io.BytesIO(body)).size == (64, 64)
     assert read_png_text(body)["ddim_edit:edit_prompt"] == "a red picture 0"
     table = results(f"{bucket}/e2e/out", opts)
@@ -141,7 +142,7 @@ def test_per_row_overrides_are_honoured(tiny_model_path, tmp_path):
     assert (d["num_steps"], d["start_step"], d["guidance_scale"], d["seed"]) == (6, 2, 3.5, 0)
     assert (c["num_steps"], c["start_step"], c["guidance_scale"], c["seed"]) == (8, 5, 1.0, 42)
     assert d["unet_passes"] == 2 * (6 - 2) and c["unet_passes"] == 2 * (8 - 5)
-    text = read_png_text((tmp_path / "out" / "images" / "custom.png").read_bytes())
+    text = read_png_text(png_path(tmp_path / "out", "custom").read_bytes())
     assert "num_steps=8 start_step=5 guidance_scale=1.0" in text["ddim_edit:settings"]
 
 
@@ -172,7 +173,7 @@ def test_resume_redoes_only_missing_rows(tiny_model_path, tmp_path):
     manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
     run(manifest, out, tiny_model_path, limit=3, results_shard_rows=1)  # a run that got through 3 rows
-    before = {f"r{i}": (tmp_path / "out" / "images" / f"r{i}.png").stat().st_mtime_ns for i in range(3)}
+    before = {f"r{i}": png_path(tmp_path / "out", f"r{i}").stat().st_mtime_ns for i in range(3)}
     # a run killed after r0's PNG but before its results shard: the PNG is there, its result row is not
     shard_of_r0 = [p for p in (tmp_path / "out" / "results").glob("ok-*.parquet")
                    if pq.read_table(p).column("id").to_pylist() == ["r0"]]
@@ -182,8 +183,8 @@ def test_resume_redoes_only_missing_rows(tiny_model_path, tmp_path):
     assert summary["computed"] == 2 and summary["recovered"] == 1 and summary["done_before"] == 2
     assert {k: v["status"] for k, v in table.items()} == {f"r{i}": "ok" for i in range(5)}
     for rid in ("r0", "r1", "r2"):  # not redone
-        assert (tmp_path / "out" / "images" / f"{rid}.png").stat().st_mtime_ns == before[rid]
-        assert table[rid]["output_uri"].endswith(f"images/{rid}.png")
+        assert png_path(tmp_path / "out", rid).stat().st_mtime_ns == before[rid]
+        assert table[rid]["output_uri"] == str(png_path(tmp_path / "out", rid))
     # the same command again: nothing to do, no PNG rewritten, still one row per id
     again = run(manifest, out, tiny_model_path)
     assert again["computed"] == 0 and again["done_before"] == 5 and len(results(out)) == 5
@@ -215,7 +216,7 @@ def test_job_output_equals_the_engine_in_process(tiny_model_path, tmp_path):
                        model_fingerprint=engine.fingerprint, dtype="float32", size=64)
     for i, out in enumerate(edits):
         row = {**table[f"q{i}"]}
-        job_png = (tmp_path / "out" / "images" / f"q{i}.png").read_bytes()
+        job_png = png_path(tmp_path / "out", f"q{i}").read_bytes()
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(job_png))), out.image)
         assert job_png == encode_png(out.image, png_text(row, ctx))
 
@@ -227,7 +228,7 @@ def test_fast_path_flags_reach_the_engine_actors(tiny_model_path, tmp_path):
     row = {"id": "f", "image_url": "f.png", "source_prompt": "a bird", "edit_prompt": "a red bird", "seed": 3}
     run(write_manifest([row], str(tmp_path / "m.parquet")), str(tmp_path / "out"), tiny_model_path,
         attention="math", channels_last=True)
-    job_image = np.asarray(Image.open(tmp_path / "out" / "images" / "f.png"))
+    job_image = np.asarray(Image.open(png_path(tmp_path / "out", "f")))
     engine = EditEngine.from_pretrained(str(tiny_model_path), size=64, batch_size=FAST.get("batch_size"))
     edit = EditRow(decode_image((tmp_path / "f.png").read_bytes()), "a bird", "a red bird",
                    num_steps=FAST["num_steps"], start_step=FAST["start_step"], seed=3)
@@ -284,8 +285,8 @@ def test_fidelity_columns_inputs_and_report(tiny_model_path, tmp_path):
         r = table[rid]
         assert r["psnr"] is not None and 0 < r["ssim"] <= 1 and r["latent_mse"] >= 0
         assert r["unet_passes"] == r["inversion_passes"] + r["sampling_passes"]
-        for folder in ("inputs", "images", "reconstructions"):
-            assert (tmp_path / "out" / folder / f"{rid}.png").exists()
+        for kind in ("input", "edited", "reconstruction"):
+            assert png_path(tmp_path / "out", rid, kind).exists()
     assert table["v1"]["inversion_passes"] == 3 * (6 - 2)  # fixed-point:2 costs 1 + 2 evaluations per step
     assert table["v0"]["sampling_passes"] == 2 * (6 - 2)  # the edit and the reconstruction
 

@@ -19,7 +19,7 @@ from ddim_worker.job.lease import EXPIRES_S, Lease, LeaseHeld, LeaseRecord, chec
 from ddim_worker.manifest import id_hash
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import RESULTS_SCHEMA
-from tests.jobkit import picture, result_rows, results, run, write_manifest
+from tests.jobkit import picture, png_path, result_rows, results, run, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_a_png_made_with_other_settings_is_recomputed_not_recorded(tiny_model_pa
     assert summary["recovered"] == 0 and summary["computed"] == 3
     for rid, row in results(str(out)).items():
         assert (row["num_steps"], row["start_step"], row["guidance_scale"]) == (8, 2, 5.0)
-        settings = read_png_text((out / "images" / f"{rid}.png").read_bytes())["ddim_edit:settings"].split()
+        settings = read_png_text(png_path(out, rid).read_bytes())["ddim_edit:settings"].split()
         assert {"num_steps=8", "start_step=2", "guidance_scale=5.0"} <= set(settings)
     for shard in (out / "results").glob("*.parquet"):
         shard.unlink()
@@ -217,7 +217,7 @@ def test_the_table_follows_the_manifest(tiny_model_path, tmp_path):
     smaller = write_manifest(changed, str(tmp_path / "m2.parquet"))
     summary = run(smaller, str(out), tiny_model_path)
     assert summary["computed"] == 1 and summary["results_rows_outside_manifest"] == 6
-    assert read_png_text((out / "images" / "t1.png").read_bytes())["ddim_edit:edit_prompt"] == "b, changed"
+    assert read_png_text(png_path(out, "t1").read_bytes())["ddim_edit:edit_prompt"] == "b, changed"
     assert {r["id"]: r["edit_prompt"] for r in _plain(out)}["t1"] == "b, changed" and len(_plain(out)) == 12
     with pytest.raises(JobError, match="--prune-stale needs the whole manifest"):
         run(smaller, str(out), tiny_model_path, prune_stale=True, limit=2)

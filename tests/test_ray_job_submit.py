@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.jobkit import picture, results, write_manifest
+from tests.jobkit import picture, png_path, results, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_ray_job_submit_runs_the_job(tiny_model_path, tmp_path):
         assert "1 ok, 0 failed" in log, log
         table = results(str(tmp_path / "out"))
         assert table["submitted"]["status"] == "ok"
-        assert (tmp_path / "out" / "images" / "submitted.png").exists()
+        assert png_path(tmp_path / "out", "submitted").exists()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

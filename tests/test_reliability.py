@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.jobkit import picture, result_rows, run, write_manifest
+from tests.jobkit import picture, png_path, result_rows, run, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -136,8 +136,8 @@ def test_bad_rows_fail_alone_with_clear_codes(http_server, tiny_model_path, tmp_
     clean = write_manifest([r for r in rows[:7]], str(tmp_path / "clean.parquet"))
     run(clean, str(tmp_path / "clean-out"), tiny_model_path, allow_private_network=True, fetch_retries=1)
     for rid in GOOD:
-        assert (tmp_path / "out" / "images" / f"{rid}.png").read_bytes() == \
-            (tmp_path / "clean-out" / "images" / f"{rid}.png").read_bytes(), rid
+        assert png_path(tmp_path / "out", rid).read_bytes() == \
+            png_path(tmp_path / "clean-out", rid).read_bytes(), rid
     # Nothing is written outside --output.
     after = _files(tmp_path) - before
     assert all(p.startswith(("out", "clean-out", "clean.parquet")) for p in after), after

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from ddim_worker import report
+from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import results_table
 
 XSS = '<script>alert("x")</script> & "quotes"'
@@ -53,20 +54,35 @@ def _rows() -> list[dict]:
     ]
     for i, r in enumerate(rows):
         r.update(base, manifest_row=i, image_url=f"https://example.com/{r['id']}.jpg")
-        if r["status"] != "failed":
-            r["output_uri"] = f"/out/images/{r['id']}.png"
+        # where the job wrote each image: the results say so (a failed row's say nothing)
+        for kind, colour in zip(KINDS, COLOURS.get(r["id"], (None, None, None))):
+            if colour is not None and r["status"] != "failed":
+                r[report.URI_COLUMNS[kind]] = f"/out/{OutputLayout.relative_image(kind, r['id'])}"
     return rows
 
 
+KINDS = ("input", "edited", "reconstruction")
+
+
+def _path(root: Path, kind: str, row_id: str) -> Path:
+    return root / OutputLayout.relative_image(kind, row_id)
+
+
 def _make_job(root: Path) -> Path:
-    for row_id, (inp, edited, recon) in COLOURS.items():
-        for folder, colour in (("inputs", inp), ("images", edited), ("reconstructions", recon)):
+    for row_id, colours in COLOURS.items():
+        for kind, colour in zip(KINDS, colours):
             if colour is not None:
-                (root / folder).mkdir(parents=True, exist_ok=True)
-                (root / folder / f"{row_id}.png").write_bytes(_png(colour))
+                _path(root, kind, row_id).parent.mkdir(parents=True, exist_ok=True)
+                _path(root, kind, row_id).write_bytes(_png(colour))
     # A failed row's id never shows images, even if an object of that name exists (duplicate ids).
-    (root / "images" / "c.png").write_bytes(_png((0, 0, 0)))
+    _path(root, "edited", "c").parent.mkdir(parents=True, exist_ok=True)
+    _path(root, "edited", "c").write_bytes(_png((0, 0, 0)))
     return root
+
+
+def _ref(kind: str, row_id: str) -> str:
+    folder, _, name = OutputLayout.relative_image(kind, row_id).rpartition("/")
+    return f"{folder}/{urllib.parse.quote(name, safe='')}"
 
 
 @pytest.fixture
@@ -181,10 +197,11 @@ def test_report_cards_links_and_failed_rows(job):
 
     cards = {c["id"]: c for c in page.cards}
     # Images: the ones that exist, by relative path, and nothing else.
-    assert cards["a"]["imgs"] == ["inputs/a.png", "images/a.png"]
-    assert cards["b"]["imgs"] == ["inputs/b.png", "images/b.png", "reconstructions/b.png"]
-    assert cards["d"]["imgs"] == ["inputs/d.png", "images/d.png"]
-    assert cards["f"]["imgs"] == ["images/f.png"]
+    assert cards["a"]["imgs"] == [_ref("input", "a"), _ref("edited", "a")]
+    assert cards["b"]["imgs"] == [_ref("input", "b"), _ref("edited", "b"), _ref("reconstruction", "b")]
+    assert cards["d"]["imgs"] == [_ref("input", "d"), _ref("edited", "d")]
+    assert cards["f"]["imgs"] == [_ref("edited", "f")]
+    assert cards["a"]["imgs"][1].startswith("images/") and cards["a"]["imgs"][1].count("/") == 2  # a prefix folder
     assert "no input" in cards["f"]["text"] and "no reconstruction" in cards["a"]["text"]
     assert cards["c"]["imgs"] == []  # failed: no images even though images/c.png exists
     # Prompts, settings, metrics.
@@ -219,14 +236,14 @@ def test_untrusted_text_is_escaped(job):
 
 def test_odd_ids_are_escaped_and_quoted(tmp_path):
     root = tmp_path / "job"
-    (root / "images").mkdir(parents=True)
-    (root / "images" / "x y#1.png").write_bytes(_png((1, 2, 3)))
-    rows = [{"id": "x y#1", "status": "ok"}, {"id": '"><b>bad', "status": "failed", "error_code": "bad_setting",
-                                               "error": "id cannot be used"}]
+    _path(root, "edited", "x y#1").parent.mkdir(parents=True)
+    _path(root, "edited", "x y#1").write_bytes(_png((1, 2, 3)))
+    rows = [{"id": "x y#1", "status": "ok", "output_uri": str(_path(root, "edited", "x y#1"))},
+            {"id": '"><b>bad', "status": "failed", "error_code": "bad_setting", "error": "id cannot be used"}]
     report.write_report(str(root), rows)
     page = _parse(root / "report.html")
     assert [c["id"] for c in page.cards] == ["x y#1", '"><b>bad']
-    assert page.cards[0]["imgs"] == ["images/x%20y%231.png"]
+    assert page.cards[0]["imgs"] == [_ref("edited", "x y#1")] and page.cards[0]["imgs"][0].endswith("/x%20y%231.png")
     raw = (root / "report.html").read_text(encoding="utf-8")
     assert '"><b>bad' not in raw and "&quot;&gt;&lt;b&gt;bad" in raw
     _check_refs(root / "report.html", page)
@@ -268,8 +285,8 @@ def test_table_input_and_results_parquet(job):
     rows[1]["psnr"] = 31.25  # the results schema has the fidelity columns; only PSNR is filled here
     table = results_table(rows)
     (job / "results").mkdir()
-    pq.write_table(table, job / "results" / "results.parquet")
-    for results in (table, None):  # None: read <output>/results/results.parquet
+    pq.write_table(table, job / "results" / "ok-r000001-a01-0123456789abcdef.parquet")
+    for results in (table, None):  # None: read the <output>/results/ ledger
         out = report.write_report(str(job), results)
         page = _parse(job / "report.html")
         assert [c["id"] for c in page.cards] == ["a", "b", "c", "d", "e", "f"] and out["cards"] == 6
@@ -348,7 +365,7 @@ def test_contact_sheet_limits_rows_and_columns(job):
 
 
 def test_unreadable_image_is_a_placeholder_tile(job):
-    (job / "images" / "a.png").write_bytes(b"not a png")
+    _path(job, "edited", "a").write_bytes(b"not a png")
     report.write_report(str(job), _rows())
     sheet = Image.open(job / "contact-sheet.png").convert("RGB")
     x = report.SHEET_PAD + (report.TILE + report.SHEET_PAD) + report.TILE // 2

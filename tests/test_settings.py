@@ -128,7 +128,7 @@ def test_run_from_config_file_flag_wins_and_rerun_from_job_json(tiny_model_path,
     line, runs with 5 and 2; results, PNG metadata and job.json say so, and job.json reruns the same job."""
     from ddim_worker.images import read_png_text
     from ddim_worker.job.driver import main
-    from tests.jobkit import picture, results, write_manifest
+    from tests.jobkit import picture, png_path, results, write_manifest
 
     for i in range(2):
         (tmp_path / f"c{i}.png").write_bytes(picture(40 + i))
@@ -145,7 +145,7 @@ def test_run_from_config_file_flag_wins_and_rerun_from_job_json(tiny_model_path,
         r = table[rid]
         assert (r["num_steps"], r["start_step"], r["eta"], r["status"]) == (5, 2, eta, "ok")
         assert r["sampling_passes"] == 5 - 2
-        settings = read_png_text((out / "images" / f"{rid}.png").read_bytes())["ddim_edit:settings"]
+        settings = read_png_text(png_path(out, rid).read_bytes())["ddim_edit:settings"]
         assert "num_steps=5 start_step=2" in settings and f"eta={eta}" in settings
     record = json.loads((out / "job.json").read_text())
     assert record["config"]["num_steps"] == 5 and record["config"]["start_step"] == 2

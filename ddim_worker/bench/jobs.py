@@ -33,7 +33,7 @@ def steady_rows_per_s(folder: Path, batch_size: int) -> tuple[float, float] | tu
     from the first batch's last PNG to the last PNG. Best: the batch size over the shortest interval (as for the
     in-process engine, the least disturbed batch). Actor start, model load and the first batch's warm-up fall
     outside both."""
-    mtimes = sorted(p.stat().st_mtime for p in Path(folder).glob("*.png"))
+    mtimes = sorted(p.stat().st_mtime for p in Path(folder).rglob("*.png"))
     if len(mtimes) <= batch_size:
         return None, None
     span = mtimes[-1] - mtimes[batch_size - 1]

@@ -196,7 +196,7 @@ def run_job_for(command: list[str], out: str | os.PathLike, seconds: float, log_
                     ray_started_s = time.monotonic() - started
                 else:
                     before_ray = max(before_ray, status.get("VmRSS", 0))
-            if first_png_s is None and images.is_dir() and any(images.glob("*.png")):
+            if first_png_s is None and images.is_dir() and any(images.rglob("*.png")):
                 first_png_s = time.monotonic() - started
                 first_png_rss = status.get("VmRSS", 0)
             time.sleep(sample_s)
@@ -205,7 +205,7 @@ def run_job_for(command: list[str], out: str | os.PathLike, seconds: float, log_
         stopped = _stop(proc, grace_s)
     log_text = Path(log_path).read_text(errors="replace")
     indexed_s = _logged_at(log_text, wall_start)
-    mtimes = np.array([p.stat().st_mtime for p in images.glob("*.png")]) if images.is_dir() else np.zeros(0)
+    mtimes = np.array([p.stat().st_mtime for p in images.rglob("*.png")]) if images.is_dir() else np.zeros(0)
     half, end = wall_start + elapsed / 2, wall_start + elapsed
     steady = int(((mtimes >= half) & (mtimes <= end)).sum())
     in_window = int((mtimes <= end).sum())  # PNGs written during the grace period after SIGINT are left out

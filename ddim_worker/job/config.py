@@ -58,7 +58,9 @@ class JobConfig:
                                       "them, and count them in job.json)", group="job")
     address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)",
                                  group="job")
-    actors: int = option(1, "engine actors (one per GPU)", group="job", minimum=1)
+    actors: int | None = option(None, "engine actors (default: from the cluster: its GPUs / --gpus-per-actor, growing "
+                                      "and shrinking with it; one per node on a CPU-only cluster)", group="job",
+                                minimum=1)
     gpus_per_actor: float | None = option(None, "GPUs per engine actor (default: 1 when the Ray cluster has GPUs, "
                                                 "else 0)", group="job", minimum=0)
     cpus_per_actor: float = option(1.0, "CPUs per engine actor on CPU-only clusters (its torch threads)",
@@ -76,12 +78,24 @@ class JobConfig:
     measure_fidelity: bool = option(False, "resample each inversion with its source prompt: PSNR / SSIM / latent "
                                            "MSE per row (n - s more UNet passes)", group="job")
     report: bool = option(True, "write report.html and contact-sheet.png at the end", group="job")
-    latent_cache: str | None = option(None, "latent cache prefix, shareable between jobs (default: OUTPUT/latents)",
+    pack: bool = option(True, "pack the edited dataset into OUTPUT/dataset at the end of a finished run (parquet "
+                              "shards + dataset card; `ddim-edit pack OUTPUT` does it later)", group="storage")
+    max_shard_size: str = option("500MB", "largest packed dataset file: 100KB, 500MB, 2GB or a number of bytes (as "
+                                          "datasets' max_shard_size)", group="storage", metavar="SIZE")
+    save_images: bool = option(True, "write images/<p>/<id>.png for every row (off: only the packed dataset and the "
+                                     "report's sample hold the edited images)", group="storage")
+    save_inputs: bool = option(False, "write inputs/<p>/<id>.png, the preprocessed input, for every row (off: only "
+                                      "for the report's sample)", group="storage")
+    latent_cache: str | None = option(None, "latent cache prefix, shareable between jobs, or off (default: "
+                                            "OUTPUT/latents)",
                                       group="storage")
     storage_options: dict = option(help="fsspec options as JSON, e.g. S3 endpoint and keys", group="storage",
                                    default_factory=dict)
     allow_private_network: bool = option(False, "let image URLs reach loopback / private / link-local addresses "
                                                 "(off: SSRF protection)", group="limits")
+    respect_opt_outs: bool = option(True, "refuse images whose response says X-Robots-Tag noai, noimageai, noindex "
+                                          "or noimageindex (the row ends opted_out), as img2dataset does",
+                                    group="limits")
     allow_local_files: bool = option(False, "let image paths reach local files outside the manifest's folder",
                                      group="limits")
     allow_prefix: str | None = option(None, "object-store prefixes image URLs may read besides the manifest's own "
@@ -116,6 +130,12 @@ class JobConfig:
                 continue
             setattr(self, spec.name, coerce(spec.name, kind, value))
             check_range(self, spec)
+        from ddim_worker.job.pack import parse_size
+
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as exc:
+            raise SettingError("max_shard_size", str(exc)) from None
 
     # -- derived values --------------------------------------------------------------------------------------
     @property
@@ -132,7 +152,9 @@ class JobConfig:
                                    allow_local_files=self.allow_local_files, timeout_s=self.fetch_timeout,
                                    retries=self.fetch_retries, max_bytes=self.max_download_bytes,
                                    concurrency=self.fetch_concurrency, deadline_s=self.fetch_deadline,
-                                   allowed_prefixes=prefixes)
+                                   allowed_prefixes=prefixes,
+                                   disallowed_directives=_FETCH.disallowed_directives if self.respect_opt_outs
+                                   else ())
 
     # -- the flat form ---------------------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:

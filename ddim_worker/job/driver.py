@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import sys
 import time
@@ -23,6 +24,8 @@ import numpy as np
 
 from ddim_worker import storage
 from ddim_worker.job import engine_pool, ledger, records, shards
+from ddim_worker.job.compat import IncompatibleOutput, check_compatible, record_identity
+from ddim_worker.job.pack import PackError, PackResult, pack, parse_size
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.lease import Lease, LeaseHeld, check_free
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
@@ -34,8 +37,12 @@ from ddim_worker.stages import StageContext
 
 log = logging.getLogger("ddim_edit.job")
 
-#: Result rows the report reads (a sample, at scale): its pages and contact sheet stay bounded.
+#: Result rows the report shows (a sample by id hash, at scale): its pages stay bounded.
 REPORT_ROWS = 1000
+
+#: Rows whose input (and, with --no-save-images, edited) images are kept for the report's pictures: the contact
+#: sheet shows 64 of them. Every other input is written only with --save-inputs.
+REPORT_IMAGES = 100
 
 #: Longest wait, after a stop, for results shards that tasks past the stop marker are still writing (a token each).
 STOP_WAIT_S = 60.0
@@ -119,9 +126,17 @@ class Tally:
     ideal_unet_samples: int = 0
     recovered: int = 0
     dtypes: set = field(default_factory=set)
+    written: dict = field(default_factory=lambda: dict.fromkeys(("images", "inputs", "latents", "results"), 0))
 
     def __post_init__(self) -> None:
         self.computed = np.zeros(self.total, bool)
+
+    def bytes_written(self, dataset: int, computed: int) -> dict[str, Any]:
+        """Bytes this run wrote, by kind (images: edited PNGs saved or embedded; inputs: inputs and
+        reconstructions), and per computed row."""
+        kinds = {**self.written, "dataset": dataset}
+        return {**kinds, "total": sum(kinds.values()),
+                "per_row": {k: round(v / computed) for k, v in kinds.items()} if computed else None}
 
     def add(self, summary: dict[str, np.ndarray]) -> list[str]:
         rows = summary["manifest_row"].astype(np.int64)
@@ -138,6 +153,11 @@ class Tally:
         self.unet_samples += float(summary["unet_samples"].astype(np.float64).sum())
         self.ideal_unet_samples += int(summary["ideal_unet_samples"].astype(np.int64).sum())
         self.recovered += int(recovered.sum())
+        for kind, column in (("images", "image_bytes"), ("inputs", "input_bytes"), ("latents", "latent_bytes"),
+                             ("results", "results_bytes")):
+            if column in summary:
+                values = summary[column].astype(np.float64)
+                self.written[kind] += int(values[~recovered].sum()) if kind == "images" else int(values.sum())
         self.dtypes.update(str(d) for d, s in zip(summary["dtype"], statuses) if s == OK and d)
         return statuses
 
@@ -211,7 +231,7 @@ class Run:
                             "stopped writing")
 
 
-def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, batch_size: int, model: str,
+def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: engine_pool.EnginePlan, model: str,
                   progress: Progress, tally: Tally) -> StageContext:
     """Run the rows left to do through Ray Data; after an abort (a lost node, actors that could not start while
     others did), again over what is still left, as the next attempt."""
@@ -224,7 +244,7 @@ def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, batch_size: i
         ctx = dataclasses.replace(ctx, generation=run.generation, stop_marker=layout.stop_marker(run.generation))
         run_ctx = dataclasses.replace(manifest.source_ctx, done=_put(index.done()))
         seen_before = tally.rows_seen
-        batches = iter(engine_pool.build_dataset(config, run_ctx, ctx, batch_size, model).iter_batches(
+        batches = iter(engine_pool.build_dataset(config, run_ctx, ctx, plan, model).iter_batches(
             batch_size=None, batch_format="numpy"))
         try:
             for summary in batches:
@@ -317,6 +337,12 @@ def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
         raise JobError("--prune-stale needs the whole manifest: with --limit it would delete the rows past the limit")
     fingerprint = model_fingerprint(model, config.storage_options, config.revision, hub_commit)
     try:
+        check_compatible(config, layout, fingerprint, results_schema(config, source))
+    except IncompatibleOutput as exc:
+        raise JobError(str(exc)) from None
+    except OSError as exc:
+        raise JobError(f"cannot read the results under {config.output}: {exc}") from None
+    try:
         # Temp files a killed writer left: of this output, every one older than our lease (we hold it now); of a
         # shared latent cache, only those too old to be another job's write in flight.
         if removed := storage.remove_stale_temp_files(config.output, config.storage_options,
@@ -329,6 +355,7 @@ def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
             log.info("--overwrite: removed %d earlier results shards", removed)
         run.number = shards.next_run(shards.list_shards(layout, config.storage_options))
         records.mark_started(config, run.lease.record.run_id, run.number)
+        record_identity(config, layout, fingerprint)
     except OSError as exc:
         raise JobError(f"cannot write to --output {config.output}: {exc}") from None
     return model, hub_commit, source, fingerprint
@@ -352,22 +379,29 @@ def _run_job(run: Run, started: float) -> dict[str, Any]:
         raise
 
 
+def results_schema(config: JobConfig, source: Any) -> Any:
+    """The results' schema for this job: with ``--no-save-images`` the PNGs travel in the results (embedded)."""
+    return shards.results_schema(source.carried_schema, embeds_images(config))
+
+
+def embeds_images(config: JobConfig) -> bool:
+    return config.embed_images or not config.save_images
+
+
 def _run_started(run: Run, started: float, model: str, hub_commit: str | None, source: Any,
                  fingerprint: str) -> dict[str, Any]:
     config, layout = run.config, run.layout
     engine_pool.init_ray(config)
-    config.gpus_per_actor = engine_pool.cluster_gpus_per_actor(config)
-    device = engine_pool.probe_engine_device(config) if config.device == "cuda" else None
-    dtype = device.dtype if device else _cpu_dtype(config)
-    batch_size = engine_pool.batch_size_for(config, device)
+    plan = engine_pool.plan_engine(config)
 
     manifest = index_manifest(SourceContext(source, config.edit, config.max_prompt_chars))
     ctx = StageContext(layout=layout, manifest=source.files, model=config.model, model_fingerprint=fingerprint,
-                       dtype=dtype, size=config.engine.size, storage_options=config.storage_options,
+                       dtype=plan.dtype, size=config.engine.size, storage_options=config.storage_options,
                        policy=config.policy(), max_pixels=config.max_pixels, min_side=config.min_image_side,
                        resume=not config.overwrite, carried=source.carried_schema,
-                       results_schema=shards.results_schema(source.carried_schema, config.embed_images),
-                       embed_images=config.embed_images)
+                       results_schema=results_schema(config, source), embed_images=embeds_images(config),
+                       save_images=config.save_images, save_inputs=config.save_inputs,
+                       image_sample=sample_fraction(REPORT_IMAGES, manifest.total) if config.report else 0.0)
     log.info("manifest %s: %d rows in %d row groups, %d files; %d repeated ids", config.manifest,
              source.total_rows, len(source.groups), len(source.files.files), len(manifest.source_ctx.duplicates))
 
@@ -382,7 +416,7 @@ def _run_started(run: Run, started: float, model: str, hub_commit: str | None, s
     progress = Progress(source.total_rows, done_before)
     error: str | None = None
     try:
-        ctx = _run_attempts(run, manifest, ctx, batch_size, model, progress, tally)
+        ctx = _run_attempts(run, manifest, ctx, plan, model, progress, tally)
         if run.stopped_early:
             log.error(run.stopped_early)
             _record_not_run(run, manifest, ctx, "not run: " + run.stopped_early)
@@ -391,18 +425,17 @@ def _run_started(run: Run, started: float, model: str, hub_commit: str | None, s
     except JobError as exc:
         error = str(exc)
     progress.update([], force=True)
-    summary = _finish(run, manifest, ctx, tally, started, error, dict(
-        model=model, hub_commit=hub_commit, fingerprint=fingerprint, dtype=dtype, batch_size=batch_size,
-        done_before=done_before))
+    summary = _finish(run, manifest, ctx, tally, started, error, plan, dict(
+        model=model, hub_commit=hub_commit, fingerprint=fingerprint, done_before=done_before))
     if error is not None:
         raise JobError(error)
     return summary
 
 
 def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, started: float, error: str | None,
-            facts: dict[str, Any]) -> dict[str, Any]:
-    """Compact the ledger, read the counts back from it, write failed.parquet, the report and job.json. Every
-    failure to write them is one ``JobError``."""
+            plan: engine_pool.EnginePlan, facts: dict[str, Any]) -> dict[str, Any]:
+    """Compact the ledger, read the counts back from it, write failed.parquet, the report, the packed dataset and
+    job.json. Every failure to write them is one ``JobError``."""
     config, layout = run.config, run.layout
     try:
         storage.remove(layout.stop_marker(run.generation), config.storage_options)
@@ -422,11 +455,17 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
         if config.report and error is None:
             from ddim_worker.report import write_report
 
-            sample = ledger.sample_rows(layout, index, config.storage_options, REPORT_ROWS)
+            sample = ledger.sample_rows(layout, index, config.storage_options,
+                                        sample_fraction(REPORT_ROWS, manifest.total), unique)
             report = write_report(config.output, sample, config.storage_options)
+        dataset = None
+        if config.pack and error is None and not run.stopped_early:
+            dataset = pack_dataset(run, index, unique, card_facts(run, plan, facts, counts))
     except OSError as exc:
         raise JobError(f"cannot write the job's records under {config.output}: {type(exc).__name__}: {exc}") \
             from None
+    except PackError as exc:
+        raise JobError(f"cannot pack the edited dataset under {layout.dataset_folder}: {exc}") from None
     wall = time.monotonic() - started
     computed = int(tally.computed.sum())
     stale = int(outside.sum())
@@ -458,17 +497,24 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
         "generation": run.generation,
         "results_rows_outside_manifest": stale,  # rows of ids the manifest no longer has (--prune-stale)
         "results_rows_pruned": pruned,
-        "batch_size": facts["batch_size"],
-        "gpus_per_actor": config.gpus_per_actor,
+        # decided from the cluster this run found (never in ``config``: a rerun decides again)
+        "actors": plan.actors,
+        "max_actors": plan.max_actors,  # None: the pool grows with the cluster
+        "gpus_per_actor": plan.gpus_per_actor,
+        "batch_size": plan.batch_size,
+        "bytes_written": tally.bytes_written(dataset.bytes if dataset and not dataset.skipped else 0, computed),
+        "dataset": dataset.as_dict() if dataset else None,
+        "command": records.command_line(config),
         "config": records.recorded_config(config),  # rerun: --config job.json
         "model": config.model,
         "model_revision": facts["hub_commit"],
         "model_fingerprint": facts["fingerprint"],
-        "dtype": sorted(tally.dtypes)[0] if len(tally.dtypes) == 1 else (sorted(tally.dtypes) or facts["dtype"]),
+        "dtype": sorted(tally.dtypes)[0] if len(tally.dtypes) == 1 else (sorted(tally.dtypes) or plan.dtype),
         "versions": records.versions(),
         "outputs": {"images": layout.folder("edited"), "results": layout.results_folder, "latents": layout.latents,
                     "failed_manifest": failed_uri, "report": report["pages"][0] if report["pages"] else None,
-                    "contact_sheet": report["contact_sheet"], "job": layout.job_record},
+                    "contact_sheet": report["contact_sheet"], "job": layout.job_record,
+                    "dataset": layout.dataset_folder if dataset else None},
     }
     try:
         records.write_job_record(config, summary)
@@ -478,12 +524,35 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
     return summary
 
 
-def _cpu_dtype(config: JobConfig) -> str:
-    import torch
+def card_facts(run: Run, plan: engine_pool.EnginePlan, facts: dict[str, Any], counts: dict[str, int]) -> dict:
+    """What the dataset card says about the run that made the dataset."""
+    config = run.config
+    settings = {name: value for name, value in config.edit.as_dict().items()}
+    card = {"title": f"edits of {config.manifest}", "manifest": config.manifest, "model": config.model,
+            "model_revision": facts["hub_commit"], "model_fingerprint": facts["fingerprint"],
+            "size": config.engine.size, "dtype": plan.dtype, "settings": settings,
+            "command": records.command_line(config), "version": records.versions().get("ddim-edit", ""),
+            "failed": counts[FAILED], "skipped": counts[SKIPPED]}
+    card["fingerprint"] = json.dumps({k: v for k, v in card.items() if k != "command"}, sort_keys=True, default=str)
+    card["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return card
 
-    from ddim_worker.models import choose_dtype
 
-    return str(choose_dtype(config.engine.dtype, torch.device("cpu"))).removeprefix("torch.")
+def pack_dataset(run: Run, index: ledger.LedgerIndex, unique: np.ndarray, card: dict) -> PackResult:
+    """The edited dataset under OUTPUT/dataset (skipped when nothing changed since the last packing)."""
+    config = run.config
+    result = pack(run.layout, unique, config.storage_options, parse_size(config.max_shard_size), card, index)
+    if result.skipped:
+        log.info("dataset: unchanged since the last packing (%d rows in %d files)", result.rows, result.files)
+    else:
+        log.info("dataset: %d rows in %d files, %.1f MB, under %s", result.rows, result.files, result.bytes / 1e6,
+                 run.layout.dataset_folder)
+    return result
+
+
+def sample_fraction(rows: int, total: int) -> float:
+    """The fraction of ids (by hash) that makes a sample of about ``rows`` of ``total``."""
+    return min(1.0, rows / max(total, 1))
 
 
 def main(argv: list[str] | None = None) -> int:

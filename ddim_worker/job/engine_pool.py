@@ -47,6 +47,9 @@ ACTOR_INIT_DEATHS_PER_ACTOR = 2
 #: still be adding the GPU node).
 PROBE_TIMEOUT_S = 60.0
 
+#: Seconds between Ray Data's progress lines in a job's log (its operators: tasks, actors, rows, queued blocks).
+PROGRESS_LOG_S = 30
+
 
 def init_ray(config: JobConfig) -> None:
     import ray
@@ -60,16 +63,18 @@ def init_ray(config: JobConfig) -> None:
         extra = {"num_cpus": (os.cpu_count() or 1) + LOCAL_EXTRA_CPUS} if address == "local" else {}
         # Workers' warnings (fetch retries, unreadable cache entries, engine fallbacks) reach `ray job logs`.
         ray.init(address=address, log_to_driver=True, **extra)
+    # Ray Data's operator progress, for people watching a job's log (is the GPU starved? which stage lags?): a
+    # few lines every PROGRESS_LOG_S when the log is not a terminal (`ray job logs`, files), bars on a terminal.
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(PROGRESS_LOG_S))
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    context.enable_progress_bars = False  # the driver prints its own progress line
+    context.enable_progress_bars = False  # on for the main stream only (``quiet`` passes would flood the log)
     context.execution_options.preserve_order = False
     # An engine actor that cannot load the model (a node with a full disk, a flaky store) tries again in-process,
     # then dies and is replaced, while the other actors go on; only a pool where no actor ever starts fails.
     context.actor_init_retry_on_errors = True
     context.actor_init_max_retries = ACTOR_INIT_RETRIES
-    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_PER_ACTOR * max(config.actors, 1)
 
 
 def cluster_gpus_per_actor(config: JobConfig) -> float:
@@ -82,6 +87,63 @@ def cluster_gpus_per_actor(config: JobConfig) -> float:
     import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def cluster_actors(config: JobConfig, gpus_per_actor: float) -> tuple[int, int | None]:
+    """(actors to start, most actors) without ``--actors``: on a GPU cluster every GPU it has now (GPUs /
+    ``--gpus-per-actor``), and the pool grows when GPU nodes join (no upper bound) and shrinks when they go; on a
+    CPU-only cluster one actor per node that can hold one (its cores are shared with the fetch and write stages, so
+    more would starve them). ``--actors N`` is a fixed upper bound: 1..N."""
+    if config.actors is not None:
+        return config.actors, config.actors
+    import ray
+
+    if gpus_per_actor > 0:
+        return max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_actor)), None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if all(n.get("Resources", {}).get(name, 0) >= amount
+                                    for name, amount in (config.engine_resources or {}).items())]
+    return max(1, len(fits)), max(1, len(fits))
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """What the driver decided from the cluster it found: runtime facts, never written into the configuration (a
+    rerun from ``job.json`` decides again on the cluster it finds)."""
+
+    actors: int  # engine actors started
+    max_actors: int | None  # None: the pool grows with the cluster
+    gpus_per_actor: float
+    batch_size: int
+    dtype: str
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+
+def plan_engine(config: JobConfig) -> EnginePlan:
+    """GPUs per actor, actors, dtype and batch size, from the cluster (a probe task on an engine GPU for the last
+    two)."""
+    gpus = cluster_gpus_per_actor(config)
+    actors, max_actors = cluster_actors(config, gpus)
+    device = probe_engine_device(config, gpus) if gpus > 0 else None
+    dtype = device.dtype if device else _cpu_dtype(config)
+    plan = EnginePlan(actors, max_actors, gpus, batch_size_for(config, gpus, device), dtype)
+    from ray.data import DataContext
+
+    DataContext.get_current().max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_PER_ACTOR * max(actors, 1)
+    log.info("engine: %d actor(s)%s, %g GPU(s) each, batch %d, %s", actors,
+             " (growing with the cluster)" if max_actors is None else "", gpus, plan.batch_size, dtype)
+    return plan
+
+
+def _cpu_dtype(config: JobConfig) -> str:
+    import torch
+
+    from ddim_worker.models import choose_dtype
+
+    return str(choose_dtype(config.engine.dtype, torch.device("cpu"))).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -101,11 +163,12 @@ def _describe_device(dtype: str) -> EngineDevice:
     return EngineDevice(fastpath.free_device_bytes(device) if device.type == "cuda" else None, resolved)
 
 
-def probe_engine_device(config: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -> EngineDevice | None:
+def probe_engine_device(config: JobConfig, gpus_per_actor: float,
+                        timeout_s: float = PROBE_TIMEOUT_S) -> EngineDevice | None:
     """Ask a Ray task with the engine actors' resources what its device is; None when none answers in time."""
     import ray
 
-    probe = ray.remote(_describe_device).options(num_gpus=config.gpus_per_actor or None, num_cpus=0,
+    probe = ray.remote(_describe_device).options(num_gpus=gpus_per_actor or None, num_cpus=0,
                                                  resources=config.engine_resources or None)
     ref = probe.remote(config.engine.dtype)
     try:
@@ -116,11 +179,11 @@ def probe_engine_device(config: JobConfig, timeout_s: float = PROBE_TIMEOUT_S) -
         return None
 
 
-def batch_size_for(config: JobConfig, device: EngineDevice | None) -> int:
+def batch_size_for(config: JobConfig, gpus_per_actor: float, device: EngineDevice | None) -> int:
     """``--batch-size``, else on a GPU from its free memory, else the device's default."""
     if config.engine.batch_size:
         return config.engine.batch_size
-    if config.device != "cuda":
+    if gpus_per_actor <= 0:
         return DEFAULT_BATCH_SIZE["cpu"]
     import torch
 
@@ -136,26 +199,34 @@ def batch_size_for(config: JobConfig, device: EngineDevice | None) -> int:
     return batch
 
 
-def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContext, batch_size: int, model: str):
+def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContext, plan: EnginePlan, model: str):
     """manifest row groups -> rows to do -> prepare -> engine actors -> images -> results shards (summaries out)."""
     import ray
+
+    from ray.data import DataContext
 
     from ddim_worker.actor import EditActor
 
     groups = source_ctx.source.descriptors()
-    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_READ_BLOCKS)))
+    context = DataContext.get_current()
+    context.enable_progress_bars = True  # a dataset keeps the context it was made with: this one shows progress
+    try:
+        ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_READ_BLOCKS)))
+    finally:
+        context.enable_progress_bars = False
     # One row group per task call: its rows (embedded images included) are read once, validated, sorted so that rows
     # sharing an inversion are neighbours.
     ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
     # Blocks of one engine batch: a task's outputs are merged into one block, so without this the engine actor would
     # get a whole row group per call and hand nothing on until it had edited all of it (streaming, no shuffle).
+    batch_size = plan.batch_size
     rows_per_call = batch_size * config.engine.calls_per_task
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
     # Fetching is I/O-bound: half a CPU per task lets two run per core. It also keeps the stage apart from the engine
     # actors (Ray Data fuses stages with equal resources), so engine actors never wait on the network.
     ds = ds.map_batches(prepare_batch, fn_kwargs={"ctx": ctx}, batch_size=rows_per_call, batch_format="numpy",
                         num_cpus=0.5)
-    engine_cpus = 1 if config.device == "cuda" else config.cpus_per_actor
+    engine_cpus = 1 if plan.device == "cuda" else config.cpus_per_actor
     # The actor runs torch on `engine_cpus` threads but leaves the CPU slots the other stages need to run at all
     # (reading 1, fetching 0.5, writing 0.25 + 0.2): on a small CPU-only node the stream would otherwise stall.
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -164,15 +235,16 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
         EditActor,
         # Elastic between 1 and --actors: a job goes on when a node with an actor is lost and cannot be replaced.
         # Ray Data restarts dead engine actors and retries their tasks (max_restarts=-1, max_task_retries=-1).
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors, initial_size=config.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors, initial_size=plan.actors),
         fn_constructor_kwargs={"model": model, "engine": config.engine, "batch_size": batch_size,
                                "device": "auto", "storage_options": config.storage_options,
                                "num_threads": max(int(engine_cpus), 1),
                                "measure_fidelity": config.measure_fidelity, "revision": config.revision,
+                               "cache_latents": ctx.layout.caches_latents,
                                "variant": config.variant},
         batch_size=rows_per_call,
         batch_format="numpy",
-        num_gpus=config.gpus_per_actor or None,
+        num_gpus=plan.gpus_per_actor or None,
         num_cpus=engine_cpu_slots,
         resources=config.engine_resources or None,
     )

@@ -17,6 +17,7 @@ about 21 bytes a row (key, digest, shard, position, status); the driver resolves
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -83,9 +84,10 @@ def _scan_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str,
 
 
 def map_shards(fn: Callable[..., dict[str, np.ndarray]], items: list[dict[str, Any]], use_ray: bool,
-               **kwargs: Any) -> list[dict[str, np.ndarray]]:
-    """``fn`` over ``items`` (one dict per shard) in chunks: on the cluster (Ray tasks) or in this process."""
-    chunks = [items[i:i + SHARDS_PER_TASK] for i in range(0, len(items), SHARDS_PER_TASK)]
+               per_task: int = SHARDS_PER_TASK, **kwargs: Any) -> list[dict[str, np.ndarray]]:
+    """``fn`` over ``items`` (one dict per shard) in chunks of ``per_task``: on the cluster (Ray tasks) or in this
+    process. Items hold text, numbers and lists of numbers (what Ray Data's blocks carry)."""
+    chunks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
     batches = [{k: _objects([item[k] for item in chunk]) for k in chunk[0]} for chunk in chunks]
     if not use_ray:
         return [fn(batch, **kwargs) for batch in batches]
@@ -283,18 +285,28 @@ def shard_keys_of(table: pa.Table) -> dict[str, np.ndarray]:
             "position": np.arange(n, dtype=np.int32)}
 
 
-def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None, limit: int) -> list[dict]:
-    """Up to ``limit`` winning rows, reading as few shards as that takes (the report at scale)."""
-    rows: list[dict] = []
-    for s, shard in enumerate(index.shards):
-        if len(rows) >= limit:
-            break
-        positions = np.sort(index.position[(index.shard == s) & index.winner])
-        if not len(positions):
-            continue
-        table = read_shard(shard_uris(layout, [shard])[0], storage_options)
+def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None, fraction: float,
+                keys: np.ndarray | None = None) -> list[dict]:
+    """The winning rows whose key falls in the sample of ``fraction`` of all keys (``stages.in_sample``: the rows
+    whose images the write stage kept for the report), among ``keys`` if given; read by Ray tasks when they are
+    spread over many shards."""
+    mask = index.winner & (index.key < np.uint64(min(fraction, 1.0) * (2**64 - 1)) if fraction < 1 else index.winner)
+    if keys is not None:
+        mask &= np.isin(index.key, keys)
+    shards = np.unique(index.shard[mask])
+    items = [{"uri": shard_uris(layout, [index.shards[int(s)]])[0],
+              "positions": np.sort(index.position[mask & (index.shard == s)]).tolist()} for s in shards]
+    parts = map_shards(_sample_task, items, _use_ray(len(items)), storage_options=storage_options or {}) \
+        if items else []
+    rows = [row for part in parts for blob in part["rows"] for row in pickle.loads(blob)]
+    return sorted(rows, key=lambda r: (r.get("manifest_row") is None, r.get("manifest_row") or 0))
+
+
+def _sample_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
+    blobs = []
+    for uri, positions in zip(batch["uri"], batch["positions"]):
+        table = read_shard(str(uri), storage_options)
         if EDITED_IMAGE.name in table.column_names:
             table = table.drop_columns([EDITED_IMAGE.name])
-        table = table.take(pa.array(positions[:limit - len(rows)], pa.int64()))
-        rows.extend(table.to_pylist())
-    return rows
+        blobs.append(pickle.dumps(table.take(pa.array(list(positions), pa.int64())).to_pylist(), protocol=5))
+    return {"rows": _objects(blobs)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,24 @@ def write_job_record(config: JobConfig, summary: dict[str, Any]) -> str:
     uri = OutputLayout(config.output).job_record
     storage.write_bytes(uri, json.dumps(summary, indent=2, default=str).encode(), config.storage_options)
     return uri
+
+
+def command_line(config: JobConfig) -> str:
+    """The ``ddim-edit run`` command that runs this configuration: the options that differ from their defaults
+    (credentials left out), so a dataset card can say how its data was made."""
+    defaults = JobConfig(manifest=config.manifest, output=config.output).flat()
+    parts = ["ddim-edit", "run", shlex.quote(str(config.manifest)), "--output", shlex.quote(str(config.output))]
+    for name, value in config.flat().items():
+        if name in ("manifest", "output", "storage_options") or value == defaults.get(name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, dict):
+            parts += [flag, shlex.quote(json.dumps(value))]
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def recorded_config(config: JobConfig) -> dict[str, Any]:

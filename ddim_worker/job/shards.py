@@ -82,26 +82,25 @@ def results_schema(carried: pa.Schema, embed_images: bool) -> pa.Schema:
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": hf_features(schema)}})})
 
 
-def hf_features(schema: pa.Schema) -> dict:
-    """The ``datasets`` features of a results table (``edited_image`` as an ``Image``), without importing it where
-    it is missing: the same JSON ``datasets.Features.to_dict`` writes, for the types results have."""
+def hf_features(schema: pa.Schema, images: tuple[str, ...] = (EDITED_IMAGE.name,)) -> dict:
+    """The ``datasets`` features of a table whose ``images`` columns are PNG structs (``Image`` features), without
+    importing it where it is missing: the same JSON ``datasets.Features.to_dict`` writes, for the types we have."""
     try:
         import datasets
     except ImportError:
         datasets = None
     if datasets is not None:
-        plain = pa.schema([f for f in schema if f.name != EDITED_IMAGE.name])
+        plain = pa.schema([f for f in schema if f.name not in images])
         try:
             features = datasets.Features.from_arrow_schema(plain)
         except Exception:  # noqa: BLE001 - a type datasets cannot describe: fall back to the plain mapping
             features = None
         if features is not None:
-            if EDITED_IMAGE.name in schema.names:
-                features[EDITED_IMAGE.name] = datasets.Image()
-            return features.to_dict()
+            described = {f.name: (datasets.Image() if f.name in images else features[f.name]) for f in schema}
+            return datasets.Features(described).to_dict()
     out = {}
     for f in schema:
-        if f.name == EDITED_IMAGE.name:
+        if f.name in images:
             out[f.name] = {"_type": "Image"}
         else:
             out[f.name] = {"dtype": _value_dtype(f.type), "_type": "Value"}
@@ -131,8 +130,9 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(layout: OutputLayout, table: pa.Table, generation: str, storage_options: dict | None) -> list[str]:
-    """Split finished rows into an ok shard and a retry shard and write them; returns the objects written.
+def write_shard(layout: OutputLayout, table: pa.Table, generation: str,
+                storage_options: dict | None) -> list[tuple[str, int]]:
+    """Split finished rows into an ok shard and a retry shard and write them; returns (object, bytes) written.
 
     Their names are a function of the rows (see ``shard_name``): run twice on the same rows, it writes the same two
     objects again.
@@ -143,8 +143,9 @@ def write_shard(layout: OutputLayout, table: pa.Table, generation: str, storage_
         part = table.filter(mask)
         if part.num_rows:
             uri = storage.join_uri(layout.results_folder, shard_name(kind, generation, table_keys(part)))
-            storage.write_bytes(uri, parquet_bytes(part), storage_options)
-            written.append(uri)
+            data = parquet_bytes(part)
+            storage.write_bytes(uri, data, storage_options)
+            written.append((uri, len(data)))
     return written
 
 

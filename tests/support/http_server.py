@@ -5,7 +5,8 @@ does both as a context manager.
 
 Routes besides plain files: ``/status/<code>`` answers that code; ``/flaky/<key>/<name>`` answers 500 on the first
 GET for each key, then serves ``<name>`` from root; ``/hang`` waits 30 s (released at stop) before answering;
-``/redirect?to=<url>`` answers 302 to ``to``. Every request path (with query) is appended to ``requests``.
+``/redirect?to=<url>`` answers 302 to ``to``; ``/robots/<name>?tag=<value>`` serves ``<name>`` with an ``X-Robots-Tag: <value>`` header per
+tag. Every request path (with query) is appended to ``requests``.
 """
 
 from __future__ import annotations
@@ -123,6 +124,19 @@ def _make_handler(state: dict[str, Any]) -> type[http.server.SimpleHTTPRequestHa
                         self._plain(400, b"redirect needs ?to=<url>\n")
                         return
                     self._plain(302, b"", {"Location": to})
+                    return
+                if parts[:1] == ["robots"] and len(parts) >= 2:
+                    # /robots/<name>?tag=noai&tag=...: the file, with one X-Robots-Tag header per tag
+                    tags = urllib.parse.parse_qs(parsed.query).get("tag", [])
+                    body = (root / "/".join(parts[1:])).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(body)))
+                    for tag in tags:
+                        self.send_header("X-Robots-Tag", tag)
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(body)
                     return
                 if parts[:1] == ["flaky"] and len(parts) >= 3:
                     key = parts[1]

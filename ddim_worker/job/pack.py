@@ -1,0 +1,359 @@
+"""The edited dataset, packed: ``OUTPUT/dataset/data/train-NNNNN-of-MMMMM.parquet`` and a dataset card.
+
+One row per ``ok`` manifest row: ``edited_image`` (the edited PNG as a Hugging Face ``Image`` value), the id, the
+source image's reference, the prompts, every edit setting, and the manifest's own columns with their types.
+``datasets.load_dataset("OUTPUT/dataset")`` gives a ``train`` split with PIL images; the folder is ready for
+``huggingface-cli upload`` / ``HfApi.upload_folder``.
+
+Files are sized by bytes (``--max-shard-size``, as ``datasets`` spells it: ``500MB``, ``100KB``, ``2GB``), row groups
+by at most ``ROW_GROUP_BYTES``. Packing runs on the cluster, never through the driver's memory:
+
+1. tasks read the ledger's shards and report, per shard, how many rows it packs and their bytes (the driver keeps
+   one small record per shard, not per row);
+2. the driver cuts the total into ``M = ceil(total / max_shard_size)`` equal byte ranges, one per file;
+3. a task per file reads the shards overlapping its range (and the PNGs of those rows), and streams its file out,
+   row group by row group.
+
+A file's content is a function of the ledger, so packing again rewrites the same files; files of an earlier packing
+that the new one does not name are removed afterwards. ``dataset/.pack.json`` remembers what was packed, so a rerun
+that changed nothing does not pack again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ddim_worker import storage
+from ddim_worker.job import ledger
+from ddim_worker.job.shards import EDITED_IMAGE, hf_features, shard_uris
+from ddim_worker.outputs import OutputLayout
+from ddim_worker.rows import OK, RESULT_SETTING_FIELDS, RESULTS_SCHEMA
+
+#: ``--max-shard-size``'s default: what ``datasets``' ``push_to_hub`` writes.
+DEFAULT_MAX_SHARD_SIZE = "500MB"
+
+#: Largest row group: the Hub's dataset viewer reads row groups whole and wants them at most a few hundred MB.
+ROW_GROUP_BYTES = 100 * 10**6
+
+#: Our columns in the packed dataset, after ``edited_image``: what a user trains or filters on.
+DATASET_COLUMNS = ("id", "image_url", "source_prompt", "edit_prompt", *RESULT_SETTING_FIELDS)
+
+#: Columns of the results that are the job's bookkeeping, not the dataset's (the manifest's own columns follow ours).
+LEDGER_COLUMNS = frozenset(RESULTS_SCHEMA.names) | {EDITED_IMAGE.name}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class PackError(RuntimeError):
+    """The dataset could not be packed (one clear message)."""
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``100KB``, ``500MB``, ``2GB`` (powers of 10, as ``datasets``), ``512MiB`` (powers of 2) or a number."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, (int, float)) and value > 0:
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (write e.g. 100KB, 500MB, 2GB or a number of bytes)")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return size
+
+
+def data_file_name(index: int, count: int) -> str:
+    return f"train-{index:05d}-of-{count:05d}.parquet"
+
+
+_DATA_FILE = re.compile(r"^train-\d{5}-of-\d{5}\.parquet$")
+
+
+# -- what one shard packs ------------------------------------------------------------------------------------------
+
+def _packed_rows(table: pa.Table, positions: np.ndarray) -> pa.Table:
+    return table.take(pa.array(np.sort(positions), pa.int64()))
+
+
+def row_bytes(table: pa.Table) -> np.ndarray:
+    """The bytes each row of a (packed) results table takes in the dataset: its PNG, and a little for the rest. The
+    same function plans the files and fills them, so they agree on where each row goes."""
+    n = table.num_rows
+    if EDITED_IMAGE.name in table.column_names:
+        embedded = [len(v["bytes"]) if v and v.get("bytes") else 0
+                    for v in table.column(EDITED_IMAGE.name).to_pylist()]
+    else:
+        embedded = [0] * n
+    recorded = table.column("image_bytes").to_pylist() if "image_bytes" in table.column_names else [0] * n
+    other = table.drop_columns([c for c in (EDITED_IMAGE.name,) if c in table.column_names]).nbytes // max(n, 1)
+    return np.array([max(e, r or 0) + other for e, r in zip(embedded, recorded)], np.int64)
+
+
+def _shard_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
+    """Per shard: rows it packs, their bytes, and where their images came from (counts by kind of source)."""
+    out: dict[str, list] = {"index": [], "rows": [], "bytes": [], "sources": []}
+    for index, uri, positions in zip(batch["index"], batch["uri"], batch["positions"]):
+        table = _packed_rows(ledger.read_shard(str(uri), storage_options), np.asarray(positions, np.int64))
+        out["index"].append(int(index))
+        out["rows"].append(table.num_rows)
+        out["bytes"].append(int(row_bytes(table).sum()))
+        out["sources"].append(json.dumps(Counter(_source_kind(u) for u in table.column("image_url").to_pylist())))
+    return {"index": np.array(out["index"], np.int64), "rows": np.array(out["rows"], np.int64),
+            "bytes": np.array(out["bytes"], np.int64), "sources": np.array(out["sources"], dtype=object)}
+
+
+def _source_kind(url: str | None) -> str:
+    if not url:
+        return "embedded in the manifest"
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    return {"http": "http(s)", "https": "http(s)", "file": "local files"}.get(scheme, f"{scheme}://")
+
+
+# -- writing one file ----------------------------------------------------------------------------------------------
+
+def dataset_schema(results: pa.Schema) -> pa.Schema:
+    """``edited_image``, our columns, then the manifest's own columns (every results column that is not ours)."""
+    carried = [f for f in results if f.name not in LEDGER_COLUMNS]
+    ours = [RESULTS_SCHEMA.field(name) for name in DATASET_COLUMNS]
+    schema = pa.schema([EDITED_IMAGE, *ours, *carried])
+    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": hf_features(schema)}})})
+
+
+def _dataset_rows(table: pa.Table, schema: pa.Schema, storage_options: dict) -> pa.Table:
+    """Packed results rows as dataset rows: the PNG bytes from the shard (embedded) or from ``images/``."""
+    embedded = (table.column(EDITED_IMAGE.name).to_pylist() if EDITED_IMAGE.name in table.column_names
+                else [None] * table.num_rows)
+    images = []
+    for rid, uri, value in zip(table.column("id").to_pylist(), table.column("output_uri").to_pylist(), embedded):
+        data = value["bytes"] if value and value.get("bytes") else None
+        if data is None:
+            if not uri:
+                raise PackError(f"row {rid!r} is ok but its edited image is neither in the results nor saved")
+            data = storage.read_bytes(uri, storage_options)
+        images.append({"bytes": data, "path": f"{rid}.png"})
+    columns = {EDITED_IMAGE.name: pa.array(images, EDITED_IMAGE.type)}
+    for f in schema:
+        if f.name != EDITED_IMAGE.name:
+            columns[f.name] = table.column(f.name).cast(f.type) if f.name in table.column_names \
+                else pa.nulls(table.num_rows, f.type)
+    return pa.table(columns, schema=schema)
+
+
+def _file_task(batch: dict[str, np.ndarray], layout: OutputLayout, schema: pa.Schema,
+               storage_options: dict) -> dict[str, np.ndarray]:
+    """Write one dataset file: the rows whose byte offset falls in [lo, hi), streamed row group by row group."""
+    written = []
+    for name, lo, hi, parts in zip(batch["name"], batch["lo"], batch["hi"], [json.loads(p) for p in batch["parts"]]):
+        rows, size = 0, 0
+        with storage.open_write(storage.join_uri(layout.dataset_data, str(name)), storage_options) as handle:
+            writer = pq.ParquetWriter(handle, schema)
+            pending: list[pa.Table] = []
+            pending_bytes = 0
+            for uri, start, positions in parts:
+                table = _packed_rows(ledger.read_shard(str(uri), storage_options), np.asarray(positions, np.int64))
+                sizes = row_bytes(table)
+                offsets = int(start) + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+                mine = np.flatnonzero((offsets >= int(lo)) & (offsets < int(hi)))
+                for k in range(0, len(mine), 64):  # a few PNGs in memory at a time, not a whole shard's
+                    chunk = _dataset_rows(table.take(pa.array(mine[k:k + 64], pa.int64())), schema, storage_options)
+                    pending.append(chunk)
+                    pending_bytes += int(sizes[mine[k:k + 64]].sum())
+                    rows += chunk.num_rows
+                    if pending_bytes >= ROW_GROUP_BYTES:
+                        writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
+                        pending, pending_bytes = [], 0
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
+            writer.close()
+            size = handle.tell()
+        written.append((rows, size))
+    return {"rows": np.array([r for r, _ in written], np.int64), "bytes": np.array([b for _, b in written], np.int64)}
+
+
+# -- the whole packing -------------------------------------------------------------------------------------------
+
+@dataclass
+class PackResult:
+    rows: int
+    files: int
+    bytes: int
+    data_files: list[str]
+    card: str
+    skipped: bool = False  # nothing changed since the last packing
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "files": self.files, "bytes": self.bytes, "card": self.card,
+                "unchanged": self.skipped}
+
+
+def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict | None, max_shard_size: int,
+         card: dict[str, Any], index: ledger.LedgerIndex | None = None) -> PackResult:
+    """Pack the ``ok`` winners of ``manifest_keys`` (sorted) into ``OUTPUT/dataset``; ``card`` describes the run."""
+    options = storage_options or {}
+    index = index or ledger.scan(layout, options)
+    mask = index.winner & (index.status == ledger.STATUS_RANK[OK]) & np.isin(index.key, manifest_keys)
+    state = hashlib.sha256(json.dumps([[s.name for s in index.shards], int(mask.sum()), max_shard_size,
+                                       manifest_keys_digest(manifest_keys)]).encode()).hexdigest()[:16]
+    record_uri = storage.join_uri(layout.dataset_folder, ".pack.json")
+    previous = _read_json(record_uri, options)
+    if previous and previous.get("state") == state and previous.get("card") == card.get("fingerprint"):
+        return PackResult(previous["rows"], previous["files"], previous["bytes"], previous["data_files"],
+                          storage.join_uri(layout.dataset_folder, "README.md"), skipped=True)
+
+    # 1. per shard: the rows it packs and their bytes
+    shards = np.unique(index.shard[mask])
+    items = [{"index": int(s), "uri": shard_uris(layout, [index.shards[int(s)]])[0],
+              "positions": index.position[mask & (index.shard == s)].tolist()} for s in shards]
+    per_shard = ledger.map_shards(_shard_task, items, ledger._use_ray(len(items)), storage_options=options) \
+        if items else []
+    counts = {int(i): (int(r), int(b)) for part in per_shard for i, r, b in zip(part["index"], part["rows"],
+                                                                                  part["bytes"])}
+    sources: Counter = Counter()
+    for part in per_shard:
+        for text in part["sources"]:
+            sources.update(json.loads(text))
+    total_rows = sum(r for r, _ in counts.values())
+    total_bytes = sum(b for _, b in counts.values())
+
+    # 2. the files: equal byte ranges, each under max_shard_size
+    files = max(1, math.ceil(total_bytes / max_shard_size))
+    starts, offset = {}, 0
+    for item in items:
+        starts[item["index"]] = offset
+        offset += counts[item["index"]][1]
+    bounds = [round(k * total_bytes / files) for k in range(files + 1)]
+    plans = []
+    for k in range(files):
+        lo, hi = bounds[k], bounds[k + 1] if k + 1 < files else total_bytes + 1
+        parts = [(item["uri"], starts[item["index"]], item["positions"]) for item in items
+                 if starts[item["index"]] < hi and starts[item["index"]] + counts[item["index"]][1] > lo]
+        plans.append({"name": data_file_name(k, files), "lo": lo, "hi": hi, "parts": json.dumps(parts)})
+
+    # 3. write them on the cluster, then drop the files of an earlier packing
+    schema = dataset_schema(_results_schema(layout, index, options))
+    written = ledger.map_shards(_file_task, plans, _on_cluster(), per_task=1, layout=layout, schema=schema,
+                                storage_options=options)
+    rows = sum(int(r) for part in written for r in part["rows"])
+    size = sum(int(b) for part in written for b in part["bytes"])
+    if rows != total_rows:
+        raise PackError(f"packed {rows} rows, planned {total_rows}: the results changed while packing")
+    names = [p["name"] for p in plans]
+    for name in storage.list_names(layout.dataset_data, options, suffix=".parquet"):
+        if _DATA_FILE.match(name) and name not in names:
+            storage.remove(storage.join_uri(layout.dataset_data, name), options)
+    card_uri = storage.join_uri(layout.dataset_folder, "README.md")
+    storage.write_bytes(card_uri, dataset_card(schema, rows, files, size, sources, card).encode(), options)
+    storage.write_bytes(record_uri, json.dumps({"state": state, "card": card.get("fingerprint"), "rows": rows,
+                                                "files": files, "bytes": size, "data_files": names}).encode(),
+                        options)
+    return PackResult(rows, files, size, names, card_uri)
+
+
+def _on_cluster() -> bool:
+    """Files are written by Ray tasks whenever Ray runs (each file is a task of its own)."""
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def manifest_keys_digest(keys: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(keys, np.uint64).tobytes()).hexdigest()[:16]
+
+
+def _results_schema(layout: OutputLayout, index: ledger.LedgerIndex, options: dict) -> pa.Schema:
+    """The schema of the results (the newest shard's): the manifest's own columns with their types."""
+    if not index.shards:
+        return RESULTS_SCHEMA
+    newest = max(index.shards, key=lambda s: s.name)
+    data = storage.read_bytes(shard_uris(layout, [newest])[0], options)
+    return pq.ParquetFile(pa.BufferReader(data)).schema_arrow
+
+
+def _read_json(uri: str, options: dict) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri, options))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+# -- the dataset card ----------------------------------------------------------------------------------------------
+
+def _yaml_features(schema: pa.Schema) -> list[dict]:
+    features = hf_features(schema)
+    try:
+        import datasets
+
+        return datasets.Features.from_dict(features)._to_yaml_list()
+    except Exception:  # noqa: BLE001 - without datasets: the scalar types we write
+        return [{"name": name, "dtype": "image" if spec.get("_type") == "Image" else spec.get("dtype", "string")}
+                for name, spec in features.items()]
+
+
+def dataset_card(schema: pa.Schema, rows: int, files: int, size: int, sources: Counter, card: dict[str, Any]) -> str:
+    """``README.md``: a YAML header (configs pointing at the data files, the features, the split's size) the Hub and
+    ``datasets`` read, and a body that says how the dataset was made."""
+    import yaml
+
+    header = {
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "dataset_info": {"features": _yaml_features(schema),
+                         "splits": [{"name": "train", "num_bytes": size, "num_examples": rows}],
+                         "download_size": size, "dataset_size": size},
+        "tags": ["image-editing", "ddim-inversion", "synthetic"],
+    }
+    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in card.get("settings", {}).items())
+    source_lines = "\n".join(f"- {n:,} rows: {kind}" for kind, n in sorted(sources.items())) or "- none"
+    own = [f.name for f in schema if f.name not in LEDGER_COLUMNS]
+    body = f"""
+# Edited images: {card.get("title", "a ddim-edit run")}
+
+Each row is an image edited with DDIM inversion: the source image was encoded, inverted under its source prompt,
+then sampled again under its edit prompt, so what the edit prompt names changes and the rest is kept.
+
+- **Rows**: {rows:,} (one per manifest row that was edited; {card.get("failed", 0):,} failed and
+  {card.get("skipped", 0):,} not run are in the job's results, not here), in {files} Parquet file(s), {size:,} bytes.
+- **Columns**: `edited_image` (PNG), `id`, `image_url` (the source image), `source_prompt`, `edit_prompt`, every edit
+  setting ({", ".join(f"`{n}`" for n in RESULT_SETTING_FIELDS)}){", and the manifest's own columns: " + ", ".join(f"`{c}`" for c in own) if own else ""}.
+- **Model**: `{card.get("model")}`, revision `{card.get("model_revision") or "-"}`, fingerprint
+  `{card.get("model_fingerprint")}`; working size {card.get("size")} px, dtype {card.get("dtype")}.
+- **Made**: {card.get("date") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} with ddim-edit
+  {card.get("version", "")}, by
+
+```sh
+{card.get("command", "")}
+```
+
+- **Source images**, from the manifest `{card.get("manifest")}`:
+{source_lines}
+
+## Settings (the job's defaults; a row's own are in its columns)
+
+| setting | value |
+|---|---|
+{settings}
+
+## Loading
+
+```python
+import datasets
+ds = datasets.load_dataset("path/to/this/folder", split="train")   # or the Hub repository it is uploaded to
+ds[0]["edited_image"]                                              # a PIL image
+```
+"""
+    return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n" + body.lstrip("\n")

@@ -17,7 +17,11 @@ from safetensors.torch import save as save_safetensors
 from ddim_worker import storage
 from ddim_worker.sampler import Trajectory
 
-FORMAT_VERSION = 1
+#: 2: levels stored in the engine's dtype (bf16 on a GPU: half the bytes of fp32), under 3-hex-digit prefix folders.
+FORMAT_VERSION = 2
+
+#: Hex digits of an entry's digest that name its folder: 4,096 folders, about 250 entries each per million images.
+PREFIX_DIGITS = 3
 
 
 @dataclass(frozen=True)
@@ -40,19 +44,22 @@ class CacheKey:
 
 
 def cache_uri(cache_root: str, key: CacheKey) -> str:
+    """Named by the hash of everything the trajectory depends on: two jobs that write one entry write the same
+    trajectory (whole objects: a reader sees one of them, never a mix), so a cache shared between jobs is safe."""
     digest = key.digest()
-    return storage.join_uri(cache_root, digest[:2], f"{digest}.safetensors")
+    return storage.join_uri(cache_root, digest[:PREFIX_DIGITS], f"{digest}.safetensors")
 
 
 def encode_trajectory_blob(trajectory: Trajectory) -> bytes:
-    """One row's trajectory (latents (L, 1, C, h, w) or (L, C, h, w)) as safetensors bytes, labelled by timestep."""
+    """One row's trajectory (latents (L, 1, C, h, w) or (L, C, h, w)) as safetensors bytes, labelled by timestep, in
+    the dtype the engine gave it (the engine rounds a trajectory to its own dtype before it samples from it, so the
+    stored levels are exactly what a fresh inversion would sample from)."""
     latents = trajectory.latents
     if latents.dim() == 5:
         latents = latents[:, 0]
-    tensors = {f"t{t}" if t >= 0 else "x0": latents[i].contiguous().to(torch.float32)
-               for i, t in enumerate(trajectory.timesteps)}
+    tensors = {f"t{t}" if t >= 0 else "x0": latents[i].contiguous() for i, t in enumerate(trajectory.timesteps)}
     for name, value in trajectory.extras.items():  # e.g. null-text embeddings, (S, 1, L, D) -> (S, L, D)
-        tensors[f"extra:{name}"] = (value[:, 0] if value.dim() == 4 else value).contiguous().to(torch.float32)
+        tensors[f"extra:{name}"] = (value[:, 0] if value.dim() == 4 else value).contiguous()
     metadata = {"timesteps": json.dumps(trajectory.timesteps), "format": str(FORMAT_VERSION)}
     return save_safetensors(tensors, metadata=metadata)
 

@@ -22,7 +22,7 @@ from tests.jobkit import picture, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
-IMAGES, EDITS, BAD = 60, 4, 16
+IMAGES, EDITS, BAD = 45, 4, 16
 COUNTS = re.compile(r"ddim-edit: (\d+) rows: (\d+) ok, (\d+) failed, (\d+) skipped")
 
 

@@ -107,20 +107,27 @@ def test_source_plan_reads_footers_only_and_honours_limit(tmp_path):
     assert source.total_rows == 700 and source.carried == {"extra": "extra"}
 
 
-def test_gpus_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
-    """A CPU head and a worker with a GPU: the engine actors get the GPU by default, and the dtype the actor ran
-    (fp32: the GPU here is only a Ray resource) is what the results, the PNG, the cache key and job.json say."""
-    (tmp_path / "a.png").write_bytes(picture(3))
-    manifest = write_manifest([{"id": "a", "image_url": "a.png", "source_prompt": "a", "edit_prompt": "b"}],
-                              str(tmp_path / "m.parquet"))
+def test_gpus_actors_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
+    """A CPU head and a worker with GPUs: without --actors the pool takes every GPU, the engine actors get them by
+    default, and the dtype they ran (fp32: the GPUs here are only Ray resources) is what the results, the PNG and
+    job.json say. The figures are runtime facts: job.json's config holds none, so a rerun from it on a one-GPU
+    cluster uses one actor."""
+    rows = []
+    for i in range(4):
+        (tmp_path / f"a{i}.png").write_bytes(picture(3 + i))
+        rows.append({"id": f"a{i}", "image_url": f"a{i}.png", "source_prompt": "a", "edit_prompt": "b"})
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
     report, log = run_script("gpu_worker_cluster.py", manifest, str(tmp_path / "out"), str(tiny_model_path))
     assert report["error"] is None, report["error"] + log[-3000:]
-    summary = report["summary"]
-    assert summary["gpus_per_actor"] == 1.0 and summary["dtype"] == "float32"
-    assert json.loads((tmp_path / "out" / "job.json").read_text())["dtype"] == "float32"
-    row = results(str(tmp_path / "out"))["a"]
+    two, one = report["two_gpus"], report["one_gpu"]
+    assert (two["actors"], two["max_actors"], two["gpus_per_actor"]) == (2, None, 1.0)
+    assert two["config"]["actors"] is None and two["config"]["gpus_per_actor"] is None
+    assert (one["actors"], one["gpus_per_actor"], one["computed"]) == (1, 1.0, 4)
+    record = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert record["actors"] == 1 and record["config"]["actors"] is None and record["dtype"] == "float32"
+    row = results(str(tmp_path / "out"))["a0"]
     assert row["status"] == "ok" and row["dtype"] == "float32"
-    assert "dtype=float32" in read_png_text(png_path(tmp_path / "out", "a").read_bytes())[
+    assert "dtype=float32" in read_png_text(png_path(tmp_path / "out", "a0").read_bytes())[
         "ddim_edit:settings"]
 
 

@@ -4,11 +4,13 @@ that is not loopback, even if the code under test is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -240,6 +242,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"x" * 5000)
+        elif self.path.startswith("/tagged/"):  # /tagged/<value>[/<value>]: one X-Robots-Tag header per value
+            values = [urllib.parse.unquote(v) for v in self.path.split("/")[2:]]
+            self._send(200, b"\x89PNG tagged", headers=[("X-Robots-Tag", v) for v in values])
         elif self.path == "/redirect":
             self._send(302, headers=[("Location", "/ok")])
         elif self.path == "/loop":
@@ -277,6 +282,22 @@ def test_http_not_found_and_client_errors(server):
         fetch_bytes(server.url + "/forbidden", policy=FAST)
     assert info.value.code == "fetch_failed"
     assert server.paths == ["/missing", "/gone", "/forbidden"]  # none of these is retried
+
+
+@pytest.mark.parametrize("tags, refused", [
+    (["noai"], "noai"), (["noimageai, nofollow"], "noimageai"), (["NoIndex"], "noindex"),
+    (["nofollow", "noimageindex"], "noimageindex"), (["ddim-edit: noai"], "noai"), (["*: noimageai"], "noimageai"),
+    (["googlebot: noindex"], None), (["nofollow, noarchive"], None), ([], None)])
+def test_x_robots_tag_opt_outs_are_honoured(server, tags, refused):
+    url = server.url + "/tagged/" + "/".join(urllib.parse.quote(t, safe="") for t in tags)
+    if refused is None:
+        assert fetch_bytes(url, policy=FAST) == b"\x89PNG tagged"
+        return
+    with pytest.raises(FetchError, match=f"opts this image out of AI use \\(X-Robots-Tag: {refused}\\)") as info:
+        fetch_bytes(url, policy=FAST)
+    assert info.value.code == "opted_out" and server.paths.count(url.removeprefix(server.url)) == 1  # not retried
+    ignoring = dataclasses.replace(FAST, disallowed_directives=())  # --no-respect-opt-outs
+    assert fetch_bytes(url, policy=ignoring) == b"\x89PNG tagged"
 
 
 def test_http_retries_5xx(server):

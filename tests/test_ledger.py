@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -116,6 +117,7 @@ def _slow_job(manifest: str, out: Path, model: Path) -> list[str]:
             "--no-report"]
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_a_second_run_on_a_held_output_exits_2_and_writes_nothing(tiny_model_path, tmp_path):
     rows = []
     for i in range(6):
@@ -140,12 +142,13 @@ def test_a_second_run_on_a_held_output_exits_2_and_writes_nothing(tiny_model_pat
     assert json.loads((out / "job.json").read_text())["run_id"] == holder  # so is the running job's record
     assert not list(out.glob(".ddim-edit-probe-*"))
     assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
-    third = subprocess.run(_slow_job(manifest, out, tiny_model_path), capture_output=True, text=True, timeout=300,
-                           stdin=subprocess.DEVNULL)
-    assert third.returncode == 0, third.stderr[-3000:]
+    # the first run is over: its lease is gone, and the same job runs (in this process, on the session's Ray)
+    assert not (out / "lease.json").exists()
+    third = run(manifest, str(out), tiny_model_path, size=64, num_steps=24, start_step=2, batch_size=1,
+                calls_per_task=1, report=False)
     plain = _plain(out)
     assert sorted(r["id"] for r in plain) == [f"l{i}" for i in range(6)]
-    assert json.loads((out / "job.json").read_text())["computed"] == 0
+    assert third["computed"] == 0 and third["counts"]["ok"] == 6
 
 
 # -- runs against a changed output or manifest ----------------------------------------------------------------------
@@ -252,3 +255,40 @@ def test_bad_manifest_files_end_in_one_line_before_ray_starts(tiny_model_path, t
         assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr, proc.stderr[-2000:]
         record = json.loads((tmp_path / f"out-{name}" / "job.json").read_text())
         assert record["state"] == "failed" and message in record["error"]
+
+
+def test_nulls_in_every_form_are_missing_and_never_text():
+    import math
+
+    import pandas as pd
+
+    from ddim_worker.manifest import image_reference
+    from ddim_worker.rows import RowError, is_missing, text_or_none
+
+    for null in (None, float("nan"), np.float64("nan"), np.float32("nan"), pd.NA, pd.NaT):
+        assert is_missing(null) and text_or_none(null) is None
+        record = {"image_url": null, "image": None}
+        with pytest.raises(RowError, match="names no image") as info:
+            image_reference(record)
+        assert info.value.code == "missing_image"
+    assert not is_missing("nan") and text_or_none("nan") == "nan" and not is_missing(0.0) and math.isfinite(0.0)
+    embedded = {"image_url": float("nan"), "image": {"bytes": b"\x89PNG", "path": None}}
+    image_reference(embedded)
+    assert embedded["image_url"] is None and embedded["image_bytes"] == b"\x89PNG"
+
+
+def test_a_hash_shared_by_two_ids_is_caught_by_comparing_the_ids(tmp_path):
+    """Two different ids whose 64-bit hashes met would be taken for one repeated id: the full ids are compared."""
+    from ddim_worker.job.source import SourceContext, _rows_to_do, plan_source
+    from ddim_worker.settings import DEFAULTS
+
+    rows = [{"id": i, "image_url": "x.png", "source_prompt": "a", "edit_prompt": "b"} for i in ("first", "second")]
+    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
+    source = plan_source(manifest, {})
+    table = pq.read_table(manifest)
+    for first_id, expected in (("second", "is also manifest row 0"), ("first", "have the same 64-bit hash")):
+        # the driver's index says the hash of "second" was first seen at row 0, with id `first_id`
+        ctx = SourceContext(source, DEFAULTS, 1000, duplicates={id_hash("second"): (0, first_id)})
+        out = _rows_to_do(table, 0, ctx, None, None)
+        row = {k: v[list(out["id"]).index("second")] for k, v in out.items()}
+        assert row["error_code"] == "duplicate_id" and expected in row["error"], row["error"]

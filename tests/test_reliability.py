@@ -94,6 +94,8 @@ def _rows(server, flaky_key: str) -> tuple[list[dict], dict[str, str]]:
         row("passwd", "file:///etc/passwd"),
         row("gopher", "gopher://example.invalid/x.png"),
         row("server-error", url("status/503")),
+        row("opted-out", url("robots/good.png?tag=noai")),  # the server opts the image out of AI use
+        row("null-url", None),  # a null is missing, never the text "None" or "nan"
     ]
     expected = {rid: "ok" for rid in GOOD}
     expected.update({
@@ -101,7 +103,8 @@ def _rows(server, flaky_key: str) -> tuple[list[dict], dict[str, str]]:
         "empty": "not_an_image", "bomb": "too_large", "tiny": "bad_image", "no-source": "bad_prompt",
         "long-prompt": "bad_prompt", "start-after-end": "bad_setting", "negative-guidance": "bad_setting",
         "zero-steps": "bad_setting", "not-a-number": "bad_setting", "../../etc/x": "bad_setting",
-        "passwd": "unsafe_url", "gopher": "unsafe_url", "server-error": "fetch_failed",
+        "passwd": "unsafe_url", "gopher": "unsafe_url", "server-error": "fetch_failed", "opted-out": "opted_out",
+        "null-url": "missing_image",
     })
     return rows, expected
 

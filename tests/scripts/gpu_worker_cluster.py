@@ -1,8 +1,13 @@
-"""Run a job on a Ray cluster whose head has no GPU and whose worker node says it has one (ray.cluster_utils).
+"""Run a job on Ray clusters whose head has no GPU and whose worker node says it has GPUs (ray.cluster_utils).
 
-Run as a subprocess by tests/test_dataset_scale.py (its own Ray cluster, apart from the test session's). The worker's
-"GPU" is only a Ray resource: torch there sees no CUDA, so the engine actor runs on its CPU in fp32, and the job
-must say so (the dtype the actor ran), not what the driver's own torch would guess. Prints one JSON line.
+Run as a subprocess by tests/test_dataset_scale.py (its own Ray clusters, apart from the test session's). The
+worker's GPUs are only Ray resources: torch there sees no CUDA, so the engine actors run on its CPU in fp32, and the
+job must say so (the dtype the actors ran), not what the driver's own torch would guess. Two runs:
+
+1. a worker with 2 GPUs, no --actors: the pool takes both (job.json: "actors": 2, its config without the figure);
+2. a worker with 1 GPU, rerun from the first run's job.json (--config OUT/job.json --overwrite): one actor.
+
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ray
 from ray.cluster_utils import Cluster
 
+from ddim_worker.job.args import parse_args
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.driver import run_job
 
 
-def main(manifest: str, output: str, model: str) -> None:
+def _on_cluster(gpus: int, config: JobConfig) -> dict:
     with socket.socket() as probe:  # the default dashboard port may be taken by another Ray on this machine
         probe.bind(("127.0.0.1", 0))
         dashboard_port = probe.getsockname()[1]
@@ -29,19 +35,26 @@ def main(manifest: str, output: str, model: str) -> None:
                                                             "include_dashboard": True,
                                                             "dashboard_port": dashboard_port,
                                                             "object_store_memory": 200 * 2**20})
-    cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=200 * 2**20)
+    cluster.add_node(num_cpus=2, num_gpus=gpus, object_store_memory=200 * 2**20)
     ray.init(address=cluster.address)
-    report: dict = {"error": None}
     try:
-        # gpus_per_actor left to its default: decided from the cluster's resources, not the driver's torch.
-        config = JobConfig.from_flat(dict(manifest=manifest, output=output, model=model, size=64, num_steps=4,
-                                          start_step=1, batch_size=2))
-        report["summary"] = run_job(config)
-    except BaseException as exc:  # reported in the JSON line
-        report["error"] = repr(exc)
+        return run_job(config)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def main(manifest: str, output: str, model: str) -> None:
+    report: dict = {"error": None}
+    try:
+        # gpus_per_actor and actors left to their defaults: decided from the cluster's resources.
+        first = JobConfig.from_flat(dict(manifest=manifest, output=output, model=model, size=64, num_steps=4,
+                                         start_step=1, batch_size=2, calls_per_task=1, report=False))
+        report["two_gpus"] = _on_cluster(2, first)
+        again = parse_args(["--config", str(Path(output) / "job.json"), "--overwrite"])
+        report["one_gpu"] = _on_cluster(1, again)
+    except BaseException as exc:  # reported in the JSON line
+        report["error"] = repr(exc)
     print(json.dumps(report, default=str))
 
 

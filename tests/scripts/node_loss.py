@@ -54,7 +54,7 @@ def main(manifest: str, output: str, model: str) -> None:
     while thread.is_alive() and time.monotonic() - started < 300:
         on_worker = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
                      if "EditActor" in a.class_name and a.node_id == worker.node_id]
-        done = len(list(images.glob("*.png"))) if images.exists() else 0
+        done = len(list(images.rglob("*.png"))) if images.exists() else 0
         if on_worker and done >= 1:
             cluster.remove_node(worker)
             removed_at = done

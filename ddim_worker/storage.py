@@ -94,47 +94,9 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` to ``uri`` atomically: readers see the old object, or the new one whole, never a part.
-
-    Local disk: temp file in the same folder, fsync, ``os.replace`` (parent folders are created).
-    Object stores: a single ``pipe`` (one PUT for our sizes; S3 makes a PUT visible only once complete).
-    """
-    fs, path = filesystem(uri, storage_options)
-    if _is_local(fs):
-        folder, name = os.path.split(path)
-        folder = folder or "."
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(folder)
-        return
-    fs.pipe_file(path, bytes(data))
-    _invalidate(fs, path)
-
-
 @contextlib.contextmanager
-def open_write(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[Any]:
-    """A binary file to stream a large object into, seen whole or not at all: on local disk a temp file renamed into
-    place on success (removed on failure); on object stores fsspec's upload, which S3 makes visible only once the
-    (multipart) upload completes."""
-    fs, path = filesystem(uri, storage_options)
-    if not _is_local(fs):
-        with fs.open(path, "wb") as handle:
-            yield handle
-        _invalidate(fs, path)
-        return
+def _local_atomic(path: str) -> Iterator[Any]:
+    """A temp file beside ``path``: fsynced and renamed onto it when the block ends, removed if the block fails."""
     folder, name = os.path.split(path)
     folder = folder or "."
     os.makedirs(folder, exist_ok=True)
@@ -152,6 +114,36 @@ def open_write(uri: str, storage_options: dict[str, Any] | None = None) -> Itera
             pass
         raise
     _fsync_dir(folder)
+
+
+def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to ``uri`` atomically: readers see the old object, or the new one whole, never a part.
+
+    Local disk: temp file in the same folder, fsync, ``os.replace`` (parent folders are created).
+    Object stores: a single ``pipe`` (one PUT for our sizes; S3 makes a PUT visible only once complete).
+    """
+    fs, path = filesystem(uri, storage_options)
+    if _is_local(fs):
+        with _local_atomic(path) as handle:
+            handle.write(data)
+        return
+    fs.pipe_file(path, bytes(data))
+    _invalidate(fs, path)
+
+
+@contextlib.contextmanager
+def open_write(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A binary file to stream a large object into, seen whole or not at all: on local disk a temp file renamed into
+    place on success (removed on failure); on object stores fsspec's upload, which S3 makes visible only once the
+    (multipart) upload completes."""
+    fs, path = filesystem(uri, storage_options)
+    if _is_local(fs):
+        with _local_atomic(path) as handle:
+            yield handle
+        return
+    with fs.open(path, "wb") as handle:
+        yield handle
+    _invalidate(fs, path)
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

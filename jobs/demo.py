@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     print("== the batch job: ddim-edit run manifests/shapes.parquet")
     status = job_main([str(REPO / "manifests" / "shapes.parquet"), "--output", str(out / "shapes"), "--model",
-                       args.model, *flags, "--batch-size", "4"])
+                       args.model, *flags, "--batch-size", "4", "--overwrite"])  # a fresh demo every time
     if status:
         return status
     print("== text-to-image: ddim-edit sample")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 from ddim_worker import storage
 from ddim_worker.job import engine_pool, ledger, records, shards
 from ddim_worker.job.compat import IncompatibleOutput, check_compatible, record_identity
-from ddim_worker.job.pack import PackError, PackResult, pack, parse_size
+from ddim_worker.job.pack import PackError, PackResult, card_facts, pack, parse_size
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.lease import Lease, LeaseHeld, check_free
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
@@ -460,7 +459,10 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
             report = write_report(config.output, sample, config.storage_options)
         dataset = None
         if config.pack and error is None and not run.stopped_early:
-            dataset = pack_dataset(run, index, unique, card_facts(run, plan, facts, counts))
+            dataset = pack_dataset(run, index, unique, card_facts(
+                config, model_revision=facts["hub_commit"], fingerprint=facts["fingerprint"], dtype=plan.dtype,
+                failed=counts[FAILED], skipped=counts[SKIPPED], command=records.command_line(config),
+                version=records.versions().get("ddim-edit", "")))
     except OSError as exc:
         raise JobError(f"cannot write the job's records under {config.output}: {type(exc).__name__}: {exc}") \
             from None
@@ -522,20 +524,6 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
     except OSError as exc:
         raise JobError(f"cannot write {layout.job_record}: {type(exc).__name__}: {exc}") from None
     return summary
-
-
-def card_facts(run: Run, plan: engine_pool.EnginePlan, facts: dict[str, Any], counts: dict[str, int]) -> dict:
-    """What the dataset card says about the run that made the dataset."""
-    config = run.config
-    settings = {name: value for name, value in config.edit.as_dict().items()}
-    card = {"title": f"edits of {config.manifest}", "manifest": config.manifest, "model": config.model,
-            "model_revision": facts["hub_commit"], "model_fingerprint": facts["fingerprint"],
-            "size": config.engine.size, "dtype": plan.dtype, "settings": settings,
-            "command": records.command_line(config), "version": records.versions().get("ddim-edit", ""),
-            "failed": counts[FAILED], "skipped": counts[SKIPPED]}
-    card["fingerprint"] = json.dumps({k: v for k, v in card.items() if k != "command"}, sort_keys=True, default=str)
-    card["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return card
 
 
 def pack_dataset(run: Run, index: ledger.LedgerIndex, unique: np.ndarray, card: dict) -> PackResult:

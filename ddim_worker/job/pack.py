@@ -263,6 +263,20 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
     return PackResult(rows, files, size, names, card_uri)
 
 
+def card_facts(config: Any, *, model_revision: str | None, fingerprint: str | None, dtype: Any, failed: int,
+               skipped: int, command: str, version: str) -> dict[str, Any]:
+    """What the dataset card says about the run that made the dataset (``config``: its ``JobConfig``). Its
+    ``fingerprint`` (everything but the command and the date) tells whether a packing is still current."""
+    card = {"title": f"edits of {config.manifest}", "manifest": config.manifest, "model": config.model,
+            "model_revision": model_revision, "model_fingerprint": fingerprint, "size": config.engine.size,
+            "dtype": dtype, "settings": config.edit.as_dict(), "version": version, "failed": failed,
+            "skipped": skipped}
+    card["fingerprint"] = json.dumps(card, sort_keys=True, default=str)
+    card["command"] = command
+    card["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return card
+
+
 def _on_cluster() -> bool:
     """Files are written by Ray tasks whenever Ray runs (each file is a task of its own)."""
     try:

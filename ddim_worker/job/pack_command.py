@@ -16,7 +16,7 @@ from ddim_worker import storage
 from ddim_worker.job import engine_pool, ledger
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.driver import JobError, index_manifest, take_lease
-from ddim_worker.job.pack import DEFAULT_MAX_SHARD_SIZE, PackError, pack, parse_size
+from ddim_worker.job.pack import DEFAULT_MAX_SHARD_SIZE, PackError, card_facts, pack, parse_size
 from ddim_worker.job.source import SourceContext, plan_source
 from ddim_worker.manifest import ManifestError, parse_column_map
 from ddim_worker.outputs import OutputLayout
@@ -51,13 +51,10 @@ def pack_output(output: str, storage_options: dict | None = None, max_shard_size
         index = ledger.scan(layout, options)
         unique = manifest.unique_keys()
         counts = index.counts(unique)
-        card = {"title": f"edits of {config.manifest}", "manifest": config.manifest, "model": config.model,
-                "model_revision": record.get("model_revision"), "model_fingerprint": record.get("model_fingerprint"),
-                "size": config.engine.size, "dtype": record.get("dtype"), "settings": config.edit.as_dict(),
-                "command": record.get("command", ""), "version": record.get("versions", {}).get("ddim-edit", ""),
-                "failed": counts[FAILED], "skipped": counts[SKIPPED]}
-        card["fingerprint"] = json.dumps({k: v for k, v in card.items() if k != "command"}, sort_keys=True,
-                                         default=str)
+        card = card_facts(config, model_revision=record.get("model_revision"),
+                          fingerprint=record.get("model_fingerprint"), dtype=record.get("dtype"),
+                          failed=counts[FAILED], skipped=counts[SKIPPED], command=record.get("command", ""),
+                          version=record.get("versions", {}).get("ddim-edit", ""))
         try:
             result = pack(layout, unique, options, size, card, index)
         except (PackError, OSError) as exc:

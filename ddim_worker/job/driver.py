@@ -231,14 +231,15 @@ class Run:
 
 
 def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: engine_pool.EnginePlan, model: str,
-                  progress: Progress, tally: Tally) -> StageContext:
-    """Run the rows left to do through Ray Data; after an abort (a lost node, actors that could not start while
-    others did), again over what is still left, as the next attempt."""
+                  progress: Progress, tally: Tally, index: ledger.LedgerIndex) -> StageContext:
+    """Run the rows left to do through Ray Data (``index``: the ledger as the run found it); after an abort (a lost
+    node, actors that could not start while others did), again over what is still left, as the next attempt."""
     config, layout = run.config, run.layout
     aborts = 0
     for attempt in itertools.count(1):
         run.attempts = attempt
-        index = ledger.scan(layout, config.storage_options)
+        if attempt > 1:
+            index = ledger.scan(layout, config.storage_options)
         run.generation = shards.generation_name(run.number, attempt)
         ctx = dataclasses.replace(ctx, generation=run.generation, stop_marker=layout.stop_marker(run.generation))
         run_ctx = dataclasses.replace(manifest.source_ctx, done=_put(index.done()))
@@ -415,7 +416,7 @@ def _run_started(run: Run, started: float, model: str, hub_commit: str | None, s
     progress = Progress(source.total_rows, done_before)
     error: str | None = None
     try:
-        ctx = _run_attempts(run, manifest, ctx, plan, model, progress, tally)
+        ctx = _run_attempts(run, manifest, ctx, plan, model, progress, tally, before)
         if run.stopped_early:
             log.error(run.stopped_early)
             _record_not_run(run, manifest, ctx, "not run: " + run.stopped_early)

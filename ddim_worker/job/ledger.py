@@ -11,7 +11,7 @@ take the winners from here. ``compact`` rewrites the shards that hold rows which
 longer in the manifest), so that after a run any plain Parquet reader also sees one row per id.
 
 Reading a ledger of millions of rows: tasks read the key columns of a few shards each (``scan``) and hand the driver
-about 21 bytes a row (key, digest, shard, position, status); the driver resolves the winners with NumPy.
+about 25 bytes a row (key, digest, shard, position, status); the driver resolves the winners with NumPy.
 """
 
 from __future__ import annotations

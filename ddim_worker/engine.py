@@ -23,10 +23,11 @@ from PIL import Image
 
 from ddim_worker import sampler
 from ddim_worker import schedule as sch
-from ddim_worker.attention_control import CallControl, RowControl, StepControl, step_control
+from ddim_worker.attention_control import CallControl, RowControl, StepControl, replaced_steps, step_control
 from ddim_worker.call_plan import RowNeeds, SamplingCall, chunks, plan_inversions, plan_sampling
 from ddim_worker.denoiser import Conditioning, GuidedUNet, pad_rows
 from ddim_worker.inversion import InversionMethod, parse_method
+from ddim_worker import masks as M
 from ddim_worker.models import check_scheduler_config, choose_device, choose_dtype, load_pipeline, model_fingerprint
 from ddim_worker.sampler import Callback, Denoiser, Schedule, Trajectory
 from ddim_worker.settings import DEFAULTS, ENGINE_DEFAULTS, SETTING_NAMES, EditSettings, SettingError
@@ -76,6 +77,12 @@ class EditRow:
     def settings(self) -> EditSettings:
         """This row's settings, through the one validator (raises ``SettingError``)."""
         return EditSettings(**{name: getattr(self, name) for name in SETTING_NAMES})
+
+    @property
+    def sampling_start(self) -> int:
+        """The level sampling starts from: the start step, or deeper with mask auto (``masks.sampling_start``: what
+        the mask keeps is blended back and pasted, so the region it frees can be regenerated more)."""
+        return M.sampling_start(int(self.start_step)) if self.mask == "auto" else int(self.start_step)
 
     @property
     def controlled(self) -> bool:
@@ -347,7 +354,7 @@ class EditEngine:
                 raise ValueError(f"row {i}: {exc}") from None
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault((int(row.num_steps), int(row.start_step), float(row.eta)), []).append(i)
+            groups.setdefault((int(row.num_steps), row.sampling_start, float(row.eta)), []).append(i)
         outputs: list[EditOutput | None] = [None] * len(rows)
         for (num_steps, start_step, eta), index in groups.items():
             for i, out in zip(index, self._edit_group([rows[i] for i in index], num_steps, start_step, eta,
@@ -390,21 +397,27 @@ class EditEngine:
         self._invert_unique(rows, work, schedule, start_step)
         # 2. null-text: per-step unconditional embeddings, optimised once per row and kept with the trajectory.
         uncond_steps = self._null_text(rows, work, schedule, start_step)
-        # 3. Attention control per row (its token map), and the plan of the sampling calls.
+        # 3. Masks (mask auto): where the edit prompt changes the prediction at the starting latent.
+        self._find_masks(rows, work, schedule, start_step)
+        # 4. Attention control per row (its token map), and the plan of the sampling calls.
         controls = [self.row_control(r) for r in rows]
         plan = plan_sampling([RowNeeds(float(r.guidance_scale) != 1.0, _source_key(r, c, eta))
                               for r, c in zip(rows, controls)], self.batch_size)
-        # 4. Sample every call of the plan: edit branches beside their source branches.
+        # 5. Sample every call of the plan: edit branches beside their source branches, held to the trajectories.
         x0 = self._sample_plan(plan, rows, work, controls, uncond_steps, schedule, start_step, eta)
-        # 5. Decode and report.
+        # 6. Decode and report.
         images = self.decode(x0)
+        for i, w in enumerate(work):
+            if w.mask is not None:  # outside the mask the pixels are the input's
+                images[i] = M.paste_back(images[i], w.input_pixels, w.mask)
         outputs = [
             EditOutput(images[i], _to_cpu(w.trajectory), w.inversion_passes, num_steps - start_step, w.cache_hit,
-                       w.shared, source_passes=w.source_passes,
-                       attention_control=controls[i].tokens.kind if controls[i] is not None else "none")
+                       w.shared, source_passes=w.source_passes, mask_passes=w.mask_passes,
+                       attention_control=controls[i].tokens.kind if controls[i] is not None else "none",
+                       mask=M.mask_image(w.mask) if w.mask is not None else None)
             for i, w in enumerate(work)
         ]
-        # 6. Fidelity: each inversion resampled with its source prompt, compared with the input.
+        # 7. Fidelity: each inversion resampled with its source prompt, compared with the input.
         if measure_fidelity:
             self._measure_fidelity(rows, work, outputs, uncond_steps, schedule, start_step, eta)
         return outputs
@@ -477,6 +490,53 @@ class EditEngine:
                     work[i].inversion_passes += evals
         return {i: work[i].trajectory.extras[null_key][:, 0] for i in null_rows}
 
+    def _find_masks(self, rows: list[EditRow], work: list[_RowWork], schedule: Schedule, start_step: int) -> None:
+        """Masks for the rows with mask auto (``masks``): ``masks.DRAWS`` seeded noisings of the image's latent,
+        predicted unguided under the edit prompt beside the source prompt (planned like sampling: one source branch
+        per image, shared by its edits); the predictions' difference, in latents and decoded, then the image's
+        regions vote."""
+        index = [i for i, r in enumerate(rows) if r.mask == "auto"]
+        if not index:
+            return
+        noisings = M.noisings(schedule.timesteps, int(self.scheduler_config.get("num_train_timesteps", 1000)))
+        plan = plan_sampling([RowNeeds(False, rows[i].inversion_key()) for i in index], self.batch_size)
+        latent_change: dict[int, torch.Tensor] = {}
+        pixel_change: dict[int, np.ndarray] = {}
+        charged: set[int] = set()
+        for call in plan:
+            branches = [(index[b.row], b) for b in call.branches]
+            x0 = torch.cat([work[i].trajectory.at(sampler.CLEAN_TIMESTEP) for i, _ in branches])
+            x0 = x0.to(self.device, torch.float32)
+            prompts = [rows[i].source_prompt if b.is_source else rows[i].edit_prompt for i, b in branches]
+            cond = self.conditioning(prompts, [rows[i].negative_prompt for i, _ in branches], [1.0] * len(branches))
+            for level, seed in noisings:
+                t, alpha = schedule.timesteps[level], float(schedule.alphas[level])
+                noisy = sch.add_noise(x0, M.draw_noise(tuple(x0.shape[1:]), seed).to(x0), alpha)
+                with torch.inference_mode():
+                    eps = self.denoiser(noisy, t, cond)
+                decoded = self.decode(sch.pred_original_sample(noisy, eps, alpha))
+                edits = [(j, i, b.source) for j, (i, b) in enumerate(branches) if not b.is_source]
+                for j, i, source in edits:
+                    latent = M.change_map(eps[j:j + 1], eps[source:source + 1])[0].cpu() / M.DRAWS
+                    pixel = M.pixel_change(decoded[j:j + 1], decoded[source:source + 1])[0] / M.DRAWS
+                    latent_change[i] = latent_change[i] + latent if i in latent_change else latent
+                    pixel_change[i] = pixel_change[i] + pixel if i in pixel_change else pixel
+            for i, b in branches:
+                if not b.is_source:
+                    work[i].mask_passes += M.DRAWS
+                elif i not in charged:  # one source prediction per image and noising
+                    charged.add(i)
+                    work[i].mask_passes += M.DRAWS
+        pixels = self.input_pixels([rows[i].image for i in index])
+        for k, i in enumerate(index):
+            work[i].input_pixels = pixels[k]
+            work[i].mask = M.region_mask(latent_change[i], pixel_change[i], pixels[k])
+            work[i].latent_mask = M.latent_mask(work[i].mask, tuple(latent_change[i].shape))
+
+    def input_pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+        """The images as the engine sees them: uint8 (B, size, size, 3), resized and centre-cropped."""
+        return ((self.preprocess(images) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
     def row_control(self, row: EditRow) -> RowControl | None:
         """The row's attention control (its token map from the two prompts), or None without control."""
         if not row.controlled:
@@ -511,7 +571,7 @@ class EditEngine:
             control = step_control([b.source for b in branches],
                                    [None if b.is_source else controls[b.row] for b in branches],
                                    schedule.num_steps - start_step)
-            guide = self._guide(call, rows, work, schedule, start_step)
+            guide = self._guide(call, rows, work, schedule, start_step, use_masks=not use_source_prompt)
             out = self.sample(start, prompts, uncond, [rows[b.row].guidance_scale for b in branches],
                               schedule.num_steps, start_step, [rows[b.row].seed for b in branches], eta, steps,
                               control=control, callback=guide if guide.active else None)
@@ -527,16 +587,21 @@ class EditEngine:
         return x0
 
     def _guide(self, call: SamplingCall, rows: list[EditRow], work: list[_RowWork], schedule: Schedule,
-               start_step: int) -> TrajectoryGuide:
-        """What the call holds to the stored trajectories (direct inversion's source branches and corrections)."""
+               start_step: int, use_masks: bool = True) -> TrajectoryGuide:
+        """What the call holds to the stored trajectories: direct inversion's source branches and their
+        corrections, and the masked edits' outsides."""
         direct = [j for j, b in enumerate(call.branches) if b.is_source and rows[b.row].method.direct]
         corrected = tuple((j, b.source) for j, b in enumerate(call.branches)
                           if not b.is_source and b.source in direct and rows[b.row].method.direct)
-        if not direct:
+        masks = {j: work[b.row].latent_mask.to(self.device) for j, b in enumerate(call.branches)
+                 if use_masks and not b.is_source and work[b.row].latent_mask is not None}
+        if not direct and not masks:
             return TrajectoryGuide(torch.empty(0), start_step)
         labels = [schedule.label(level) for level in range(start_step, schedule.num_steps + 1)]
         levels = torch.stack([torch.cat([work[b.row].trajectory.at(t) for b in call.branches]) for t in labels])
-        return TrajectoryGuide(levels.to(self.device, torch.float32), start_step, tuple(direct), corrected)
+        blend_steps = replaced_steps(M.BLEND_FRACTION, schedule.num_steps - start_step)
+        return TrajectoryGuide(levels.to(self.device, torch.float32), start_step, tuple(direct), corrected, masks,
+                               blend_steps)
 
     def _measure_fidelity(self, rows: list[EditRow], work: list[_RowWork], outputs: list[EditOutput],
                           uncond_steps: dict[int, torch.Tensor], schedule: Schedule, start_step: int,
@@ -548,8 +613,7 @@ class EditEngine:
         x0_rec = self._sample_plan(plan, rows, work, [None] * len(rows), uncond_steps, schedule, start_step, eta,
                                    use_source_prompt=True)
         reconstructions = self.decode(x0_rec)
-        inputs = ((self.preprocess([r.image for r in rows]) + 1) * 127.5).round().to(torch.uint8)
-        inputs = inputs.permute(0, 2, 3, 1).numpy()
+        inputs = self.input_pixels([r.image for r in rows])
         for i, out in enumerate(outputs):
             out.reconstruction = reconstructions[i]
             out.psnr = psnr(inputs[i], reconstructions[i])
@@ -567,6 +631,10 @@ class _RowWork:
     cache_hit: bool = False
     shared: bool = False  # its trajectory is an identical earlier row's
     source_passes: int = 0  # passes of the source branch it leads
+    mask_passes: int = 0  # predictions spent finding its mask (and its image's source prediction, if it leads)
+    mask: np.ndarray | None = None  # (H, W) bool: where its edit changes the image (mask auto)
+    latent_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1]: the mask's cover of each latent cell
+    input_pixels: np.ndarray | None = None  # (H, W, 3) uint8: the input as the engine saw it
 
 
 def _source_key(row: EditRow, control: RowControl | None, eta: float) -> tuple | None:

@@ -4,6 +4,7 @@
       images/<id>.png              the edited image (written last: its presence means the row is done)
       inputs/<id>.png              the preprocessed input the engine saw
       reconstructions/<id>.png     the inversion resampled with the source prompt (--measure-fidelity)
+      masks/<id>.png               what the edit changed, 255 inside (--mask auto)
       latents/<xx>/<digest>.safetensors   cached inversion trajectories (unless --latent-cache points elsewhere)
       results/ok-*.parquet, retry-*.parquet   the results table as shards: one row per manifest row
       failed.parquet               the failed rows' manifest rows, to rerun only them
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from ddim_worker.storage import join_uri
 
 #: Image folders by what they hold (the report shows them side by side).
-IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions"}
+IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions", "mask": "masks"}
 REPORT_NAME = "report.html"
 CONTACT_SHEET_NAME = "contact-sheet.png"
 

@@ -59,9 +59,13 @@ RESULTS_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("output_uri", pa.string()),
     ("latent_uri", pa.string()),
+    ("mask_uri", pa.string()),  # masks/<id>.png: what the edit changed (mask auto)
+    ("attention_control", pa.string()),  # none | word-swap | refine: how the edit read the source's attention
     ("cache_hit", pa.bool_()),
     ("inversion_passes", pa.int64()),
     ("sampling_passes", pa.int64()),
+    ("source_passes", pa.int64()),  # the source branch sampled beside the edits (once per image)
+    ("mask_passes", pa.int64()),  # finding the mask (mask auto)
     ("unet_passes", pa.int64()),
     ("unet_samples", pa.float64()),  # UNet samples run for the row: its share of its calls, padding included
     ("ideal_unet_samples", pa.int64()),  # what the row's work needs: passes, doubled where guidance is used
@@ -121,7 +125,11 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
     status = [str(s) if s else FAILED for s in column("status")]  # a row still pending here was lost: failed
     ok = [s == OK for s in status]
     inversion = [int(_coerce(v, pa.int64()) or 0) for v in column("inversion_passes", 0)]
+    # sampling-side passes: the edit's own, its share of the source branch, the mask's; all at the sampling guidance
     sampling = [int(_coerce(v, pa.int64()) or 0) for v in column("sampling_passes", 0)]
+    source = [int(_coerce(v, pa.int64()) or 0) for v in column("source_passes", 0)]
+    masking = [int(_coerce(v, pa.int64()) or 0) for v in column("mask_passes", 0)]
+    sampled = [a + b + c for a, b, c in zip(sampling, source, masking)]
     seconds = [sum(float(_coerce(v, pa.float64()) or 0.0) for v in values)
                for values in zip(column("prepare_seconds", 0.0), column("engine_seconds", 0.0),
                                  column("write_seconds", 0.0))]
@@ -133,12 +141,14 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
         output_uri=[u or None for u in out["output_uri"]],
         dtype=[_coerce(d, pa.string()) or default_dtype for d in column("engine_dtype")],
         latent_uri=[u if k and u else None for u, k in zip(out["latent_uri"], ok)],
+        mask_uri=[u if k and u else None for u, k in zip(out["mask_uri"], ok)],
+        attention_control=[c if k and c else None for c, k in zip(out["attention_control"], ok)],
         cache_hit=[bool(_coerce(c, pa.bool_())) and k for c, k in zip(column("cache_hit", False), ok)],
-        inversion_passes=inversion, sampling_passes=sampling,
-        unet_passes=[a + b for a, b in zip(inversion, sampling)],
+        inversion_passes=inversion, sampling_passes=sampling, source_passes=source, mask_passes=masking,
+        unet_passes=[a + b for a, b in zip(inversion, sampled)],
         unet_samples=[float(_coerce(v, pa.float64()) or 0.0) for v in column("unet_samples", 0.0)],
         ideal_unet_samples=[a * (2 if _guided(iw) else 1) + b * (2 if _guided(w) else 1)
-                            for a, b, iw, w in zip(inversion, sampling, column("inversion_guidance"),
+                            for a, b, iw, w in zip(inversion, sampled, column("inversion_guidance"),
                                                    column("guidance_scale"))],
         seconds=seconds,
         recovered=[bool(_coerce(r, pa.bool_())) for r in column("recovered", False)],

@@ -55,7 +55,7 @@ class StageContext:
 
 #: Text columns that may be empty in a whole block: "" there, never None, so every block has the same Arrow type
 #: (a block of Nones would be typed null or float, and Ray cannot concatenate it with a block of strings).
-TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "latent_uri")
+TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "latent_uri", "mask_uri")
 
 
 def text_column(values: list) -> np.ndarray:
@@ -179,7 +179,7 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
     """
     n = len(batch["id"])
     status, code, error = list(batch["status"]), list(batch["error_code"]), list(batch["error"])
-    output_uri, latent_uri, pngs = [None] * n, [None] * n, [b""] * n
+    output_uri, latent_uri, mask_uri, pngs = [None] * n, [None] * n, [None] * n, [b""] * n
     write_seconds = np.zeros(n)
     for i in range(n):
         started = time.perf_counter()
@@ -207,6 +207,9 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
             if row.get("reconstruction") is not None:
                 storage.write_bytes(ctx.layout.image("reconstruction", rid),
                                     encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
+            if row.get("has_mask"):  # what the edit changed (mask auto), for dataset builders
+                mask_uri[i] = ctx.layout.image("mask", rid)
+                storage.write_bytes(mask_uri[i], encode_png(np.asarray(row["mask_pixels"])), ctx.storage_options)
             png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
             storage.write_bytes(ctx.image_uri(rid), png, ctx.storage_options)
             output_uri[i], status[i] = ctx.image_uri(rid), OK
@@ -214,12 +217,14 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
                 pngs[i] = png
         except Exception as exc:  # noqa: BLE001 - a failed write fails this row only
             status[i], code[i], error[i] = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
-            output_uri[i] = latent_uri[i] = None
+            output_uri[i] = latent_uri[i] = mask_uri[i] = None
         write_seconds[i] = time.perf_counter() - started
-    keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "trajectory_blob", "cache_blob")]
+    keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "mask_pixels", "trajectory_blob",
+                                          "cache_blob")]
     result = {k: batch[k] for k in keep}
     result.update(status=text_column(status), error_code=text_column(code), error=text_column(error),
                   output_uri=text_column(output_uri), latent_uri=text_column(latent_uri),
+                  mask_uri=text_column(mask_uri),
                   png=np.array([p or b"" for p in pngs], dtype=object), write_seconds=write_seconds)
     return result
 

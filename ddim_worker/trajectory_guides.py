@@ -6,7 +6,7 @@ step callback after every DDIM step of a call.
   plain DDIM sampling went) is also added to the edit branches that read that source, so what the edit does not
   change follows the trajectory too;
 - **local blending**: outside a row's mask its latent is set back to the trajectory's at the same level; inside, the
-  edit goes on (the blend is soft where the mask is).
+  edit goes on (the blend is soft where the mask is). It runs for the first ``blend_steps`` sampled steps.
 
 Levels are the sampler's: step i moves from level i to level i + 1 (level n is x0).
 """
@@ -28,6 +28,7 @@ class TrajectoryGuide:
     pinned: tuple[int, ...] = ()  # branches set to the trajectory at every step (direct inversion's sources)
     corrected: tuple[tuple[int, int], ...] = ()  # (edit branch, its source branch): the source's correction added
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # branch -> (1, h, w) in [0, 1]; 1: edited
+    blend_steps: int = 0  # the masks hold for the first this many sampled steps
 
     @property
     def active(self) -> bool:
@@ -35,8 +36,9 @@ class TrajectoryGuide:
 
     def __call__(self, info: dict[str, Any]) -> torch.Tensor:
         x = info["x"]  # (B, C, h, w) at level i + 1, just stepped to
-        target = self.levels[info["i"] + 1 - self.start_level].to(x)
-        return guide_step(x, target, self.pinned, self.corrected, self.masks)
+        step = info["i"] - self.start_level  # 0: the first sampled step
+        target = self.levels[step + 1].to(x)
+        return guide_step(x, target, self.pinned, self.corrected, self.masks if step < self.blend_steps else {})
 
 
 def guide_step(x: torch.Tensor, target: torch.Tensor, pinned: tuple[int, ...],

@@ -5,7 +5,9 @@ sampled with the source prompt (``call_plan``):
 
 - **cross-attention** (text tokens): the edit's maps are the source's, through the row's token map (word swap or
   refinement, ``token_alignment``), optionally with the edit words reweighted; the edit's values are kept, so the
-  new words say *what* and the source's maps say *where*;
+  new words say *what* and the source's maps say *where*. A word swap without reweighting is
+  ``softmax(Q_src K_src^T) V_edit``, the plain kernel on gathered queries and keys; a refinement or a reweighting
+  forms the maps (B x heads x HW x 77, small: 77 keys) and mixes them token by token;
 - **self-attention**: ``softmax(Q_src K_src^T / sqrt(d)) V_edit``: one attention call with the source's queries and
   keys and the edit's values. It goes through the same kernel as the plain layer (``F.scaled_dot_product_attention``
   for ``AttnProcessor2_0``), so the (HW)^2 probabilities are never formed where that kernel does not form them.
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ddim_worker.token_alignment import TokenMap
+from ddim_worker.token_alignment import WORD_SWAP, TokenMap
 
 
 def replaced_steps(fraction: float, sampled_steps: int) -> int:
@@ -67,7 +69,7 @@ class StepControl:
         rows = size + offset
         self_source = list(range(rows))
         cross_source = list(range(rows))
-        cross_rows = [False] * rows
+        explicit_rows = [False] * rows
         mapper = [list(range(length)) for _ in range(rows)]
         alphas = [[1.0] * length for _ in range(rows)]
         weights = [[1.0] * length for _ in range(rows)]
@@ -77,18 +79,21 @@ class StepControl:
             self_source[r] = offset + own_self
             if own_cross is None or tokens is None:
                 continue
-            cross_source[r], cross_rows[r] = offset + own_cross, True
+            cross_source[r] = offset + own_cross
             mapper[r] = list(tokens.mapper[:length])
             alphas[r] = [1.0 if a else 0.0 for a in tokens.aligned[:length]]
             weights[r] = [weight if c else 1.0 for c in tokens.changed[:length]]
+            explicit_rows[r] = tokens.kind != WORD_SWAP or any(w != 1.0 for w in weights[r])
 
         def tensor(values: Any, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        return UnetControl(tensor(self_source, torch.long), tensor(cross_source, torch.long),
-                           tensor(cross_rows, torch.bool), tensor(mapper, torch.long), tensor(alphas, torch.float32),
-                           tensor(weights, torch.float32), has_self=self_source != list(range(rows)),
-                           has_cross=any(cross_rows))
+        own = list(range(rows))
+        gathered = [r if explicit else source for r, (source, explicit) in enumerate(zip(cross_source, explicit_rows))]
+        return UnetControl(tensor(self_source, torch.long), tensor(gathered, torch.long),
+                           tensor(cross_source, torch.long), tensor(explicit_rows, torch.bool), tensor(mapper, torch.long), tensor(alphas, torch.float32),
+                           tensor(weights, torch.float32), has_self=self_source != own,
+                           has_cross=cross_source != own, has_explicit=any(explicit_rows))
 
 
 @dataclass(frozen=True)
@@ -121,13 +126,15 @@ class UnetControl:
     """A step's control over the rows of the UNet batch (both CFG halves, padding): what the processors read."""
 
     self_source: torch.Tensor  # (R,) long: the row whose queries and keys each row's self-attention uses
-    cross_source: torch.Tensor  # (R,) long: the row whose cross-attention maps each row reads
-    cross_rows: torch.Tensor  # (R,) bool: rows whose cross-attention maps are replaced
+    cross_gathered: torch.Tensor  # (R,) long: the row whose queries and keys each row's cross-attention uses
+    cross_source: torch.Tensor  # (R,) long: the row whose cross-attention maps each row reads (itself: none)
+    explicit_rows: torch.Tensor  # (R,) bool: rows whose maps are mixed token by token (refinement, reweighting)
     mapper: torch.Tensor  # (R, L) long: token j reads the source's token mapper[j]
     alphas: torch.Tensor  # (R, L) 1 where token j's map is replaced, 0 where the row keeps its own
     weights: torch.Tensor  # (R, L) reweighting of token j's attention
     has_self: bool  # some row reads another row's queries and keys
     has_cross: bool  # some row reads another row's cross-attention maps
+    has_explicit: bool  # some row needs its maps formed
 
 
 def _math_attention(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -174,11 +181,13 @@ class ControlledAttnProcessor:
                 attn.norm_q is not None or attn.norm_k is not None:
             raise ValueError("attention control supports Stable Diffusion 1.x's UNet attention layers (no mask, "
                              "spatial norm or query/key norm)")
-        if is_cross:
-            plain = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-            controlled = self._cross(attn, hidden_states, encoder_hidden_states, control)
-            return torch.where(control.cross_rows.view(-1, 1, 1), controlled, plain)
-        return self._self(attn, hidden_states, control)
+        if not is_cross:
+            return self._gathered(attn, hidden_states, None, control.self_source)
+        out = self._gathered(attn, hidden_states, encoder_hidden_states, control.cross_gathered)
+        if control.has_explicit:
+            mixed = self._cross_mixed(attn, hidden_states, encoder_hidden_states, control)
+            out = torch.where(control.explicit_rows.view(-1, 1, 1), mixed, out)
+        return out
 
     def _project(self, attn: Any, hidden_states: torch.Tensor,
                  context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,14 +209,16 @@ class ControlledAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _self(self, attn: Any, hidden_states: torch.Tensor, control: UnetControl) -> torch.Tensor:
-        """softmax(Q_src K_src^T) V_own: the source's queries and keys, each row's own values."""
-        residual, query, key, value = self._project(attn, hidden_states, None)
-        query, key = query[control.self_source], key[control.self_source]  # (B, HW, C): a row reads itself: a copy
+    def _gathered(self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None,
+                  source: torch.Tensor) -> torch.Tensor:
+        """softmax(Q_src K_src^T) V_own: each row's attention with its source row's queries and keys and its own
+        values, in the plain layer's kernel (a row whose source is itself gets the plain layer's bytes)."""
+        residual, query, key, value = self._project(attn, hidden_states, context)
+        query, key = query[source], key[source]  # (B, N, C); a row reading itself reads an equal copy
         return self._finish(attn, self.kernel(attn, query, key, value), residual)
 
-    def _cross(self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor,
-               control: UnetControl) -> torch.Tensor:
+    def _cross_mixed(self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor,
+                     control: UnetControl) -> torch.Tensor:
         """Cross-attention with the maps replaced: the source's map of the token each token reads (where aligned),
         its own elsewhere, scaled by the token weights; then the row's own values."""
         residual, query, key, value = self._project(attn, hidden_states, context)

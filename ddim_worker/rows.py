@@ -125,11 +125,11 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
     status = [str(s) if s else FAILED for s in column("status")]  # a row still pending here was lost: failed
     ok = [s == OK for s in status]
     inversion = [int(_coerce(v, pa.int64()) or 0) for v in column("inversion_passes", 0)]
-    # sampling-side passes: the edit's own, its share of the source branch, the mask's; all at the sampling guidance
+    # sampled at the sampling guidance: the edit, and the source branch it leads (one per image); unguided: the mask's
     sampling = [int(_coerce(v, pa.int64()) or 0) for v in column("sampling_passes", 0)]
     source = [int(_coerce(v, pa.int64()) or 0) for v in column("source_passes", 0)]
     masking = [int(_coerce(v, pa.int64()) or 0) for v in column("mask_passes", 0)]
-    sampled = [a + b + c for a, b, c in zip(sampling, source, masking)]
+    sampled = [a + b for a, b in zip(sampling, source)]
     seconds = [sum(float(_coerce(v, pa.float64()) or 0.0) for v in values)
                for values in zip(column("prepare_seconds", 0.0), column("engine_seconds", 0.0),
                                  column("write_seconds", 0.0))]
@@ -145,11 +145,11 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
         attention_control=[c if k and c else None for c, k in zip(out["attention_control"], ok)],
         cache_hit=[bool(_coerce(c, pa.bool_())) and k for c, k in zip(column("cache_hit", False), ok)],
         inversion_passes=inversion, sampling_passes=sampling, source_passes=source, mask_passes=masking,
-        unet_passes=[a + b for a, b in zip(inversion, sampled)],
+        unet_passes=[a + b + c for a, b, c in zip(inversion, sampled, masking)],
         unet_samples=[float(_coerce(v, pa.float64()) or 0.0) for v in column("unet_samples", 0.0)],
-        ideal_unet_samples=[a * (2 if _guided(iw) else 1) + b * (2 if _guided(w) else 1)
-                            for a, b, iw, w in zip(inversion, sampled, column("inversion_guidance"),
-                                                   column("guidance_scale"))],
+        ideal_unet_samples=[a * (2 if _guided(iw) else 1) + b * (2 if _guided(w) else 1) + c
+                            for a, b, c, iw, w in zip(inversion, sampled, masking, column("inversion_guidance"),
+                                                      column("guidance_scale"))],
         seconds=seconds,
         recovered=[bool(_coerce(r, pa.bool_())) for r in column("recovered", False)],
     )

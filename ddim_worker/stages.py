@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from ddim_worker import latent_cache, storage
 from ddim_worker.fetch import Fetcher, ensure_worker_logging, shared_fetcher
-from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image, encode_png, preprocess
+from ddim_worker.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image, encode_mask_png,
+                                encode_png, preprocess)
 from ddim_worker.inversion import parse_method
 from ddim_worker.manifest import ManifestFiles
 from ddim_worker.outputs import OutputLayout
@@ -209,7 +210,7 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
                                     encode_png(np.asarray(row["reconstruction"])), ctx.storage_options)
             if row.get("has_mask"):  # what the edit changed (mask auto), for dataset builders
                 mask_uri[i] = ctx.layout.image("mask", rid)
-                storage.write_bytes(mask_uri[i], encode_png(np.asarray(row["mask_pixels"])), ctx.storage_options)
+                storage.write_bytes(mask_uri[i], encode_mask_png(np.asarray(row["mask_pixels"])), ctx.storage_options)
             png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
             storage.write_bytes(ctx.image_uri(rid), png, ctx.storage_options)
             output_uri[i], status[i] = ctx.image_uri(rid), OK

@@ -61,6 +61,8 @@ class EditActor:
             inversion_guidance=float(batch["inversion_guidance"][i]), seed=int(batch["seed"][i]),
             eta=float(batch["eta"][i]),
             inversion=str(batch["inversion"][i]),
+            cross_replace=float(batch["cross_replace"][i]), self_replace=float(batch["self_replace"][i]),
+            edit_word_weight=float(batch["edit_word_weight"][i]), mask=str(batch["mask"][i]),
             cached=self._cached(blob) or self._recent.get(str(batch["cache_uri"][i] or "")),
         )
 
@@ -102,6 +104,9 @@ class EditActor:
         edited = np.zeros((n, size, size, 3), dtype=np.uint8)
         blobs = np.array([b""] * n, dtype=object)
         inversion_passes, sampling_passes = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        source_passes, mask_passes = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        control = np.array(["none"] * n, dtype=object)
+        masks, has_mask = np.zeros((n, size, size), dtype=np.uint8), np.zeros(n, bool)  # the region each edit changed
         cache_hit = np.zeros(n, bool)
         reconstructions = np.zeros((n, size, size, 3), dtype=np.uint8) if self.measure_fidelity else None
         fidelity = {name: np.full(n, np.nan) for name in ("psnr", "ssim", "latent_mse")}
@@ -113,6 +118,9 @@ class EditActor:
             edited[i] = out.image
             inversion_passes[i], sampling_passes[i], cache_hit[i] = (out.inversion_passes, out.sampling_passes,
                                                                      out.cache_hit)
+            source_passes[i], mask_passes[i], control[i] = out.source_passes, out.mask_passes, out.attention_control
+            if out.mask is not None:
+                masks[i], has_mask[i] = out.mask, True
             if out.reconstruction is not None:
                 reconstructions[i] = out.reconstruction
                 for name in fidelity:
@@ -126,8 +134,9 @@ class EditActor:
         if reconstructions is not None:
             result.update(reconstruction=reconstructions, **fidelity)
         result.update(edited=edited, trajectory_blob=blobs, inversion_passes=inversion_passes,
-                      sampling_passes=sampling_passes, cache_hit=cache_hit, status=status, error_code=code,
-                      error=error, engine_seconds=np.full(n, per_row_seconds),
+                      sampling_passes=sampling_passes, source_passes=source_passes, mask_passes=mask_passes,
+                      attention_control=control, mask_pixels=masks, has_mask=has_mask, cache_hit=cache_hit,
+                      status=status, error_code=code, error=error, engine_seconds=np.full(n, per_row_seconds),
                       engine_dtype=np.full(n, self.dtype, dtype=object), unet_samples=unet_samples)
         failpoint("engine_batch_done")
         return result

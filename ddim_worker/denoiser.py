@@ -6,9 +6,13 @@ A thin adapter (cf. k-diffusion's ``CompVisDenoiser``): the sampling loops only 
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ddim_worker.attention_control import StepControl, controlled_attention
 
 
 @dataclass
@@ -22,6 +26,8 @@ class Conditioning:
     text: torch.Tensor
     uncond: torch.Tensor
     guidance: torch.Tensor
+    # Attention control of this call at this step (Prompt-to-Prompt), in the call's rows; None: plain attention.
+    control: StepControl | None = None
 
     @property
     def guided(self) -> bool:
@@ -30,9 +36,16 @@ class Conditioning:
     def rows(self, index: torch.Tensor | list[int]) -> Conditioning:
         return Conditioning(self.text[index], self.uncond[index], self.guidance[index])
 
+    def with_control(self, control: StepControl | None) -> Conditioning:
+        return Conditioning(self.text, self.uncond, self.guidance, control)
+
 
 class GuidedUNet:
     """``eps = uncond + w * (text - uncond)`` from one UNet call on the doubled batch (one call, not two).
+
+    The one place the engine calls the UNet: sampling and inversion through ``__call__``, null-text's optimisation
+    through :meth:`conditional`. A call whose conditioning carries attention control runs with the control's
+    processors installed for that call only (``attention_control.controlled_attention``).
 
     Counts its UNet calls (``calls``), the rows they carried (``row_passes``), the UNet samples they ran (``samples``:
     padding and the CFG doubling included) and how many calls ran at each batch size (``call_sizes``), so jobs and
@@ -52,8 +65,9 @@ class GuidedUNet:
     def __call__(self, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
         rows = x.shape[0]
         if self.pad_to is not None and rows < self.pad_to:
-            x, cond = pad_rows(x, self.pad_to), Conditioning(pad_rows(cond.text, self.pad_to), pad_rows(cond.uncond, self.pad_to),
-                                                          pad_rows(cond.guidance, self.pad_to, value=1.0))
+            x, cond = pad_rows(x, self.pad_to), Conditioning(
+                pad_rows(cond.text, self.pad_to), pad_rows(cond.uncond, self.pad_to),
+                pad_rows(cond.guidance, self.pad_to, value=1.0), cond.control)
         # Doubled only when a row uses guidance: the engine puts guided and unguided rows in calls of their own, so
         # the call's shape (pad_to, or twice that) still depends on the row alone.
         guided = cond.guided
@@ -64,11 +78,13 @@ class GuidedUNet:
         else:
             model_input, context = x.to(dtype), cond.text.to(dtype)
         timestep = torch.full((model_input.shape[0],), t, device=x.device, dtype=torch.long)
-        out = self.unet(model_input, timestep, encoder_hidden_states=context, return_dict=False)[0]
-        self.calls += 1
-        self.row_passes += rows
-        self.samples += model_input.shape[0]
-        self.call_sizes[model_input.shape[0]] += 1
+        kwargs: dict[str, Any] = {}
+        if cond.control is not None:
+            kwargs["cross_attention_kwargs"] = {"control": cond.control.over_unet_batch(
+                x.shape[0], guided, context.shape[1], x.device)}
+        with controlled_attention(self.unet) if kwargs else nullcontext():
+            out = self.unet(model_input, timestep, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        self._count(rows, model_input.shape[0])
         if not guided:
             return out[:rows].to(x.dtype)
         eps_uncond, eps_text = out.float().chunk(2)
@@ -77,6 +93,21 @@ class GuidedUNet:
         if self.pad_to is not None:  # w = 1 rows: exactly the text branch, as in an unguided call
             eps = torch.where(w == 1, eps_text, eps)
         return eps[:rows].to(x.dtype)
+
+    def conditional(self, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+        """One unguided, unpadded prediction ``eps(x, t, context)``, differentiable in ``context`` outside inference
+        mode (null-text inversion optimises the unconditional embedding through it)."""
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = self.unet(x.to(self.unet.dtype), timestep, encoder_hidden_states=context.to(self.unet.dtype),
+                        return_dict=False)[0]
+        self._count(x.shape[0], x.shape[0])
+        return out
+
+    def _count(self, rows: int, samples: int) -> None:
+        self.calls += 1
+        self.row_passes += rows
+        self.samples += samples
+        self.call_sizes[samples] += 1
 
 
 def pad_rows(tensor: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 One ``EditEngine`` holds one pipeline (loaded once) and edits lists of rows: rows that share (steps, start step, eta)
 run together, every UNet call carries the whole group (doubled for classifier-free guidance), prompts are encoded once
-per distinct string, and rows that share an image, source prompt and inversion settings are inverted once.
+per distinct string, and rows that share an image, source prompt and inversion settings are inverted once. Rows
+with attention control or direct inversion are sampled beside one source branch per image, shared by all of its
+edits. ``_edit_group`` runs in numbered steps over a plan of its UNet calls (``call_plan``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from PIL import Image
 
 from ddim_worker import sampler
 from ddim_worker import schedule as sch
+from ddim_worker.attention_control import CallControl, RowControl, StepControl, replaced_steps, step_control
+from ddim_worker.call_plan import RowNeeds, SamplingCall, chunks, plan_inversions, plan_sampling
 from ddim_worker.denoiser import Conditioning, GuidedUNet, pad_rows
 from ddim_worker.inversion import InversionMethod, parse_method
+from ddim_worker import masks as M
 from ddim_worker.models import check_scheduler_config, choose_device, choose_dtype, load_pipeline, model_fingerprint
-from ddim_worker.sampler import Denoiser, Schedule, Trajectory
-from ddim_worker.settings import DEFAULTS, ENGINE_DEFAULTS, EditSettings, SettingError
+from ddim_worker.sampler import Callback, Denoiser, Schedule, Trajectory
+from ddim_worker.settings import DEFAULTS, ENGINE_DEFAULTS, SETTING_NAMES, EditSettings, SettingError
+from ddim_worker.token_alignment import align_tokens
+from ddim_worker.trajectory_guides import TrajectoryGuide
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,10 @@ class EditRow:
     seed: int = DEFAULTS.seed
     eta: float = DEFAULTS.eta
     inversion: str = DEFAULTS.inversion
+    cross_replace: float = DEFAULTS.cross_replace  # fractions of the n - s sampled steps (Prompt-to-Prompt)
+    self_replace: float = DEFAULTS.self_replace
+    edit_word_weight: float = DEFAULTS.edit_word_weight
+    mask: str = DEFAULTS.mask
     cached: Trajectory | None = None  # a stored trajectory for this row (latents (L, 1, C, h, w)), if any
 
     @classmethod
@@ -65,10 +76,18 @@ class EditRow:
     @property
     def settings(self) -> EditSettings:
         """This row's settings, through the one validator (raises ``SettingError``)."""
-        return EditSettings(negative_prompt=self.negative_prompt, num_steps=self.num_steps,
-                            start_step=self.start_step, guidance_scale=self.guidance_scale,
-                            inversion_guidance=self.inversion_guidance, seed=self.seed, eta=self.eta,
-                            inversion=self.inversion)
+        return EditSettings(**{name: getattr(self, name) for name in SETTING_NAMES})
+
+    @property
+    def sampling_start(self) -> int:
+        """The level sampling starts from: the start step, or deeper with mask auto (``masks.sampling_start``: what
+        the mask keeps is blended back and pasted, so the region it frees can be regenerated more)."""
+        return M.sampling_start(int(self.start_step)) if self.mask == "auto" else int(self.start_step)
+
+    @property
+    def controlled(self) -> bool:
+        """Whether the row reads a source branch's attention (Prompt-to-Prompt)."""
+        return float(self.cross_replace) > 0 or float(self.self_replace) > 0
 
     @property
     def method(self) -> InversionMethod:
@@ -79,7 +98,7 @@ class EditRow:
         """Rows with equal keys invert to the same trajectory, so a batch inverts them once."""
         method = self.method
         key = (_pixels_digest(self.image), self.source_prompt, self.negative_prompt, float(self.inversion_guidance),
-               int(self.num_steps), str(method))
+               int(self.num_steps), method.trajectory)
         # "noise" draws seeded noise: rows share it only when their seeds agree too.
         return key + (int(self.seed),) if method.name == "noise" else key
 
@@ -96,6 +115,10 @@ class EditOutput:
     psnr: float | None = None  # reconstruction vs the preprocessed input, dB
     ssim: float | None = None
     latent_mse: float | None = None  # reconstructed vs encoded x0 latent
+    source_passes: int = 0  # passes of the source branch charged to this row (one source branch per image)
+    mask_passes: int = 0  # passes spent finding the row's mask (mask auto)
+    attention_control: str = "none"  # none | word-swap | refine (Prompt-to-Prompt, chosen from the prompts)
+    mask: np.ndarray | None = None  # (H, W) uint8, 255 where the edit changes the image (mask auto)
 
 
 @dataclass
@@ -284,20 +307,26 @@ class EditEngine:
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, prompts: Sequence[str], negative_prompts: Sequence[str],
                guidance: Sequence[float], num_steps: int, start_step: int = 0, seeds: Sequence[int] | None = None,
-               eta: float = 0.0, uncond_steps: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+               eta: float = 0.0, uncond_steps: dict[int, torch.Tensor] | None = None,
+               control: CallControl | None = None, callback: Callback | None = None) -> torch.Tensor:
         """DDIM-sample latents ``x`` at level ``tau[start_step]`` down to x0 (start_step 0 and noise: text-to-image).
 
         ``uncond_steps`` maps a row to its per-step unconditional embeddings (n - s, L, D) (null-text inversion).
+        ``control`` is the call's attention control (rows reading a source row of the same call); ``callback`` may
+        return new latents after each step (``trajectory_guides``).
         """
         validate_settings(num_steps, start_step, min(guidance, default=0.0), 0.0, eta)
         cond = self.conditioning(prompts, negative_prompts, guidance)
         cond_at = None
-        if uncond_steps:
+        if uncond_steps or control is not None:
             def cond_at(i: int) -> Conditioning:
-                uncond = cond.uncond.clone()
-                for row, embeds in uncond_steps.items():
-                    uncond[row] = embeds[i - start_step].to(uncond)
-                return Conditioning(cond.text, uncond, cond.guidance)
+                uncond = cond.uncond
+                if uncond_steps:
+                    uncond = uncond.clone()
+                    for row, embeds in uncond_steps.items():
+                        uncond[row] = embeds[i - start_step].to(uncond)
+                at_step: StepControl | None = control.at(i - start_step) if control is not None else None
+                return Conditioning(cond.text, uncond, cond.guidance, at_step)
         noise = None
         if eta > 0:
             if seeds is None:
@@ -308,7 +337,7 @@ class EditEngine:
                 return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(self.device)
 
         return sampler.sample(self.denoiser, x.to(self.device, torch.float32), self.schedule(num_steps), cond,
-                              start_level=start_step, eta=eta, noise=noise, cond_at=cond_at)
+                              start_level=start_step, eta=eta, noise=noise, cond_at=cond_at, callback=callback)
 
     # -- the edit ------------------------------------------------------------------------------------------------
     def edit(self, rows: Sequence[EditRow], measure_fidelity: bool = False) -> list[EditOutput]:
@@ -325,7 +354,7 @@ class EditEngine:
                 raise ValueError(f"row {i}: {exc}") from None
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault((int(row.num_steps), int(row.start_step), float(row.eta)), []).append(i)
+            groups.setdefault((int(row.num_steps), row.sampling_start, float(row.eta)), []).append(i)
         outputs: list[EditOutput | None] = [None] * len(rows)
         for (num_steps, start_step, eta), index in groups.items():
             for i, out in zip(index, self._edit_group([rows[i] for i in index], num_steps, start_step, eta,
@@ -344,15 +373,9 @@ class EditEngine:
 
     def _optimize_null_text(self, trajectories: list[Trajectory], rows: list[EditRow], schedule: Schedule,
                             start_step: int, iterations: int) -> tuple[torch.Tensor, int]:
-        """Null-text embeddings (n - s, B, L, D) for these rows, optimised against their trajectories."""
+        """Null-text embeddings (n - s, B, L, D) for these rows, optimised against their trajectories (through the
+        denoiser's one UNet call site, ``GuidedUNet.conditional``)."""
         from ddim_worker.null_text import optimize_null_text
-
-        unet = self.pipe.unet
-
-        def eps_fn(x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
-            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            return unet(x.to(unet.dtype), timestep, encoder_hidden_states=context.to(unet.dtype),
-                        return_dict=False)[0]
 
         text = self.encode_prompts([r.source_prompt for r in rows])
         uncond = self.encode_prompts([r.negative_prompt for r in rows])
@@ -360,147 +383,269 @@ class EditEngine:
             trajectory = Trajectory(list(trajectories[0].timesteps),
                                     torch.cat([tr.latents for tr in trajectories], dim=1).clone().to(self.device))
             embeds, evals = optimize_null_text(
-                eps_fn, trajectory, schedule, start_step, text.clone(), uncond.clone(),
+                self.guided_unet.conditional, trajectory, schedule, start_step, text.clone(), uncond.clone(),
                 torch.tensor([float(r.guidance_scale) for r in rows]), iterations)
         return embeds.detach(), evals
 
-    def _chunks(self, index: list[int]) -> list[list[int]]:
-        """Model calls of at most ``batch_size`` rows (the last one padded by the denoiser and the VAE)."""
-        step = self.batch_size or max(len(index), 1)
-        return [index[k:k + step] for k in range(0, len(index), step)]
-
+    # -- the edit of one group, in numbered steps ----------------------------------------------------------------
     def _edit_group(self, rows: list[EditRow], num_steps: int, start_step: int, eta: float,
                     measure_fidelity: bool = False) -> list[EditOutput]:
-        """Edit rows that share (n, s, eta). The unique inversions of all of them fill model calls of their own, and
-        so do the edits: a partial call happens once per kind, not once per ``batch_size`` rows. Calls hold only
-        rows that use guidance or only rows that do not, so a row's call shape depends on the row alone."""
+        """Edit rows that share (n, s, eta): invert what is not stored, plan the sampling calls, sample, decode."""
         schedule = self.schedule(num_steps)
-        target = schedule.label(start_step)
-        per_row: list[Trajectory | None] = [None] * len(rows)
-        inversion_passes = [0] * len(rows)
-        shared = [False] * len(rows)
-        cache_hit = [False] * len(rows)
+        work = [_RowWork() for _ in rows]
+        # 1. Stored trajectories that reach tau[s] need no inversion; the others are inverted once per distinct key.
+        self._invert_unique(rows, work, schedule, start_step)
+        # 2. null-text: per-step unconditional embeddings, optimised once per row and kept with the trajectory.
+        uncond_steps = self._null_text(rows, work, schedule, start_step)
+        # 3. Masks (mask auto): where the edit prompt changes the prediction at the starting latent.
+        self._find_masks(rows, work, schedule, start_step)
+        # 4. Attention control per row (its token map), and the plan of the sampling calls.
+        controls = [self.row_control(r) for r in rows]
+        plan = plan_sampling([RowNeeds(float(r.guidance_scale) != 1.0, _source_key(r, c, eta))
+                              for r, c in zip(rows, controls)], self.batch_size)
+        # 5. Sample every call of the plan: edit branches beside their source branches, held to the trajectories.
+        x0 = self._sample_plan(plan, rows, work, controls, uncond_steps, schedule, start_step, eta)
+        # 6. Decode and report.
+        images = self.decode(x0)
+        for i, w in enumerate(work):
+            if w.mask is not None:  # outside the mask the pixels are the input's
+                images[i] = M.paste_back(images[i], w.input_pixels, w.mask)
+        outputs = [
+            EditOutput(images[i], _to_cpu(w.trajectory), w.inversion_passes, num_steps - start_step, w.cache_hit,
+                       w.shared, source_passes=w.source_passes, mask_passes=w.mask_passes,
+                       attention_control=controls[i].tokens.kind if controls[i] is not None else "none",
+                       mask=M.mask_image(w.mask) if w.mask is not None else None)
+            for i, w in enumerate(work)
+        ]
+        # 7. Fidelity: each inversion resampled with its source prompt, compared with the input.
+        if measure_fidelity:
+            self._measure_fidelity(rows, work, outputs, uncond_steps, schedule, start_step, eta)
+        return outputs
 
-        # Rows whose stored trajectory already reaches tau[s] need no inversion at all.
+    def _invert_unique(self, rows: list[EditRow], work: list[_RowWork], schedule: Schedule, start_step: int) -> None:
+        """Fill every row's trajectory up to tau[s]: stored ones as they are, the rest inverted once per distinct
+        (image, source prompt, inversion settings); rows continuing a shallower stored trajectory start from its
+        deepest level, the others from x0, in calls of their own."""
+        target = schedule.label(start_step)
         todo: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            stored = row.cached
-            if stored is not None and target in stored.timesteps:
-                per_row[i] = stored
-                cache_hit[i] = True
+            if row.cached is not None and target in row.cached.timesteps:
+                work[i].trajectory, work[i].cache_hit = row.cached, True
             else:
                 todo.setdefault(row.inversion_key(), []).append(i)
-
-        # One inversion per distinct (image, source prompt, inversion settings); rows continuing a shallower stored
-        # trajectory start from its deepest level, the others from x0, so they are inverted in separate calls.
         leaders = [members[0] for members in todo.values()]
-        by_start: dict[tuple[int, str, bool], list[int]] = {}
-        for i in leaders:
-            stored = rows[i].cached
-            start = schedule.level_of(stored.deepest) if stored is not None else schedule.num_steps
-            by_start.setdefault((start, str(rows[i].method), float(rows[i].inversion_guidance) != 1.0),
-                                []).append(i)
-        for (from_level, method_name, _), group in by_start.items():
-            method = parse_method(method_name)
-            for members in self._chunks(group):
-                batch = [rows[i] for i in members]
-                if from_level == schedule.num_steps:
-                    x = self.encode_images(self.preprocess([r.image for r in batch]), [r.seed for r in batch])
-                    prefix = None
-                else:
-                    prefix = torch.cat([r.cached.latents for r in batch], dim=1)  # (L, B, C, h, w)
-                    x = prefix[-1]
-                if method.name == "noise":
-                    new = self._forward_noise(x, [r.seed for r in batch], schedule, start_step)
-                    passes = 0
-                else:
-                    new = self.invert(x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
-                                      [r.inversion_guidance for r in batch], num_steps, start_step,
-                                      from_level=from_level, refine=method.refine)
-                    passes = (from_level - start_step) * (1 + method.refine)
-                if prefix is not None:
-                    new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
-                                     torch.cat([prefix.to(new.latents), new.latents[1:]]))
-                    for i in members:
-                        cache_hit[i] = True
-                for j, i in enumerate(members):
-                    per_row[i] = new.rows([j])
-                    inversion_passes[i] = passes
+        from_levels = [schedule.level_of(rows[i].cached.deepest) if rows[i].cached is not None
+                       else schedule.num_steps for i in leaders]
+        guided = [float(rows[i].inversion_guidance) != 1.0 for i in leaders]
+        for call in plan_inversions(leaders, from_levels, [rows[i].method.trajectory for i in leaders], guided,
+                                    self.batch_size):
+            self._run_inversion(call.rows, call.from_level, parse_method(call.method), rows, work, schedule,
+                                start_step)
         for members in todo.values():
             for i in members[1:]:
-                per_row[i] = per_row[members[0]]
-                shared[i] = True
-                cache_hit[i] = cache_hit[members[0]]
+                work[i].trajectory, work[i].shared = work[members[0]].trajectory, True
+                work[i].cache_hit = work[members[0]].cache_hit
         self.stats.inversions += len(leaders)
 
-        # null-text: per-step unconditional embeddings for sampling from tau[s], optimised once per row and kept
-        # with the trajectory (so the latent cache makes a later edit of the same image skip the optimisation).
-        null_key = f"null_s{target}"
+    def _run_inversion(self, members: Sequence[int], from_level: int, method: InversionMethod, rows: list[EditRow],
+                       work: list[_RowWork], schedule: Schedule, start_step: int) -> None:
+        batch = [rows[i] for i in members]
+        if from_level == schedule.num_steps:
+            x = self.encode_images(self.preprocess([r.image for r in batch]), [r.seed for r in batch])
+            prefix = None
+        else:
+            prefix = torch.cat([r.cached.latents for r in batch], dim=1)  # (L, B, C, h, w)
+            x = prefix[-1]
+        if method.name == "noise":
+            new = self._forward_noise(x, [r.seed for r in batch], schedule, start_step)
+            passes = 0
+        else:
+            new = self.invert(x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
+                              [r.inversion_guidance for r in batch], schedule.num_steps, start_step,
+                              from_level=from_level, refine=method.refine)
+            passes = (from_level - start_step) * (1 + method.refine)
+        if prefix is not None:
+            new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
+                             torch.cat([prefix.to(new.latents), new.latents[1:]]))
+        for j, i in enumerate(members):
+            work[i].trajectory, work[i].inversion_passes = new.rows([j]), passes
+            work[i].cache_hit = prefix is not None
+
+    def _null_text(self, rows: list[EditRow], work: list[_RowWork], schedule: Schedule,
+                   start_step: int) -> dict[int, torch.Tensor]:
+        """Per-step unconditional embeddings (n - s, L, D) by row, for the rows that invert with null-text; kept with
+        the trajectory, so the latent cache makes a later edit of the same image skip the optimisation."""
+        null_key = f"null_s{schedule.label(start_step)}"
         null_rows = [i for i, r in enumerate(rows) if r.method.optimizes_null_text]
         by_iterations: dict[int, list[int]] = {}
         for i in null_rows:
-            if null_key not in per_row[i].extras:
+            if null_key not in work[i].trajectory.extras:
                 by_iterations.setdefault(rows[i].method.param, []).append(i)
         for iterations, group in by_iterations.items():  # each row its own iteration count (null-text:K)
-            for need in self._chunks(group):
-                embeds, evals = self._optimize_null_text([per_row[i] for i in need], [rows[i] for i in need],
+            for need in chunks(group, self.batch_size):
+                embeds, evals = self._optimize_null_text([work[i].trajectory for i in need], [rows[i] for i in need],
                                                          schedule, start_step, iterations)
                 for j, i in enumerate(need):
-                    per_row[i] = per_row[i].with_extra(null_key, embeds[:, j:j + 1].cpu())
-                    inversion_passes[i] += evals
-        uncond_steps = {i: per_row[i].extras[null_key][:, 0] for i in null_rows}
+                    work[i].trajectory = work[i].trajectory.with_extra(null_key, embeds[:, j:j + 1].cpu())
+                    work[i].inversion_passes += evals
+        return {i: work[i].trajectory.extras[null_key][:, 0] for i in null_rows}
 
-        start = torch.cat([traj.at(target) for traj in per_row]).to(self.device, torch.float32)  # (B, C, h, w)
-        # negative-prompt inversion samples with the source prompt as the unconditional branch.
-        uncond = [r.method.unconditional_prompt(r.source_prompt, r.negative_prompt) for r in rows]
-        guidance = [r.guidance_scale for r in rows]
-        seeds = [r.seed for r in rows]
-        x0 = self._sample_rows(start, [r.edit_prompt for r in rows], uncond, guidance, num_steps, start_step, seeds,
-                               eta, uncond_steps)
-        images = self.decode(x0)
-        outputs = [
-            EditOutput(images[i], _to_cpu(per_row[i]), inversion_passes[i], num_steps - start_step, cache_hit[i],
-                       shared[i])
-            for i in range(len(rows))
-        ]
-        if measure_fidelity:
-            self._measure_fidelity(rows, outputs, start, uncond, guidance, num_steps, start_step, seeds, eta,
-                                   uncond_steps)
-        return outputs
+    def _find_masks(self, rows: list[EditRow], work: list[_RowWork], schedule: Schedule, start_step: int) -> None:
+        """Masks for the rows with mask auto (``masks``): ``masks.DRAWS`` seeded noisings of the image's latent,
+        predicted unguided under the edit prompt beside the source prompt (planned like sampling: one source branch
+        per image, shared by its edits); the predictions' difference, in latents and decoded, then the image's
+        regions vote."""
+        index = [i for i, r in enumerate(rows) if r.mask == "auto"]
+        if not index:
+            return
+        noisings = M.noisings(schedule.timesteps, int(self.scheduler_config.get("num_train_timesteps", 1000)))
+        plan = plan_sampling([RowNeeds(False, rows[i].inversion_key()) for i in index], self.batch_size)
+        latent_change: dict[int, torch.Tensor] = {}
+        pixel_change: dict[int, np.ndarray] = {}
+        charged: set[int] = set()
+        for call in plan:
+            branches = [(index[b.row], b) for b in call.branches]
+            x0 = torch.cat([work[i].trajectory.at(sampler.CLEAN_TIMESTEP) for i, _ in branches])
+            x0 = x0.to(self.device, torch.float32)
+            prompts = [rows[i].source_prompt if b.is_source else rows[i].edit_prompt for i, b in branches]
+            cond = self.conditioning(prompts, [rows[i].negative_prompt for i, _ in branches], [1.0] * len(branches))
+            for level, seed in noisings:
+                t, alpha = schedule.timesteps[level], float(schedule.alphas[level])
+                noisy = sch.add_noise(x0, M.draw_noise(tuple(x0.shape[1:]), seed).to(x0), alpha)
+                with torch.inference_mode():
+                    eps = self.denoiser(noisy, t, cond)
+                decoded = self.decode(sch.pred_original_sample(noisy, eps, alpha))
+                edits = [(j, i, b.source) for j, (i, b) in enumerate(branches) if not b.is_source]
+                for j, i, source in edits:
+                    latent = M.change_map(eps[j:j + 1], eps[source:source + 1])[0].cpu() / M.DRAWS
+                    pixel = M.pixel_change(decoded[j:j + 1], decoded[source:source + 1])[0] / M.DRAWS
+                    latent_change[i] = latent_change[i] + latent if i in latent_change else latent
+                    pixel_change[i] = pixel_change[i] + pixel if i in pixel_change else pixel
+            for i, b in branches:
+                if not b.is_source:
+                    work[i].mask_passes += M.DRAWS
+                elif i not in charged:  # one source prediction per image and noising
+                    charged.add(i)
+                    work[i].mask_passes += M.DRAWS
+        pixels = self.input_pixels([rows[i].image for i in index])
+        for k, i in enumerate(index):
+            work[i].input_pixels = pixels[k]
+            work[i].mask = M.region_mask(latent_change[i], pixel_change[i], pixels[k])
+            work[i].latent_mask = M.latent_mask(work[i].mask, tuple(latent_change[i].shape))
 
-    def _sample_rows(self, start: torch.Tensor, prompts: list[str], uncond: list[str], guidance: list[float],
-                     num_steps: int, start_step: int, seeds: list[int], eta: float,
-                     uncond_steps: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``sample`` over any number of rows, in calls of ``batch_size`` rows that are all guided or all not."""
-        x0 = torch.empty_like(start)
-        by_guidance: dict[bool, list[int]] = {}
-        for i, w in enumerate(guidance):
-            by_guidance.setdefault(float(w) != 1.0, []).append(i)
-        for group in by_guidance.values():
-            for chunk in self._chunks(group):
-                steps = {j: uncond_steps[i] for j, i in enumerate(chunk) if i in uncond_steps}
-                x0[chunk] = self.sample(start[chunk], [prompts[i] for i in chunk], [uncond[i] for i in chunk],
-                                        [guidance[i] for i in chunk], num_steps, start_step,
-                                        [seeds[i] for i in chunk], eta, steps).to(x0)
+    def input_pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+        """The images as the engine sees them: uint8 (B, size, size, 3), resized and centre-cropped."""
+        return ((self.preprocess(images) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    def row_control(self, row: EditRow) -> RowControl | None:
+        """The row's attention control (its token map from the two prompts), or None without control."""
+        if not row.controlled:
+            return None
+        tokenizer = self.pipe.tokenizer
+        length = tokenizer.model_max_length
+        ids = [tokenizer(p, truncation=True, max_length=length).input_ids for p in (row.source_prompt,
+                                                                                    row.edit_prompt)]
+        return RowControl(float(row.cross_replace), float(row.self_replace), align_tokens(ids[0], ids[1], length),
+                          float(row.edit_word_weight))
+
+    def _sample_plan(self, plan: list[SamplingCall], rows: list[EditRow], work: list[_RowWork],
+                     controls: list[RowControl | None], uncond_steps: dict[int, torch.Tensor], schedule: Schedule,
+                     start_step: int, eta: float, use_source_prompt: bool = False) -> torch.Tensor:
+        """Run every sampling call of ``plan``; x0 latents of the rows' edits, (len(rows), C, h, w).
+
+        Each call: 1. its branches' starting latents (the trajectories at tau[s]); 2. their prompts (the source
+        prompt on source branches); 3. the attention control and the trajectory guide of the call; 4. sample.
+        """
+        target = schedule.label(start_step)
+        x0: torch.Tensor | None = None
+        charged: set[int] = set()
+        for call in plan:
+            branches = call.branches
+            start = torch.cat([work[b.row].trajectory.at(target) for b in branches]).to(self.device, torch.float32)
+            prompts = [rows[b.row].source_prompt if b.is_source or use_source_prompt else rows[b.row].edit_prompt
+                       for b in branches]
+            # negative-prompt inversion samples with the source prompt as the unconditional branch.
+            uncond = [rows[b.row].method.unconditional_prompt(rows[b.row].source_prompt, rows[b.row].negative_prompt)
+                      for b in branches]
+            steps = {j: uncond_steps[b.row] for j, b in enumerate(branches) if b.row in uncond_steps}
+            control = step_control([b.source for b in branches],
+                                   [None if b.is_source else controls[b.row] for b in branches],
+                                   schedule.num_steps - start_step)
+            guide = self._guide(call, rows, work, schedule, start_step, use_masks=not use_source_prompt)
+            out = self.sample(start, prompts, uncond, [rows[b.row].guidance_scale for b in branches],
+                              schedule.num_steps, start_step, [rows[b.row].seed for b in branches], eta, steps,
+                              control=control, callback=guide if guide.active else None)
+            if x0 is None:
+                x0 = torch.empty((len(rows), *out.shape[1:]), dtype=out.dtype, device=out.device)
+            for j, b in enumerate(branches):
+                if not b.is_source:
+                    x0[b.row] = out[j]
+                elif b.row not in charged:  # one source branch per image: a split unit's copies are not ideal work
+                    charged.add(b.row)
+                    work[b.row].source_passes += schedule.num_steps - start_step
+        assert x0 is not None, "a group has at least one row"
         return x0
 
-    def _measure_fidelity(self, rows: list[EditRow], outputs: list[EditOutput], start: torch.Tensor,
-                          uncond: list[str], guidance: list[float], num_steps: int, start_step: int,
-                          seeds: list[int], eta: float, uncond_steps: dict[int, torch.Tensor]) -> None:
+    def _guide(self, call: SamplingCall, rows: list[EditRow], work: list[_RowWork], schedule: Schedule,
+               start_step: int, use_masks: bool = True) -> TrajectoryGuide:
+        """What the call holds to the stored trajectories: direct inversion's source branches and their
+        corrections, and the masked edits' outsides."""
+        direct = [j for j, b in enumerate(call.branches) if b.is_source and rows[b.row].method.direct]
+        corrected = tuple((j, b.source) for j, b in enumerate(call.branches)
+                          if not b.is_source and b.source in direct and rows[b.row].method.direct)
+        masks = {j: work[b.row].latent_mask.to(self.device) for j, b in enumerate(call.branches)
+                 if use_masks and not b.is_source and work[b.row].latent_mask is not None}
+        if not direct and not masks:
+            return TrajectoryGuide(torch.empty(0), start_step)
+        labels = [schedule.label(level) for level in range(start_step, schedule.num_steps + 1)]
+        levels = torch.stack([torch.cat([work[b.row].trajectory.at(t) for b in call.branches]) for t in labels])
+        blend_steps = replaced_steps(M.BLEND_FRACTION, schedule.num_steps - start_step)
+        return TrajectoryGuide(levels.to(self.device, torch.float32), start_step, tuple(direct), corrected, masks,
+                               blend_steps)
+
+    def _measure_fidelity(self, rows: list[EditRow], work: list[_RowWork], outputs: list[EditOutput],
+                          uncond_steps: dict[int, torch.Tensor], schedule: Schedule, start_step: int,
+                          eta: float) -> None:
         """Resample each inversion with its *source* prompt and compare with the input: how faithful it was."""
         from ddim_worker.metrics import latent_mse, psnr, ssim
 
-        x0_rec = self._sample_rows(start, [r.source_prompt for r in rows], uncond, guidance, num_steps, start_step,
-                                   seeds, eta, uncond_steps)
+        plan = plan_sampling([RowNeeds(float(r.guidance_scale) != 1.0) for r in rows], self.batch_size)
+        x0_rec = self._sample_plan(plan, rows, work, [None] * len(rows), uncond_steps, schedule, start_step, eta,
+                                   use_source_prompt=True)
         reconstructions = self.decode(x0_rec)
-        inputs = ((self.preprocess([r.image for r in rows]) + 1) * 127.5).round().to(torch.uint8)
-        inputs = inputs.permute(0, 2, 3, 1).numpy()
+        inputs = self.input_pixels([r.image for r in rows])
         for i, out in enumerate(outputs):
             out.reconstruction = reconstructions[i]
             out.psnr = psnr(inputs[i], reconstructions[i])
             out.ssim = ssim(inputs[i], reconstructions[i])
             out.latent_mse = latent_mse(out.trajectory.at(sampler.CLEAN_TIMESTEP)[0], x0_rec[i].cpu())
-            out.sampling_passes += num_steps - start_step
+            out.sampling_passes += schedule.num_steps - start_step
+
+
+@dataclass
+class _RowWork:
+    """What a group has worked out for one row so far."""
+
+    trajectory: Trajectory | None = None
+    inversion_passes: int = 0  # denoiser evaluations spent on its trajectory (0 when stored or shared)
+    cache_hit: bool = False
+    shared: bool = False  # its trajectory is an identical earlier row's
+    source_passes: int = 0  # passes of the source branch it leads
+    mask_passes: int = 0  # predictions spent finding its mask (and its image's source prediction, if it leads)
+    mask: np.ndarray | None = None  # (H, W) bool: where its edit changes the image (mask auto)
+    latent_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1]: the mask's cover of each latent cell
+    input_pixels: np.ndarray | None = None  # (H, W, 3) uint8: the input as the engine saw it
+
+
+def _source_key(row: EditRow, control: RowControl | None, eta: float) -> tuple | None:
+    """Rows with equal keys share one source branch: same trajectory and the same sampling of the source prompt.
+    None: the row needs none (no attention control, no direct inversion)."""
+    if not (row.method.direct or (control is not None and control.active)):
+        return None
+    method = row.method
+    return (row.inversion_key(), float(row.guidance_scale), method.unconditional_prompt(row.source_prompt,
+                                                                                         row.negative_prompt),
+            method.direct, int(row.seed) if eta > 0 else None)
 
 
 def _to_cpu(trajectory: Trajectory) -> Trajectory:

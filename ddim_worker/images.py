@@ -199,6 +199,16 @@ def encode_png(pixels: np.ndarray, text: Mapping[str, str] | None = None) -> byt
     return buf.getvalue()
 
 
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Encode a uint8 ``HxW`` mask (255: the edited region) as a grayscale PNG, deterministically."""
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.uint8 or mask.ndim != 2 or 0 in mask.shape:
+        raise ValueError(f"a mask must be a uint8 (H, W) array, got {getattr(mask, 'dtype', type(mask))} "
+                         f"{getattr(mask, 'shape', '')}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask), mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
 def _is_latin1(value: str) -> bool:
     try:
         value.encode("latin-1")

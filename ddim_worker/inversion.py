@@ -1,6 +1,10 @@
-"""Inversion methods by name: ``ddim``, ``negative-prompt``, ``fixed-point:K``, ``null-text:ITERS``, ``noise``.
+"""Inversion methods by name: ``ddim``, ``direct``, ``negative-prompt``, ``fixed-point:K``, ``null-text:ITERS``,
+``noise``.
 
-The name is part of the latent-cache key: two methods give two different trajectories for the same image.
+The trajectory's name is part of the latent-cache key: two methods that invert differently give two trajectories for
+the same image. ``direct`` (Ju et al. 2023, "PnP Inversion") inverts exactly as ``ddim`` does, so it shares ``ddim``'s
+cached trajectory; it differs while sampling: a source branch is held on that trajectory at every step and its
+correction is added to the edit.
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-METHODS = ("ddim", "negative-prompt", "fixed-point", "null-text", "noise")
+METHODS = ("ddim", "direct", "negative-prompt", "fixed-point", "null-text", "noise")
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,16 @@ class InversionMethod:
     @property
     def refine(self) -> int:
         return self.param if self.name == "fixed-point" else 0
+
+    @property
+    def trajectory(self) -> str:
+        """The name of the trajectory it inverts to: ``direct`` inverts as ``ddim`` does (one cached trajectory)."""
+        return "ddim" if self.name == "direct" else str(self)
+
+    @property
+    def direct(self) -> bool:
+        """Direct inversion: the source branch is put back on the stored trajectory at every sampling step."""
+        return self.name == "direct"
 
     @property
     def source_as_uncond(self) -> bool:
@@ -42,7 +56,7 @@ class InversionMethod:
     def cache_key(self, guidance_scale: float) -> str:
         """The method's part of a latent-cache key. null-text's embeddings are optimised for one sampling guidance
         scale, so the scale joins its key; every other method's trajectory does not depend on sampling."""
-        return f"{self}@guidance={float(guidance_scale)}" if self.optimizes_null_text else str(self)
+        return f"{self}@guidance={float(guidance_scale)}" if self.optimizes_null_text else self.trajectory
 
     def __str__(self) -> str:
         return f"{self.name}:{self.param}" if self.name in ("fixed-point", "null-text") else self.name
@@ -53,7 +67,7 @@ def parse_method(text: str) -> InversionMethod:
     """``"fixed-point:3"`` -> InversionMethod("fixed-point", 3); unknown names fail listing the valid ones."""
     name, _, param = str(text).strip().partition(":")
     if name not in METHODS:
-        raise ValueError(f"inversion method {text!r} is not one of: ddim, negative-prompt, fixed-point:K, "
+        raise ValueError(f"inversion method {text!r} is not one of: ddim, direct, negative-prompt, fixed-point:K, "
                          "null-text:ITERS, noise")
     if name == "fixed-point":
         if not param.isdigit() or not 1 <= int(param) <= 20:

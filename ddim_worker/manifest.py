@@ -136,9 +136,10 @@ def row_settings(record: Mapping[str, Any], defaults: EditSettings,
     return settings
 
 
-#: The settings a content-hash id covers. ``eta`` joins only when a row gives it, so ids from before it was a column
-#: stay the same (a rerun resumes instead of redoing every row).
+#: The settings a content-hash id covers. Those added later (``eta``, attention control, masks) join only when a row
+#: gives them, so ids from before they were columns stay the same (a rerun resumes instead of redoing every row).
 _ID_SETTINGS = ("num_steps", "start_step", "guidance_scale", "inversion_guidance", "seed", "inversion")
+ID_SETTINGS_WHEN_GIVEN = ("eta", "cross_replace", "self_replace", "edit_word_weight", "mask")
 
 
 def image_reference(record: dict[str, Any]) -> None:
@@ -217,8 +218,9 @@ def row_id(record: Mapping[str, Any]) -> str:
         "negative_prompt": record.get("negative_prompt"),
         "settings": {k: record.get(k) for k in _ID_SETTINGS},
     }
-    if record.get("eta") is not None:
-        content["settings"]["eta"] = record.get("eta")
+    for name in ID_SETTINGS_WHEN_GIVEN:
+        if record.get(name) is not None:
+            content["settings"][name] = record.get(name)
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     return f"r-{digest[:20]}"
 

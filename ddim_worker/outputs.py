@@ -5,6 +5,7 @@
                                    row is done); <p> is a prefix folder of the id (see ``prefix``)
       inputs/<p>/<id>.png          the preprocessed input the engine saw (--save-inputs; else only the report's sample)
       reconstructions/<p>/<id>.png the inversion resampled with the source prompt (--measure-fidelity)
+      masks/<p>/<id>.png           what the edit changed, 255 inside (--mask auto)
       latents/<xyz>/<digest>.safetensors   cached inversion trajectories (--latent-cache: elsewhere, or off)
       results/ok-*.parquet, retry-*.parquet   the results ledger as shards: one row per manifest row
       results/_made_with.json      the options and model the results are made with (a rerun must match them)
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from ddim_worker.storage import join_uri
 
 #: Image folders by what they hold (the report shows them side by side).
-IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions"}
+IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions", "mask": "masks"}
 REPORT_NAME = "report.html"
 CONTACT_SHEET_NAME = "contact-sheet.png"
 

@@ -63,9 +63,13 @@ RESULTS_SCHEMA = pa.schema([
     ("input_uri", pa.string()),  # the preprocessed input (--save-inputs, or the report's sample)
     ("reconstruction_uri", pa.string()),  # --measure-fidelity
     ("latent_uri", pa.string()),
+    ("mask_uri", pa.string()),  # masks/<id>.png: what the edit changed (mask auto)
+    ("attention_control", pa.string()),  # none | word-swap | refine: how the edit read the source's attention
     ("cache_hit", pa.bool_()),
     ("inversion_passes", pa.int64()),
     ("sampling_passes", pa.int64()),
+    ("source_passes", pa.int64()),  # the source branch sampled beside the edits (once per image)
+    ("mask_passes", pa.int64()),  # finding the mask (mask auto)
     ("unet_passes", pa.int64()),
     ("unet_samples", pa.float64()),  # UNet samples run for the row: its share of its calls, padding included
     ("ideal_unet_samples", pa.int64()),  # what the row's work needs: passes, doubled where guidance is used
@@ -153,7 +157,11 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
     status = [str(s) if s else FAILED for s in column("status")]  # a row still pending here was lost: failed
     ok = [s == OK for s in status]
     inversion = [int(_coerce(v, pa.int64()) or 0) for v in column("inversion_passes", 0)]
+    # sampled at the sampling guidance: the edit, and the source branch it leads (one per image); unguided: the mask's
     sampling = [int(_coerce(v, pa.int64()) or 0) for v in column("sampling_passes", 0)]
+    source = [int(_coerce(v, pa.int64()) or 0) for v in column("source_passes", 0)]
+    masking = [int(_coerce(v, pa.int64()) or 0) for v in column("mask_passes", 0)]
+    sampled = [a + b for a, b in zip(sampling, source)]
     seconds = [sum(float(_coerce(v, pa.float64()) or 0.0) for v in values)
                for values in zip(column("prepare_seconds", 0.0), column("engine_seconds", 0.0),
                                  column("write_seconds", 0.0))]
@@ -170,13 +178,15 @@ def results_columns(batch: dict, n: int, default_dtype: str) -> dict[str, list]:
         latent_bytes=[int(v or 0) for v in out["latent_bytes"]],
         dtype=[_coerce(d, pa.string()) or default_dtype for d in column("engine_dtype")],
         latent_uri=[u if k and u else None for u, k in zip(out["latent_uri"], ok)],
+        mask_uri=[u if k and u else None for u, k in zip(out["mask_uri"], ok)],
+        attention_control=[c if k and c else None for c, k in zip(out["attention_control"], ok)],
         cache_hit=[bool(_coerce(c, pa.bool_())) and k for c, k in zip(column("cache_hit", False), ok)],
-        inversion_passes=inversion, sampling_passes=sampling,
-        unet_passes=[a + b for a, b in zip(inversion, sampling)],
+        inversion_passes=inversion, sampling_passes=sampling, source_passes=source, mask_passes=masking,
+        unet_passes=[a + b + c for a, b, c in zip(inversion, sampled, masking)],
         unet_samples=[float(_coerce(v, pa.float64()) or 0.0) for v in column("unet_samples", 0.0)],
-        ideal_unet_samples=[a * (2 if _guided(iw) else 1) + b * (2 if _guided(w) else 1)
-                            for a, b, iw, w in zip(inversion, sampling, column("inversion_guidance"),
-                                                   column("guidance_scale"))],
+        ideal_unet_samples=[a * (2 if _guided(iw) else 1) + b * (2 if _guided(w) else 1) + c
+                            for a, b, c, iw, w in zip(inversion, sampled, masking, column("inversion_guidance"),
+                                                      column("guidance_scale"))],
         seconds=seconds,
         recovered=[bool(_coerce(r, pa.bool_())) for r in column("recovered", False)],
     )

@@ -17,7 +17,7 @@ from ddim_worker import schedule as sch
 
 Denoiser = Callable[[torch.Tensor, int, Any], torch.Tensor]
 NoiseSource = Callable[[int], torch.Tensor]
-Callback = Callable[[dict[str, Any]], None]
+Callback = Callable[[dict[str, Any]], Any]
 
 #: The label of the clean level x0 in a trajectory; it has no training timestep.
 CLEAN_TIMESTEP = -1
@@ -131,7 +131,9 @@ def sample(
 
     ``n - start_level`` denoiser calls. With ``start_level = 0`` and Gaussian ``x`` this is text-to-image DDIM.
     ``eta > 0`` draws fresh noise from ``noise(i)`` at every step; the caller seeds it per row. ``cond_at(i)``, when
-    given, replaces ``cond`` at step i (null-text inversion's per-step unconditional embeddings).
+    given, replaces ``cond`` at step i (null-text inversion's per-step unconditional embeddings, attention control).
+    ``callback`` sees each step's result (``x`` at level i + 1) and may return new latents to go on from (local
+    blending, direct inversion), as diffusers' ``callback_on_step_end`` may.
     """
     n = schedule.num_steps
     if not 0 <= start_level < n:
@@ -144,5 +146,6 @@ def sample(
         step_noise = noise(i) if eta > 0 else None
         x = sch.ddim_step(x, eps, schedule.alphas[i], schedule.alphas[i + 1], eta=eta, noise=step_noise)
         if callback is not None:
-            callback({"x": x, "i": i, "t": t, "eps": eps, "direction": "sample"})
+            replaced = callback({"x": x, "i": i, "t": t, "eps": eps, "direction": "sample"})
+            x = x if replaced is None else replaced
     return x

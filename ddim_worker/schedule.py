@@ -143,6 +143,15 @@ def ddim_step(
     return prev_sample.to(dtype)
 
 
+def pred_original_sample(sample: torch.Tensor, pred_epsilon: torch.Tensor,
+                         alpha_prod_t: float | torch.Tensor) -> torch.Tensor:
+    """x0_hat, the clean latent a noise prediction implies at the level with ``alpha_prod_t`` (step 1 of
+    ``ddim_step``): ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``."""
+    x, eps = sample.float(), pred_epsilon.float()
+    alpha_prod_t = torch.as_tensor(alpha_prod_t, dtype=torch.float32, device=x.device)
+    return (x - (1 - alpha_prod_t).sqrt() * eps) / alpha_prod_t.sqrt()
+
+
 def inversion_step(
     sample: torch.Tensor,
     pred_epsilon: torch.Tensor,

@@ -28,17 +28,27 @@ class SettingError(ValueError):
 def option(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "job",  # noqa: A002 - argparse's word
            minimum: float | None = None, maximum: float | None = None, below: str | None = None,
            choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (), flag: str | None = None,
-           metavar: str | None = None, per_row: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+           metavar: str | None = None, per_row: bool = False, default_factory: Any = dataclasses.MISSING,
+           when_named: Any = None) -> Any:
     """A dataclass field that carries its meaning: help text, ``--help`` group, range, old flag names.
 
     ``below`` names another field the value must stay under (``start_step`` < ``num_steps``). ``per_row`` marks the
-    settings a manifest may override row by row. ``flag`` overrides the flag spelled from the name.
+    settings a manifest may override row by row. ``flag`` overrides the flag spelled from the name. ``when_named``
+    is the value a flag given without one takes (``--cross-replace`` alone: the recommended fraction).
     """
     meta = {"help": help, "group": group, "minimum": minimum, "maximum": maximum, "below": below, "choices": choices,
-            "aliases": aliases, "flag": flag, "metavar": metavar, "per_row": per_row}
+            "aliases": aliases, "flag": flag, "metavar": metavar, "per_row": per_row, "when_named": when_named}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+#: What ``--cross-replace`` / ``--self-replace`` given without a value mean: the recommended attention control
+#: (docs/quality.md, the shapes benchmark's colour and shape edits).
+CONTROL_WHEN_NAMED = {"cross_replace": 0.8, "self_replace": 1.0}
+
+#: ``mask``: ``none`` edits the whole image; ``auto`` finds what the edit prompt changes and keeps the rest.
+MASK_MODES = ("none", "auto")
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,26 @@ class EditSettings:
     seed: int = option(0, "seed of the eta noise, the noise inversion and a sampled VAE latent", group="edit",
                        minimum=0, maximum=2**63 - 1, per_row=True)
     negative_prompt: str = option("", "unconditional prompt of classifier-free guidance", group="edit", per_row=True)
-    inversion: str = option("ddim", "inversion method: ddim | negative-prompt | fixed-point:K | null-text:ITERS | "
-                                    "noise (img2img baseline)", group="edit", per_row=True)
+    inversion: str = option("ddim", "inversion method: ddim | direct (ddim's trajectory, with a source branch held "
+                                    "on it while sampling and its correction added to the edit) | negative-prompt | "
+                                    "fixed-point:K | null-text:ITERS | noise (img2img baseline)", group="edit",
+                            per_row=True)
+    cross_replace: float = option(0.0, "Prompt-to-Prompt: for this fraction of the sampled steps (n - s) the edit "
+                                       "takes its cross-attention maps from a source branch sampled beside it (0: "
+                                       f"off; the flag alone: {CONTROL_WHEN_NAMED['cross_replace']})", group="edit",
+                                  minimum=0, maximum=1, per_row=True,
+                                  when_named=CONTROL_WHEN_NAMED["cross_replace"])
+    self_replace: float = option(0.0, "Prompt-to-Prompt: for this fraction of the sampled steps the edit's "
+                                      "self-attention uses the source branch's queries and keys (0: off; the flag "
+                                      f"alone: {CONTROL_WHEN_NAMED['self_replace']})", group="edit", minimum=0,
+                                 maximum=1, per_row=True, when_named=CONTROL_WHEN_NAMED["self_replace"])
+    edit_word_weight: float = option(1.0, "Prompt-to-Prompt reweighting: the attention on the edit prompt's new "
+                                          "words is scaled by this while cross-attention maps are replaced (1: off)",
+                                     group="edit", minimum=0, maximum=10, per_row=True)
+    mask: str = option("none", "none, or auto: a mask of what the edit changes, from the prompts; outside it the "
+                               "latents are blended back to the inverted trajectory at every step, and the mask is "
+                               "written beside the image (the flag alone: auto)", group="edit",
+                       choices=MASK_MODES, per_row=True, when_named="auto")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -154,6 +182,9 @@ def validate(settings: EditSettings) -> EditSettings:
     except ValueError as exc:
         raise SettingError("inversion", f"is not valid: {exc}") from None
     object.__setattr__(settings, "inversion", str(method))  # one spelling: " ddim " -> "ddim"
+    if settings.mask == "auto" and method.name == "noise":
+        raise SettingError("mask", "auto blends back to the inverted trajectory at every level, and inversion "
+                                   "'noise' has none: use it with ddim, direct, fixed-point or null-text")
     return settings
 
 

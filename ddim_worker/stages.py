@@ -25,6 +25,7 @@ from ddim_worker.images import (
     DEFAULT_MIN_SIDE,
     ImageError,
     decode_image,
+    encode_mask_png,
     encode_png,
     preprocess,
     read_png_text,
@@ -77,7 +78,7 @@ def in_sample(row_id: str, fraction: float) -> bool:
 #: Text columns that may be empty in a whole block: "" there, never None, so every block has the same Arrow type
 #: (a block of Nones would be typed null or float, and Ray cannot concatenate it with a block of strings).
 TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "input_uri", "reconstruction_uri",
-                "latent_uri")
+                "latent_uri", "mask_uri")
 
 
 def text_column(values: list) -> np.ndarray:
@@ -233,7 +234,7 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
     n = len(batch["id"])
     status, code, error = list(batch["status"]), list(batch["error_code"]), list(batch["error"])
     uris: dict[str, list] = {name: [None] * n for name in ("output_uri", "input_uri", "reconstruction_uri",
-                                                            "latent_uri")}
+                                                            "latent_uri", "mask_uri")}
     sizes = {name: np.zeros(n, np.int64) for name in ("image_bytes", "input_bytes", "latent_bytes")}
     pngs = [b""] * n
     write_seconds = np.zeros(n)
@@ -266,6 +267,11 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
                     uris[column][i] = ctx.layout.image(kind, rid)
                     storage.write_bytes(uris[column][i], data, ctx.storage_options)
                     sizes["input_bytes"][i] += len(data)
+            if row.get("has_mask"):  # what the edit changed (mask auto), for dataset builders
+                uris["mask_uri"][i] = ctx.layout.image("mask", rid)
+                data = encode_mask_png(np.asarray(row["mask_pixels"]))
+                storage.write_bytes(uris["mask_uri"][i], data, ctx.storage_options)
+                sizes["input_bytes"][i] += len(data)
             png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
             sizes["image_bytes"][i] = len(png)
             if ctx.save_images or sampled:
@@ -280,7 +286,8 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
             for column in uris:
                 uris[column][i] = None
         write_seconds[i] = time.perf_counter() - started
-    keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "trajectory_blob", "cache_blob")]
+    keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "mask_pixels", "trajectory_blob",
+                                          "cache_blob")]
     result = {k: batch[k] for k in keep}
     result.update(status=text_column(status), error_code=text_column(code), error=text_column(error),
                   **{column: text_column(values) for column, values in uris.items()}, **sizes,

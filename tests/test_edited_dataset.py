@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,9 +34,8 @@ def _manifest(tmp_path: Path) -> str:
 
 
 def _load(folder: Path):
-    import datasets
+    import datasets  # offline: tests.support.env sets HF_DATASETS_OFFLINE before anything imports datasets
 
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
     return datasets.load_dataset(str(folder), split="train")
 
 
@@ -98,7 +96,7 @@ def test_six_hundred_rows_pack_into_a_dataset_with_its_card(tiny_model_path, tmp
     sizes = [f.stat().st_size for f in files]
     limit = parse_size("200KB")
     assert len(files) == again["files"] and len(files) >= 2
-    assert abs(len(files) - sum(sizes) / limit) <= 1.5 and max(sizes) <= 2 * limit
+    assert abs(len(files) - sum(sizes) / limit) <= max(2.0, 0.1 * len(files)) and max(sizes) <= 2 * limit
     assert all(f.name.endswith(f"-of-{len(files):05d}.parquet") for f in files)
     assert _load(out / "dataset").num_rows == total
     assert pack_output(str(out), max_shard_size="200KB")["unchanged"]  # nothing changed: not packed again

@@ -91,6 +91,8 @@ def add_field_argument(group: Any, name: str, spec: dataclasses.Field) -> None:
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
             del kwargs["metavar"]
+        if meta.get("when_named") is not None:  # the flag alone means this value (``--cross-replace``)
+            kwargs.update(nargs="?", const=meta["when_named"])
     group.add_argument(*names, **kwargs)
 
 

@@ -49,8 +49,11 @@ ROW_GROUP_BYTES = 100 * 10**6
 #: Our columns in the packed dataset, after ``edited_image``: what a user trains or filters on.
 DATASET_COLUMNS = ("id", "image_url", "source_prompt", "edit_prompt", *RESULT_SETTING_FIELDS)
 
+#: The region each edit changed (``--mask auto``), as an image column of the dataset when any packed row has one.
+EDIT_MASK = pa.field("edit_mask", EDITED_IMAGE.type)
+
 #: Columns of the results that are the job's bookkeeping, not the dataset's (the manifest's own columns follow ours).
-LEDGER_COLUMNS = frozenset(RESULTS_SCHEMA.names) | {EDITED_IMAGE.name}
+LEDGER_COLUMNS = frozenset(RESULTS_SCHEMA.names) | {EDITED_IMAGE.name, EDIT_MASK.name}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -99,21 +102,25 @@ def row_bytes(table: pa.Table) -> np.ndarray:
     else:
         embedded = [0] * n
     recorded = table.column("image_bytes").to_pylist() if "image_bytes" in table.column_names else [0] * n
-    other = table.drop_columns([c for c in (EDITED_IMAGE.name,) if c in table.column_names]).nbytes // max(n, 1)
+    kept = [c for c in table.column_names if c in DATASET_COLUMNS or c not in LEDGER_COLUMNS]  # what the file holds
+    other = table.select(kept).nbytes // max(n, 1)
     return np.array([max(e, r or 0) + other for e, r in zip(embedded, recorded)], np.int64)
 
 
 def _shard_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
     """Per shard: rows it packs, their bytes, and where their images came from (counts by kind of source)."""
-    out: dict[str, list] = {"index": [], "rows": [], "bytes": [], "sources": []}
+    out: dict[str, list] = {"index": [], "rows": [], "bytes": [], "sources": [], "masks": []}
     for index, uri, positions in zip(batch["index"], batch["uri"], batch["positions"]):
         table = _packed_rows(ledger.read_shard(str(uri), storage_options), np.asarray(positions, np.int64))
         out["index"].append(int(index))
         out["rows"].append(table.num_rows)
         out["bytes"].append(int(row_bytes(table).sum()))
         out["sources"].append(json.dumps(Counter(_source_kind(u) for u in table.column("image_url").to_pylist())))
+        masks = table.column("mask_uri").to_pylist() if "mask_uri" in table.column_names else []
+        out["masks"].append(sum(bool(m) for m in masks))
     return {"index": np.array(out["index"], np.int64), "rows": np.array(out["rows"], np.int64),
-            "bytes": np.array(out["bytes"], np.int64), "sources": np.array(out["sources"], dtype=object)}
+            "bytes": np.array(out["bytes"], np.int64), "sources": np.array(out["sources"], dtype=object),
+            "masks": np.array(out["masks"], np.int64)}
 
 
 def _source_kind(url: str | None) -> str:
@@ -125,11 +132,12 @@ def _source_kind(url: str | None) -> str:
 
 # -- writing one file ----------------------------------------------------------------------------------------------
 
-def dataset_schema(results: pa.Schema) -> pa.Schema:
-    """``edited_image``, our columns, then the manifest's own columns (every results column that is not ours)."""
+def dataset_schema(results: pa.Schema, masks: bool = False) -> pa.Schema:
+    """``edited_image`` (and ``edit_mask`` when rows have masks), our columns, then the manifest's own columns
+    (every results column that is not ours)."""
     carried = [f for f in results if f.name not in LEDGER_COLUMNS]
     ours = [RESULTS_SCHEMA.field(name) for name in DATASET_COLUMNS]
-    schema = pa.schema([EDITED_IMAGE, *ours, *carried])
+    schema = pa.schema([EDITED_IMAGE, *([EDIT_MASK] if masks else []), *ours, *carried])
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": hf_features(schema)}})})
 
 
@@ -146,8 +154,12 @@ def _dataset_rows(table: pa.Table, schema: pa.Schema, storage_options: dict) -> 
             data = storage.read_bytes(uri, storage_options)
         images.append({"bytes": data, "path": f"{rid}.png"})
     columns = {EDITED_IMAGE.name: pa.array(images, EDITED_IMAGE.type)}
+    if EDIT_MASK.name in schema.names:
+        masks = [{"bytes": storage.read_bytes(uri, storage_options), "path": f"{rid}-mask.png"} if uri else None
+                 for rid, uri in zip(table.column("id").to_pylist(), table.column("mask_uri").to_pylist())]
+        columns[EDIT_MASK.name] = pa.array(masks, EDIT_MASK.type)
     for f in schema:
-        if f.name != EDITED_IMAGE.name:
+        if f.name not in columns:
             columns[f.name] = table.column(f.name).cast(f.type) if f.name in table.column_names \
                 else pa.nulls(table.num_rows, f.type)
     return pa.table(columns, schema=schema)
@@ -226,6 +238,7 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
     for part in per_shard:
         for text in part["sources"]:
             sources.update(json.loads(text))
+    with_masks = any(int(m) for part in per_shard for m in part["masks"])
     total_rows = sum(r for r, _ in counts.values())
     total_bytes = sum(b for _, b in counts.values())
 
@@ -244,7 +257,7 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
         plans.append({"name": data_file_name(k, files), "lo": lo, "hi": hi, "parts": json.dumps(parts)})
 
     # 3. write them on the cluster, then drop the files of an earlier packing
-    schema = dataset_schema(_results_schema(layout, index, options))
+    schema = dataset_schema(_results_schema(layout, index, options), with_masks)
     written = ledger.map_shards(_file_task, plans, _on_cluster(), per_task=1, layout=layout, schema=schema,
                                 storage_options=options)
     rows = sum(int(r) for part in written for r in part["rows"])
@@ -342,7 +355,7 @@ then sampled again under its edit prompt, so what the edit prompt names changes 
 
 - **Rows**: {rows:,} (one per manifest row that was edited; {card.get("failed", 0):,} failed and
   {card.get("skipped", 0):,} not run are in the job's results, not here), in {files} Parquet file(s), {size:,} bytes.
-- **Columns**: `edited_image` (PNG), `id`, `image_url` (the source image), `source_prompt`, `edit_prompt`, every edit
+- **Columns**: `edited_image` (PNG){", `edit_mask` (the region each edit changed, 255 inside)" if EDIT_MASK.name in schema.names else ""}, `id`, `image_url` (the source image), `source_prompt`, `edit_prompt`, every edit
   setting ({", ".join(f"`{n}`" for n in RESULT_SETTING_FIELDS)}){", and the manifest's own columns: " + ", ".join(f"`{c}`" for c in own) if own else ""}.
 - **Model**: `{card.get("model")}`, revision `{card.get("model_revision") or "-"}`, fingerprint
   `{card.get("model_fingerprint")}`; working size {card.get("size")} px, dtype {card.get("dtype")}.

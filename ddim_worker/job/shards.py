@@ -82,7 +82,11 @@ def results_schema(carried: pa.Schema, embed_images: bool) -> pa.Schema:
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": hf_features(schema)}})})
 
 
-def hf_features(schema: pa.Schema, images: tuple[str, ...] = (EDITED_IMAGE.name,)) -> dict:
+#: Columns that hold PNGs as ``{bytes, path}`` structs: ``datasets`` reads them as ``Image`` features.
+IMAGE_COLUMNS = (EDITED_IMAGE.name, "edit_mask")
+
+
+def hf_features(schema: pa.Schema, images: tuple[str, ...] = IMAGE_COLUMNS) -> dict:
     """The ``datasets`` features of a table whose ``images`` columns are PNG structs (``Image`` features), without
     importing it where it is missing: the same JSON ``datasets.Features.to_dict`` writes, for the types we have."""
     try:
@@ -90,6 +94,7 @@ def hf_features(schema: pa.Schema, images: tuple[str, ...] = (EDITED_IMAGE.name,
     except ImportError:
         datasets = None
     if datasets is not None:
+        images = tuple(name for name in images if name in schema.names)
         plain = pa.schema([f for f in schema if f.name not in images])
         try:
             features = datasets.Features.from_arrow_schema(plain)

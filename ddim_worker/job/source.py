@@ -264,7 +264,8 @@ def index_groups(batch: dict[str, np.ndarray], ctx: SourceContext) -> dict[str, 
 
 #: What a row's id depends on: the given id, or its content (see ``manifest.row_id``).
 ID_INPUTS = ("id", "image_url", "image", "source_prompt", "edit_prompt", "negative_prompt", "num_steps",
-             "start_step", "guidance_scale", "inversion_guidance", "eta", "seed", "inversion")
+             "start_step", "guidance_scale", "inversion_guidance", "eta", "seed", "inversion", "cross_replace",
+             "self_replace", "edit_word_weight", "mask")
 
 
 def _index_hash(record: dict[str, Any]) -> int:

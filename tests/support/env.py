@@ -19,6 +19,8 @@ def prepare_environment() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
+    # `datasets` loads the packed datasets from local folders: it must not look for them on the Hub first.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     for var in ("NO_PROXY", "no_proxy"):
         have = [x for x in os.environ.get(var, "").split(",") if x]
         os.environ[var] = ",".join(dict.fromkeys([*have, "127.0.0.1", "localhost", "::1"]))

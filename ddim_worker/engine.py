@@ -411,7 +411,8 @@ class EditEngine:
             if w.mask is not None:  # outside the mask the pixels are the input's
                 images[i] = M.paste_back(images[i], w.input_pixels, w.mask)
         outputs = [
-            EditOutput(images[i], _to_cpu(w.trajectory), w.inversion_passes, num_steps - start_step, w.cache_hit,
+            EditOutput(images[i], _to_cpu(w.trajectory, self.dtype), w.inversion_passes, num_steps - start_step,
+                       w.cache_hit,
                        w.shared, source_passes=w.source_passes, mask_passes=w.mask_passes,
                        attention_control=controls[i].tokens.kind if controls[i] is not None else "none",
                        mask=M.mask_image(w.mask) if w.mask is not None else None)
@@ -467,6 +468,9 @@ class EditEngine:
         if prefix is not None:
             new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
                              torch.cat([prefix.to(new.latents), new.latents[1:]]))
+        # The levels in the engine's dtype (bf16 on a GPU): what is sampled from is exactly what the latent cache
+        # stores, so a later edit from the cache gives the bytes a fresh inversion gives (fp32 on a CPU: unchanged).
+        new = Trajectory(new.timesteps, new.latents.to(self.dtype).to(torch.float32), new.extras)
         for j, i in enumerate(members):
             work[i].trajectory, work[i].inversion_passes = new.rows([j]), passes
             work[i].cache_hit = prefix is not None
@@ -648,6 +652,8 @@ def _source_key(row: EditRow, control: RowControl | None, eta: float) -> tuple |
             method.direct, int(row.seed) if eta > 0 else None)
 
 
-def _to_cpu(trajectory: Trajectory) -> Trajectory:
-    return Trajectory(list(trajectory.timesteps), trajectory.latents.detach().to("cpu", torch.float32),
+def _to_cpu(trajectory: Trajectory, dtype: torch.dtype) -> Trajectory:
+    """A trajectory to hand on (the latent cache, the actor's memory): levels in the engine's ``dtype``, in which
+    they are exact (see ``_run_inversion``), half the bytes of fp32 in bf16; extras (null-text embeddings) in fp32."""
+    return Trajectory(list(trajectory.timesteps), trajectory.latents.detach().to("cpu", dtype),
                       {k: v.detach().to("cpu", torch.float32) for k, v in trajectory.extras.items()})

@@ -223,3 +223,20 @@ def test_fixed_batch_size_makes_rows_independent_of_their_neighbours(tiny_model_
         assert np.array_equal(shuffled[j].image, together[i].image), i
     # every call padded to the batch size: doubled where its rows use guidance, once for the row at guidance 1
     assert set(engine.guided_unet.call_sizes) == {6, 3}
+
+
+def test_trajectories_are_kept_in_the_engine_dtype_and_a_cache_hit_gives_the_same_bytes(tiny_model_path):
+    """An engine running bf16 (a GPU's dtype; here on the CPU) keeps its trajectories in bf16, half the bytes of fp32
+    in the latent cache, and samples from exactly those levels: an edit from the cache is the fresh edit's bytes."""
+    from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
+
+    bf16 = EditEngine.from_pretrained(str(tiny_model_path), device="cpu", dtype="bf16", size=64, batch_size=2)
+    row = dict(image=test_image(5), source_prompt="a cat", edit_prompt="a dog", num_steps=6, start_step=2)
+    fresh = bf16.edit([EditRow(**row)])[0]
+    assert fresh.trajectory.latents.dtype == torch.bfloat16 and fresh.inversion_passes == 4
+    blob = encode_trajectory_blob(fresh.trajectory)
+    levels = fresh.trajectory.latents.numel()
+    assert levels * 2 <= len(blob) < levels * 4  # 2 bytes a value, not 4
+    cached = bf16.edit([EditRow(**row, cached=decode_trajectory(blob))])[0]
+    assert cached.cache_hit and cached.inversion_passes == 0
+    assert np.array_equal(cached.image, fresh.image)

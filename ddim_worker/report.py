@@ -7,7 +7,7 @@ What gets written (all through :mod:`ddim_worker.storage`, each object whole or 
 - ``report-2.html``, ``report-3.html``, ... - the next pages when there are more rows than ``page_size``; every page
   has first/prev/next/last links. Stale ``report-N.html`` pages of an earlier, longer report are removed.
 - ``contact-sheet.png`` - a grid with one line per ok/skipped row that has an image (the first ``sheet_rows`` of
-  them): tiles input | edited (| reconstruction) under a caption strip with the row id (geometry below).
+  them): tiles input | edited (| reconstruction) (| mask) under a caption strip with the row id (geometry below).
 
 The pages are self-contained: inline CSS, no scripts at all (a Content-Security-Policy meta tag forbids them), no
 external URLs. Images are referenced by relative paths (``images/<id>.png``, ``inputs/<id>.png``,
@@ -17,7 +17,7 @@ errors, URLs) is HTML-escaped: manifests are untrusted.
 
 Contact-sheet geometry (``sheet_size`` computes it; a reader can recover the tile count from the PNG size)::
 
-    cols   = 3 if any row on the sheet has a reconstruction, else 2   (input | edited | reconstruction)
+    cols   = 2 + 1 if any row on the sheet has a reconstruction + 1 if any has a mask   (input | edited | ...)
     width  = SHEET_PAD + cols * (TILE + SHEET_PAD)
     height = SHEET_HEADER_H + lines * LINE_H,   LINE_H = CAPTION_H + TILE + SHEET_PAD
     tiles  = cols * lines
@@ -221,7 +221,11 @@ def _dl(pairs: list[tuple[str, str]]) -> str:
     return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
 
-def _card(row: Mapping[str, Any], index: int, images: Mapping[str, str], show_recon: bool) -> str:
+#: Image kinds shown only when some row of the job has one (reconstructions: --measure-fidelity; masks: mask auto).
+OPTIONAL_KINDS = ("reconstruction", "mask")
+
+
+def _card(row: Mapping[str, Any], index: int, images: Mapping[str, str], shown: set[str]) -> str:
     status = _status(row)
     row_id = _text(row.get("id"))
     parts = [
@@ -230,7 +234,7 @@ def _card(row: Mapping[str, Any], index: int, images: Mapping[str, str], show_re
         f'<span class="badge {_e(status)}">{_e(status)}</span></h3>',
     ]
     if status != FAILED:
-        kinds = [k for k, _ in IMAGE_KINDS if k != "reconstruction" or show_recon or "reconstruction" in images]
+        kinds = [k for k, _ in IMAGE_KINDS if k not in OPTIONAL_KINDS or k in shown or k in images]
         figs = []
         for kind in kinds:
             if kind in images:
@@ -372,15 +376,14 @@ def _tile(data: bytes | None):
 
 
 def _contact_sheet(
-    output_uri: str, storage_options: dict | None, lines: list[tuple[Mapping, dict]], cols: int
+    output_uri: str, storage_options: dict | None, lines: list[tuple[Mapping, dict]], kinds: list[str]
 ) -> bytes:
     from PIL import Image, ImageDraw
 
-    width, height = sheet_size(len(lines), cols)
+    width, height = sheet_size(len(lines), len(kinds))
     sheet = Image.new("RGB", (width, height), _BG)
     draw = ImageDraw.Draw(sheet)
     font = _font()
-    kinds = [k for k, _ in IMAGE_KINDS][:cols]
     for c, kind in enumerate(kinds):
         x = SHEET_PAD + c * (TILE + SHEET_PAD)
         draw.text((x + 2, 3), kind, fill=_TEXT, font=font)
@@ -443,7 +446,7 @@ def write_report(
     listed = {folder: set(storage.list_names(layout.folder(kind), storage_options, suffix=".png"))
               for kind, folder in IMAGE_KINDS}
     images = [_row_images(r, listed) for r in rows]
-    show_recon = any("reconstruction" in im for im in images)
+    shown = {kind for kind in OPTIONAL_KINDS if any(kind in im for im in images)}
 
     # Contact sheet: the first `sheet_rows` ok/skipped rows that have an image.
     sheet_lines = [(r, im) for r, im in zip(rows, images)
@@ -451,8 +454,8 @@ def write_report(
     sheet_lines = sheet_lines[:sheet_rows]
     sheet_uri = layout.contact_sheet
     if sheet_lines:
-        cols = 3 if any("reconstruction" in im for _, im in sheet_lines) else 2
-        storage.write_bytes(sheet_uri, _contact_sheet(output_uri, storage_options, sheet_lines, cols),
+        kinds = [k for k, _ in IMAGE_KINDS if k not in OPTIONAL_KINDS or any(k in im for _, im in sheet_lines)]
+        storage.write_bytes(sheet_uri, _contact_sheet(output_uri, storage_options, sheet_lines, kinds),
                             storage_options)
     else:
         storage.remove(sheet_uri, storage_options)  # a stale sheet of an earlier run would mislead
@@ -465,7 +468,7 @@ def write_report(
     # Later pages first, page 1 last: once report.html is there, every page it links to is too.
     for number in range(n_pages, 0, -1):
         start = (number - 1) * page_size
-        cards = [_card(rows[i], i, images[i], show_recon) for i in range(start, min(start + page_size, len(rows)))]
+        cards = [_card(rows[i], i, images[i], shown) for i in range(start, min(start + page_size, len(rows)))]
         text = _page(title=title, number=number, pages=n_pages, cards=cards, first_index=start, total=len(rows),
                      counts=counts, failed_rows=failed_rows, page_of=page_size, has_sheet=sheet_uri is not None)
         storage.write_bytes(uris[number - 1], text.encode("utf-8"), storage_options)

@@ -99,6 +99,22 @@ def judge(kind: str, image: np.ndarray, source: np.ndarray, scene: S.Scene, targ
     raise ValueError(f"edit kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
+def changed_region(kind: str, scene: S.Scene, target: S.Scene) -> np.ndarray:
+    """(64, 64) bool: the pixels the edit should change (a mask's truth): the shape (colour), the background
+    (background), the old and the new outline (shape)."""
+    if kind == "colour":
+        return S.mask(scene)
+    if kind == "background":
+        return ~S.mask(scene)
+    return S.mask(scene) | S.mask(target)
+
+
+def mask_iou(kind: str, mask: np.ndarray, scene: S.Scene, target: S.Scene) -> float:
+    """IoU of a mask (nonzero: changed) with the region the edit should change."""
+    truth, mask = changed_region(kind, scene, target), np.asarray(mask) > 0
+    return float((mask & truth).sum() / max(1, (mask | truth).sum()))
+
+
 #: How each figure is summarised over scenes: mean, except shifts and ratios (medians: a few failed edits dominate a
 #: mean of pixel distances).
 MEDIANS = ("centroid_shift", "area_ratio")

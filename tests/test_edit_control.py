@@ -176,8 +176,18 @@ def test_masks_need_a_trajectory_and_settings_are_checked_by_the_one_validator()
 def test_direct_shares_ddims_cached_trajectory_and_ids_stay_stable():
     from ddim_worker.inversion import parse_method
     from ddim_worker.manifest import row_id
+    from ddim_worker.outputs import OutputLayout
+    from ddim_worker.stages import StageContext, cache_key
 
     assert parse_method("direct").cache_key(3.5) == parse_method("ddim").cache_key(3.5) == "ddim"
+    ctx = StageContext(OutputLayout("out"), None, "m", "fingerprint", "float32", 64)
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    plain = {"inversion": "ddim", "guidance_scale": 3.5, "source_prompt": "a", "negative_prompt": "",
+             "num_steps": 50, "inversion_guidance": 1.0}
+    keys = {cache_key(ctx, pixels, {**plain, **change}) for change in (
+        {}, {"inversion": "direct"}, {"cross_replace": 0.8, "self_replace": 1.0, "edit_word_weight": 2.0},
+        {"mask": "auto"})}
+    assert len(keys) == 1  # none of the new settings changes the latent-cache key
     base = {"image_url": "a.png", "source_prompt": "a", "edit_prompt": "b", "num_steps": 50, "start_step": 10,
             "guidance_scale": 3.5, "inversion_guidance": 3.5, "seed": 0, "inversion": "ddim", "negative_prompt": ""}
     old = row_id(base)  # a row of a manifest without the new columns

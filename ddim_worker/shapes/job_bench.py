@@ -85,8 +85,12 @@ def judge_job(output: Path, folder: Path, index: dict) -> dict[str, dict]:
     return out
 
 
-def augmentation_check(folder: Path, model: str, work: Path, images: int = 8) -> dict:
-    """Every image with three colour prompts, control and direct inversion: job.json's samples against the ideal."""
+def augmentation_check(folder: Path, model: str, work: Path, images: int = 4) -> dict:
+    """Every image with three colour prompts, control and direct inversion: job.json's samples against the ideal.
+
+    Four images, batch size 4: an image's source branch and its three edits fill one call, the four inversions one
+    call, and the 12 rows are one actor task (16 rows: 4 calls of 4), so nothing is padded. (Where a task boundary
+    falls between an image's rows, each side samples its own source branch, and both are counted in the ideal.)"""
     scenes = held_out(images, JOB_SEED + 1)
     rows = []
     for i, sc in enumerate(scenes):

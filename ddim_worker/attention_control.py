@@ -91,7 +91,8 @@ class StepControl:
         own = list(range(rows))
         gathered = [r if explicit else source for r, (source, explicit) in enumerate(zip(cross_source, explicit_rows))]
         return UnetControl(tensor(self_source, torch.long), tensor(gathered, torch.long),
-                           tensor(cross_source, torch.long), tensor(explicit_rows, torch.bool), tensor(mapper, torch.long), tensor(alphas, torch.float32),
+                           tensor(cross_source, torch.long), tensor(explicit_rows, torch.bool),
+                           tensor(mapper, torch.long), tensor(alphas, torch.float32),
                            tensor(weights, torch.float32), has_self=self_source != own,
                            has_cross=cross_source != own, has_explicit=any(explicit_rows))
 

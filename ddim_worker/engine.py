@@ -397,7 +397,7 @@ class EditEngine:
         self._invert_unique(rows, work, schedule, start_step)
         # 2. null-text: per-step unconditional embeddings, optimised once per row and kept with the trajectory.
         uncond_steps = self._null_text(rows, work, schedule, start_step)
-        # 3. Masks (mask auto): where the edit prompt changes the prediction at the starting latent.
+        # 3. Masks (mask auto): where the edit prompt changes the predictions, voted by the image's regions.
         self._find_masks(rows, work, schedule, start_step)
         # 4. Attention control per row (its token map), and the plan of the sampling calls.
         controls = [self.row_control(r) for r in rows]

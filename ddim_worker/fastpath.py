@@ -35,6 +35,15 @@ GiB = 2**30
 #: ``torch.cuda.max_memory_allocated`` at each batch size, so the estimate can be checked on the GPU.
 ROW_BYTES_512_16BIT = int(0.75 * GiB)
 
+#: A row of a call under attention control (Prompt-to-Prompt), over a plain row: 1.02. Measured with the sd15 shapes
+#: at 512 px in fp32 on CPU (``python jobs/control_memory.py``, docs/control-memory-cpu.json): one guided UNet call's
+#: peak resident memory grew by 0.250 GiB per plain row and 0.254 GiB per controlled row (word swap, and refinement
+#: with reweighting alike), 2 -> 4 rows. Self-attention control runs the plain kernel on the source's queries and
+#: keys, so it forms no (HW)^2 map (that would be 1 GiB per row at 64 x 64 latents in fp32); the refinement's
+#: cross-attention maps have 77 keys. A source branch is a row of its call like any other: a controlled call of B
+#: rows edits fewer images' rows, not more memory per row.
+CONTROL_ROW_FACTOR = 1.02
+
 #: Free memory left untouched by :func:`auto_batch_size`: 10 % plus 2 GiB for the CUDA context, cuDNN / cuBLAS
 #: workspaces and whatever else shares the device.
 RESERVE_FRACTION = 0.10
@@ -107,16 +116,19 @@ def apply_fast_path(pipe: Any, *, channels_last: bool, compile_unet: bool, atten
             "compile_dynamic": compile_dynamic if compile_unet else False}
 
 
-def row_bytes(size: int, dtype: torch.dtype) -> int:
-    """Estimated peak activation bytes of one row at ``size`` px in ``dtype`` (see ``ROW_BYTES_512_16BIT``).
+def row_bytes(size: int, dtype: torch.dtype, control: bool = False) -> int:
+    """Estimated peak activation bytes of one row at ``size`` px in ``dtype`` (see ``ROW_BYTES_512_16BIT``), of a
+    call under attention control with ``control`` (``CONTROL_ROW_FACTOR``).
 
     Activations scale with the pixel count and with the element size.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return int(ROW_BYTES_512_16BIT * (size / 512) ** 2 * itemsize / 2)
+    factor = CONTROL_ROW_FACTOR if control else 1.0
+    return int(ROW_BYTES_512_16BIT * factor * (size / 512) ** 2 * itemsize / 2)
 
 
-def auto_batch_size(free_bytes: int, size: int, dtype: torch.dtype, max_batch: int = MAX_AUTO_BATCH) -> int:
+def auto_batch_size(free_bytes: int, size: int, dtype: torch.dtype, max_batch: int = MAX_AUTO_BATCH,
+                    control: bool = False) -> int:
     """Rows per engine call that fit in ``free_bytes`` of device memory (after the weights are loaded).
 
     ``(free - 10 % - 2 GiB) // row_bytes(size, dtype)``, clamped to ``[1, max_batch]`` and rounded down to a power of
@@ -127,7 +139,7 @@ def auto_batch_size(free_bytes: int, size: int, dtype: torch.dtype, max_batch: i
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     usable = free_bytes * (1 - RESERVE_FRACTION) - RESERVE_BYTES
-    rows = int(usable // row_bytes(size, dtype)) if usable > 0 else 0
+    rows = int(usable // row_bytes(size, dtype, control)) if usable > 0 else 0
     rows = max(1, min(int(max_batch), rows))
     return 1 << (rows.bit_length() - 1)
 
@@ -136,11 +148,12 @@ def auto_batch_size(free_bytes: int, size: int, dtype: torch.dtype, max_batch: i
 SD1_WEIGHTS_16BIT = int(2.2 * GiB)
 
 
-def batch_size_before_load(free_bytes: int, size: int, dtype: torch.dtype, max_batch: int = MAX_AUTO_BATCH) -> int:
+def batch_size_before_load(free_bytes: int, size: int, dtype: torch.dtype, max_batch: int = MAX_AUTO_BATCH,
+                           control: bool = False) -> int:
     """:func:`auto_batch_size` for a device whose ``free_bytes`` were measured before an SD 1.x pipeline is loaded
     on it (a job sizes its batches before its engine actors start): the weights come off first."""
     weights = int(SD1_WEIGHTS_16BIT * torch.empty((), dtype=dtype).element_size() / 2)
-    return auto_batch_size(free_bytes - weights, size, dtype, max_batch)
+    return auto_batch_size(free_bytes - weights, size, dtype, max_batch, control)
 
 
 def free_device_bytes(device: torch.device | str) -> int | None:

@@ -2,9 +2,10 @@
 
 The shapes model (``ddim-edit make-shapes-model``: weights trained here and shipped in the package) knows one world:
 a shape of one colour on a plain background. The demo edits colours, shapes and backgrounds with the model's
-recommended settings, then shows the results in ``out/shapes/report.html`` and ``out/shapes/contact-sheet.png``
-(input | edited). First it edits one scene with ``ddim-edit edit``, and it ends with text-to-image
-(``ddim-edit sample``).
+recommended settings (direct inversion with Prompt-to-Prompt attention control; the manifest's rows add a mask to
+colour and background edits and drop the control for background edits), then shows the results in
+``out/shapes/report.html`` and ``out/shapes/contact-sheet.png`` (input | edited | mask). First it edits one scene
+with ``ddim-edit edit``, and it ends with text-to-image (``ddim-edit sample``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The edit benchmark of the shipped shapes model (docs/quality.md): every inversion method over start steps and
-guidance scales on held-out colour edits, plus text-to-image colour match and DDIM reconstruction.
+guidance scales on held-out colour edits, plus text-to-image colour match and DDIM reconstruction; with ``--kinds``,
+colour, shape and background edits per way of keeping the rest (attention control, direct inversion, masks).
 
     python jobs/edit_quality.py [--model M] [--count 24] [--checks] [--json OUT]   (default: the shipped model)
+    python jobs/edit_quality.py --kinds colour,shape,background [--json OUT]
 """
 
 from __future__ import annotations

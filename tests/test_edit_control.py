@@ -45,7 +45,7 @@ def test_plain_edits_are_the_bytes_of_the_engine_before_the_call_plan(shapes_mod
             assert now[mode][case] == expected, (mode, case)
 
 
-N, S, B = 10, 4, 4  # steps, start step, engine batch size: small, the definitions hold at any size
+N, START, B = 10, 4, 4  # steps, start step, engine batch size: small, the definitions hold at any size
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,7 @@ def scenes():
 def _row(scene, edit_prompt: str | None = None, **settings) -> EditRow:
     return EditRow(S.render(scene), scene.caption, edit_prompt or scene.with_(colour="blue" if scene.colour != "blue"
                                                                               else "red").caption,
-                   num_steps=N, start_step=S_, inversion_guidance=1.0, **settings)
-
-
-S_ = S  # (the scenes module is S)
-S = __import__("ddim_worker.shapes.scenes", fromlist=["scenes"])
+                   num_steps=N, start_step=START, inversion_guidance=1.0, **settings)
 
 
 def test_control_that_replaces_no_step_is_the_plain_edit_byte_for_byte(engine, scenes, one_thread):
@@ -75,7 +71,7 @@ def test_control_that_replaces_no_step_is_the_plain_edit_byte_for_byte(engine, s
     plain = engine.edit([_row(sc) for sc in scenes[:2]])
     idle = engine.edit([_row(sc, cross_replace=0.1, self_replace=0.1, edit_word_weight=3.0) for sc in scenes[:2]])
     for p, c in zip(plain, idle):
-        assert np.array_equal(p.image, c.image) and c.source_passes == N - S_ and c.attention_control == "word-swap"
+        assert np.array_equal(p.image, c.image) and c.source_passes == N - START and c.attention_control == "word-swap"
 
 
 def test_full_replacement_with_the_source_prompt_is_the_source_branch(engine, scenes, one_thread):
@@ -112,7 +108,7 @@ def test_rows_with_and_without_control_in_one_call_get_their_own_bytes(engine, s
     for row, out in zip(rows, together):
         [alone] = engine.edit([row])
         assert np.array_equal(alone.image, out.image)
-    assert [o.source_passes for o in together] == [0, N - S_, 0, N - S_, 0]  # one source branch per image
+    assert [o.source_passes for o in together] == [0, N - START, 0, N - START, 0]  # one source branch per image
 
 
 def test_an_image_with_several_edit_prompts_costs_one_inversion_and_one_source_branch(shapes_model, scenes):
@@ -122,9 +118,9 @@ def test_an_image_with_several_edit_prompts_costs_one_inversion_and_one_source_b
                  inversion="direct") for c in colours]
     before = engine.guided_unet.samples
     outs = engine.edit(rows)
-    assert [o.inversion_passes for o in outs] == [N - S_, 0, 0]
-    assert [o.source_passes for o in outs] == [N - S_, 0, 0]
-    ideal = (N - S_) * 1 + 3 * (N - S_) * 2 + (N - S_) * 2  # inversion unguided; 3 edits + 1 source, guided
+    assert [o.inversion_passes for o in outs] == [N - START, 0, 0]
+    assert [o.source_passes for o in outs] == [N - START, 0, 0]
+    ideal = (N - START) * 1 + 3 * (N - START) * 2 + (N - START) * 2  # inversion unguided; 3 edits + 1 source, guided
     assert engine.guided_unet.samples - before == ideal
 
 
@@ -158,7 +154,7 @@ def test_a_masked_background_edit_keeps_the_shape_to_the_pixel(engine):
     colour = outs[3].mask > 0
     assert (colour & S.mask(scenes[0])).sum() > 0.6 * S.mask(scenes[0]).sum() and colour.mean() < 0.5
     assert [o.mask_passes for o in outs] == [2 * masks.DRAWS, 2 * masks.DRAWS, 2 * masks.DRAWS, masks.DRAWS]
-    assert all(o.sampling_passes == N - masks.sampling_start(S_) for o in outs)
+    assert all(o.sampling_passes == N - masks.sampling_start(START) for o in outs)
 
 
 def test_masks_need_a_trajectory_and_settings_are_checked_by_the_one_validator():
@@ -176,8 +172,18 @@ def test_masks_need_a_trajectory_and_settings_are_checked_by_the_one_validator()
 def test_direct_shares_ddims_cached_trajectory_and_ids_stay_stable():
     from ddim_worker.inversion import parse_method
     from ddim_worker.manifest import row_id
+    from ddim_worker.outputs import OutputLayout
+    from ddim_worker.stages import StageContext, cache_key
 
     assert parse_method("direct").cache_key(3.5) == parse_method("ddim").cache_key(3.5) == "ddim"
+    ctx = StageContext(OutputLayout("out"), None, "m", "fingerprint", "float32", 64)
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    plain = {"inversion": "ddim", "guidance_scale": 3.5, "source_prompt": "a", "negative_prompt": "",
+             "num_steps": 50, "inversion_guidance": 1.0}
+    keys = {cache_key(ctx, pixels, {**plain, **change}) for change in (
+        {}, {"inversion": "direct"}, {"cross_replace": 0.8, "self_replace": 1.0, "edit_word_weight": 2.0},
+        {"mask": "auto"})}
+    assert len(keys) == 1  # none of the new settings changes the latent-cache key
     base = {"image_url": "a.png", "source_prompt": "a", "edit_prompt": "b", "num_steps": 50, "start_step": 10,
             "guidance_scale": 3.5, "inversion_guidance": 3.5, "seed": 0, "inversion": "ddim", "negative_prompt": ""}
     old = row_id(base)  # a row of a manifest without the new columns
@@ -218,14 +224,14 @@ def test_the_job_records_control_and_masks_everywhere(shapes_model, tmp_path):
     rows[0]["self_replace"] = 0.25  # a per-row column beats the job's flag
     out = tmp_path / "out"
     summary = run(write_manifest(rows, str(tmp_path / "m.parquet")), str(out), shapes_model, report=False,
-                  num_steps=N, start_step=S_, inversion_guidance=1.0, cross_replace=0.8, self_replace=0.5,
+                  num_steps=N, start_step=START, inversion_guidance=1.0, cross_replace=0.8, self_replace=0.5,
                   inversion="direct")
     assert summary["counts"]["ok"] == 12 and summary["inversions"] == 4
-    assert summary["unet_samples"] == summary["ideal_unet_samples"] == 4 * (N - S_) + 4 * 4 * (N - S_) * 2
+    assert summary["unet_samples"] == summary["ideal_unet_samples"] == 4 * (N - START) + 4 * 4 * (N - START) * 2
     table = results(str(out))
     first = table["s0-" + [c for c in S.COLOURS if c != scenes[0].colour][0]]
     assert (first["cross_replace"], first["self_replace"], first["inversion"]) == (0.8, 0.25, "direct")
-    assert sum(r["source_passes"] for r in table.values()) == 4 * (N - S_)
+    assert sum(r["source_passes"] for r in table.values()) == 4 * (N - START)
     assert {r["attention_control"] for r in table.values()} <= {"word-swap", "refine"}
     settings = read_png_text(png_path(out, first["id"]).read_bytes())["ddim_edit:settings"]
     assert "cross_replace=0.8 self_replace=0.25 edit_word_weight=1.0 mask=none" in settings
@@ -236,7 +242,7 @@ def test_the_job_records_control_and_masks_everywhere(shapes_model, tmp_path):
              "edit_prompt": sc.with_(background=[b for b in S.BACKGROUNDS if b != sc.background][0]).caption}
             for i, sc in enumerate(scenes[:2])]
     run(write_manifest(rows, str(tmp_path / "m2.parquet")), str(tmp_path / "out2"), shapes_model, report=False,
-        num_steps=N, start_step=S_, mask="auto")
+        num_steps=N, start_step=START, mask="auto")
     table = results(str(tmp_path / "out2"))
     for rid in ("m0", "m1"):
         assert table[rid]["mask"] == "auto" and table[rid]["mask_uri"] == str(png_path(tmp_path / "out2", rid, "mask"))

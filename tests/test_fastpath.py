@@ -103,3 +103,16 @@ def test_pinned_copy_on_cuda():  # pragma: no cover - runs on a GPU machine
     tensor = fastpath.pinned_to_device(array, "cuda")
     assert tensor.is_cuda and np.array_equal(tensor.cpu().numpy(), array)
     assert fastpath.free_device_bytes("cuda") > 0
+
+
+def test_rows_under_attention_control_are_sized_with_their_measured_bytes():
+    bf16 = torch.bfloat16
+    plain_row = fastpath.row_bytes(512, bf16)
+    assert fastpath.row_bytes(512, bf16, control=True) == int(fastpath.CONTROL_ROW_FACTOR * plain_row)
+    free = 20 * GiB
+    plain, controlled = (fastpath.auto_batch_size(free, 512, bf16, max_batch=4096, control=c) for c in (False, True))
+    assert controlled <= plain
+    # at the edge of a power of two the measured 2 % more per row costs a halving
+    edge = int((8 * plain_row + fastpath.RESERVE_BYTES) / (1 - fastpath.RESERVE_FRACTION)) + 1
+    assert fastpath.auto_batch_size(edge, 512, bf16) == 8
+    assert fastpath.auto_batch_size(edge, 512, bf16, control=True) == 4

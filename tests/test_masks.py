@@ -29,7 +29,8 @@ def test_components_split_one_colour_into_its_connected_areas():
 
 
 def test_otsu_splits_weighted_values_where_the_classes_separate():
-    assert otsu_threshold(torch.tensor([1.0, 1.1, 3.0, 3.2]), torch.tensor([10.0, 10.0, 1.0, 1.0])) == pytest.approx(2.05)
+    values, weights = torch.tensor([1.0, 1.1, 3.0, 3.2]), torch.tensor([10.0, 10.0, 1.0, 1.0])
+    assert otsu_threshold(values, weights) == pytest.approx(2.05)
     assert otsu_threshold(torch.tensor([2.0]), torch.tensor([5.0])) < 2.0  # one region: everything is changed
 
 

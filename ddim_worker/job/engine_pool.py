@@ -193,7 +193,9 @@ def batch_size_for(config: JobConfig, gpus_per_actor: float, device: EngineDevic
         log.warning("the engine GPU reported no free memory (no CUDA in the worker?); batch size %d",
                     DEFAULT_BATCH_SIZE["cuda"])
         return DEFAULT_BATCH_SIZE["cuda"]
-    batch = fastpath.batch_size_before_load(device.free_bytes, config.engine.size, getattr(torch, device.dtype))
+    edit = config.edit  # rows under attention control size their calls with its measured bytes per row
+    batch = fastpath.batch_size_before_load(device.free_bytes, config.engine.size, getattr(torch, device.dtype),
+                                            control=edit.cross_replace > 0 or edit.self_replace > 0)
     log.info("batch size %d from %.1f GiB free on an engine GPU (%s, %d px)", batch, device.free_bytes / 2**30,
              device.dtype, config.engine.size)
     return batch

@@ -1,11 +1,12 @@
 """The edit benchmark of the shapes model: held-out scenes, one edit each, judged from pixels with the known mask.
 
-Per inversion method and setting: edit success (the shape has the edit prompt's colour), background PSNR (pixels
-more than 2 px away from the shape, edited vs input), shape IoU (pixels unlike the background vs the scene's mask),
-reconstruction PSNR (the inversion resampled with the source prompt), UNet passes and seconds per edit. Also the
+Two tables. **Inversion methods** (``--methods``): colour edits per inversion method and setting: edit success,
+background PSNR, shape IoU, reconstruction PSNR, UNet passes and seconds per edit. **Edits that keep what they
+should** (``--kinds``): colour, shape and background edits (``edit_kinds``) per method of keeping: plain, attention
+control (Prompt-to-Prompt), direct inversion with it, masks, null-text with control (``CONTROL_METHODS``). Also the
 model's own checks: text-to-image colour match and reconstruction colour kept (edit prompt == source prompt).
 
-    python -m ddim_worker.shapes.edit_bench --model M [--count 24] [--json OUT]
+    python -m ddim_worker.shapes.edit_bench --model M [--count 24] [--kinds colour,shape,background] [--json OUT]
 """
 
 from __future__ import annotations
@@ -130,6 +131,89 @@ def t2i_check(engine, per_caption: int = 1, num_steps: int = DEFAULTS.num_steps,
     return {"shape_colour": fg_ok / n, "background": bg_ok / n, "both": both / n, "images": images, "prompts": prompts}
 
 
+#: The ways of keeping what an edit should not change, as per-row settings (the benchmark's second table). The
+#: control fractions are the recommended ones (``settings.CONTROL_WHEN_NAMED``), and "p2p 0.8/0.4" the paper's.
+def control_methods() -> dict[str, dict]:
+    from ddim_worker.settings import CONTROL_WHEN_NAMED
+
+    control = dict(CONTROL_WHEN_NAMED)
+    return {
+        "plain": {},
+        "p2p 0.8/0.4": {"cross_replace": 0.8, "self_replace": 0.4},
+        "p2p": control,
+        "direct + p2p": {"inversion": "direct", **control},
+        "mask": {"mask": "auto"},
+        "direct + p2p + mask": {"inversion": "direct", "mask": "auto", **control},
+        "null-text + p2p": {"inversion": "null-text:10", **control},
+    }
+
+
+def kinds_table(engine, kinds=("colour", "shape", "background"), methods: dict[str, dict] | None = None,
+                count: int = 24, batch: int = 24) -> list[dict]:
+    """Every edit kind x method on ``count`` held-out scenes (the same scenes for every method), at the model's
+    recommended steps, start step and guidance: the kind's figures (``edit_kinds.judge``), UNet passes (the edit's
+    own, its share of the source branch, the mask's) and seconds per edit."""
+    from ddim_worker.engine import EditRow
+    from ddim_worker.shapes.edit_kinds import edits, judge, mask_iou, summarise
+    from ddim_worker.shapes.model import edit_settings
+
+    recommended = edit_settings()
+    num_steps, start_step = recommended["num_steps"], recommended["start_step"]
+    guidance, inversion_guidance = recommended["guidance_scale"], recommended["inversion_guidance"]
+
+    methods = control_methods() if methods is None else methods
+    scenes = held_out(count)
+    sources = [S.render(sc) for sc in scenes]
+    table = []
+    for kind in kinds:
+        targets = edits(kind, scenes, HELD_OUT_SEED)
+        for name, settings in methods.items():
+            rows = [EditRow(image=src, source_prompt=sc.caption, edit_prompt=t.caption, num_steps=num_steps,
+                            start_step=start_step, guidance_scale=guidance, inversion_guidance=inversion_guidance,
+                            seed=i, **settings) for i, (src, sc, t) in enumerate(zip(sources, scenes, targets))]
+            started = time.perf_counter()
+            outs = []
+            for k in range(0, len(rows), batch):
+                outs += engine.edit(rows[k:k + batch])
+            seconds = time.perf_counter() - started
+            figures = summarise([judge(kind, o.image, src, sc, t) for o, src, sc, t in
+                                 zip(outs, sources, scenes, targets)])
+            if all(o.mask is not None for o in outs):  # how well mask auto found the region to change
+                ious = np.array([mask_iou(kind, o.mask, sc, t) for o, sc, t in zip(outs, scenes, targets)])
+                figures.update(mask_iou=float(ious.mean()), masks_wrong=float((ious < 0.5).mean()))
+            passes = np.mean([o.inversion_passes + o.sampling_passes + o.source_passes + o.mask_passes
+                              for o in outs])
+            table.append({"kind": kind, "method": name, **figures, "unet_passes": float(passes),
+                          "seconds_per_edit": seconds / len(rows)})
+            print(kind_text(table[-1]), flush=True)
+    return table
+
+
+#: The columns of each kind's table: (key, heading, format).
+KIND_COLUMNS = {
+    "colour": [("success", "edit success", ".2f"), ("bg_psnr", "background PSNR (dB)", ".1f"),
+               ("iou", "shape IoU", ".2f")],
+    "shape": [("success", "edit success", ".2f"), ("bg_psnr", "background PSNR (dB)", ".1f"),
+              ("colour_kept", "colour kept", ".2f"), ("centroid_shift", "centroid shift (px, median)", ".2f"),
+              ("area_ratio", "area ratio (median)", ".2f")],
+    "background": [("success", "edit success", ".2f"), ("colour_kept", "shape colour kept", ".2f"),
+                   ("shape_psnr", "shape PSNR (dB)", ".1f"), ("iou", "shape IoU", ".2f"),
+                   ("flatness", "flatness (dB)", ".1f")],
+}
+
+
+def kind_header(kind: str) -> str:
+    names = [heading for _, heading, _ in KIND_COLUMNS[kind]] + ["UNet passes", "s/edit"]
+    return "| method | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1)
+
+
+def kind_text(r: dict) -> str:
+    cells = [format(r[key], fmt) for key, _, fmt in KIND_COLUMNS[r["kind"]]]
+    masks = f" (mask IoU {r['mask_iou']:.2f}, wrong {r['masks_wrong']:.2f})" if "mask_iou" in r else ""
+    return f"| {r['kind']}: {r['method']} | " + " | ".join(cells) + \
+        f" | {r['unet_passes']:.0f} | {r['seconds_per_edit']:.2f} |{masks}"
+
+
 def row_text(r: dict) -> str:
     rec = f"{r['rec_psnr']:.1f}" if r.get("rec_psnr") is not None else "-"
     return (f"| {r['method']} | {r['start_step']} | {r['guidance']} | {r['success']:.2f} | {r['bg_psnr']:.1f} | "
@@ -150,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fidelity", action="store_true")
     p.add_argument("--checks", action="store_true", help="also text-to-image and reconstruction checks")
     p.add_argument("--only-checks", action="store_true")
+    p.add_argument("--kinds", default=None, help="edit kinds for the second table (colour,shape,background)")
+    p.add_argument("--control-methods", default=None, help="names from control_methods(), comma-separated")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -168,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         result["t2i"] = t2i
         result["reconstruction"] = reconstruction_check(engine)
         print(json.dumps(result), f"{time.perf_counter() - t0:.0f}s", flush=True)
-    if not args.only_checks:
+    if args.kinds:
+        methods = control_methods()
+        if args.control_methods:
+            methods = {name: methods[name] for name in args.control_methods.split(",")}
+        result["kinds"] = kinds_table(engine, args.kinds.split(","), methods, args.count)
+    if not args.only_checks and not args.kinds:
         print(HEADER)
         result["edits"] = edit_table(engine, args.count, args.methods.split(","),
                                      [int(s) for s in args.start_steps.split(",")],

@@ -34,23 +34,23 @@ def _augmentation_manifest(tmp_path: Path, images: int, prompts: int, edits: int
 
 
 def test_edited_dataset_with_users_columns_loads_with_datasets(tiny_model_path, tmp_path):
-    """The acceptance example: 1,200 rows over 8 images x 3 source prompts with --embed-images."""
+    """192 rows over 8 images x 3 source prompts (8 edits each) with --embed-images, in shards of 64 rows."""
     datasets = pytest.importorskip("datasets")
-    _augmentation_manifest(tmp_path, images=8, prompts=3, edits=50)
+    _augmentation_manifest(tmp_path, images=8, prompts=3, edits=8)
     out = tmp_path / "out"
     options = dict(num_steps=3, start_step=1, batch_size=16, embed_images=True, report=False,
-                   results_shard_rows=400)
+                   results_shard_rows=64)
     summary = run(str(tmp_path / "manifest"), str(out), tiny_model_path, **options)
     table = results(str(out))
-    assert len(table) == 1200 and all(r["status"] == "ok" for r in table.values())
-    assert summary["counts"]["ok"] == 1200 and summary["total"] == 1200
+    assert len(table) == 192 and all(r["status"] == "ok" for r in table.values())
+    assert summary["counts"]["ok"] == 192 and summary["total"] == 192
     # one inversion per (image, source prompt), give or take a few: rows of a pair are sorted together and the
     # engine actor keeps recent trajectories
     assert summary["inversions"] <= 2 * 24, summary["inversions"]
     some = table["e3-1-7"]
     assert (some["label"], some["score"], some["manifest_status"]) == (307, 0.7, "raw")
     loaded = datasets.load_dataset("parquet", data_files=str(out / "results" / "*.parquet"), split="train")
-    assert loaded.num_rows == 1200
+    assert loaded.num_rows == 192
     assert isinstance(loaded.features["edited_image"], datasets.Image)
     first = loaded[0]
     assert first["edited_image"].size == (64, 64) and first["label"] is not None
@@ -58,9 +58,9 @@ def test_edited_dataset_with_users_columns_loads_with_datasets(tiny_model_path, 
     assert read_png_text(png)["ddim_edit:id"] == first["id"]
     before = {p.name: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     again = run(str(tmp_path / "manifest"), str(out), tiny_model_path, **options)
-    assert again["computed"] == 0 and again["done_before"] == 1200
+    assert again["computed"] == 0 and again["done_before"] == 192
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == before  # no PNG rewritten
-    assert len(results(str(out))) == 1200
+    assert len(results(str(out))) == 192
 
 
 def test_results_shards_are_written_once_and_stopped_runs_stay_complete(tiny_model_path, tmp_path):

@@ -13,7 +13,6 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -28,12 +27,8 @@ from ddim_worker.job.driver import run_job
 
 
 def _on_cluster(gpus: int, config: JobConfig) -> dict:
-    with socket.socket() as probe:  # the default dashboard port may be taken by another Ray on this machine
-        probe.bind(("127.0.0.1", 0))
-        dashboard_port = probe.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0,
-                                                            "include_dashboard": True,
-                                                            "dashboard_port": dashboard_port,
+                                                            "include_dashboard": False,
                                                             "object_store_memory": 200 * 2**20})
     cluster.add_node(num_cpus=2, num_gpus=gpus, object_store_memory=200 * 2**20)
     ray.init(address=cluster.address)

@@ -29,10 +29,10 @@ def main(folder: str, model: str) -> None:
                       "image_url": ["missing.png"] * (rows - 4) + ["a.png"] * 4,  # most fail fast, 4 are edited
                       "source_prompt": ["a"] * rows, "edit_prompt": [f"b {i}" for i in range(rows)]})
     pq.write_table(table, root / "m.parquet", row_group_size=rows)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     started = time.monotonic()
     summary = run_job(JobConfig.from_flat(dict(manifest=str(root / "m.parquet"), output=str(root / "out"),
-                                               model=model, size=64, num_steps=2, start_step=1, batch_size=8,
+                                               model=model, size=64, num_steps=2, start_step=1, batch_size=64,
                                                report=False, results_shard_rows=2048)))
     print(json.dumps({"counts": summary["counts"], "seconds": time.monotonic() - started}))
     ray.shutdown()

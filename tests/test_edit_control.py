@@ -4,6 +4,7 @@ engine gave before the call plan, attention control, direct inversion and masks 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -253,3 +254,25 @@ def test_the_job_records_control_and_masks_everywhere(shapes_model, tmp_path):
 
     packed = datasets.load_dataset(str(tmp_path / "out2" / "dataset"), split="train")
     assert packed.num_rows == 2 and packed[0]["edit_mask"].size == (64, 64) and packed[0]["edit_mask"].mode == "L"
+
+
+def test_the_job_benchmark_judges_the_images_where_the_job_writes_them(tmp_path):
+    """``job_bench`` reads each row's PNG and mask through the output layout: an output whose edits are the targets
+    themselves succeeds everywhere, one whose edits are the inputs nowhere."""
+    from PIL import Image
+
+    from ddim_worker.outputs import OutputLayout
+    from ddim_worker.shapes.job_bench import judge_job, write_inputs
+
+    index = write_inputs(tmp_path / "inputs", 3)
+    figures = {}
+    for name, pick in (("targets", lambda sc, target: target), ("inputs", lambda sc, target: sc)):
+        layout = OutputLayout(str(tmp_path / name))
+        for rid, (kind, sc, target) in index.items():
+            path = layout.image("edited", rid)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(S.render(pick(sc, target))).save(path)
+        figures[name] = judge_job(tmp_path / name, tmp_path / "inputs", index)
+    assert all(figures["targets"][kind]["success"] == 1.0 for kind in ("colour", "shape", "background"))
+    assert all(figures["inputs"][kind]["success"] == 0.0 for kind in ("colour", "shape", "background"))
+    assert figures["targets"]["masks_written"] == 0

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ddim_worker.outputs import OutputLayout
 from ddim_worker.shapes import scenes as S
 from ddim_worker.shapes.edit_bench import held_out
 from ddim_worker.shapes.edit_kinds import KINDS, edits, judge, summarise
@@ -75,11 +76,12 @@ def judge_job(output: Path, folder: Path, index: dict) -> dict[str, dict]:
     """The figures of each kind from the job's PNGs (and how many rows had a mask written)."""
     judged: dict[str, list] = {kind: [] for kind in KINDS}
     masks = 0
+    layout = OutputLayout(str(output))  # where the job writes each row's images
     for rid, (kind, sc, target) in index.items():
-        image = np.asarray(Image.open(output / "images" / f"{rid}.png").convert("RGB"))
+        image = np.asarray(Image.open(layout.image("edited", rid)).convert("RGB"))
         source = S.render(sc)
         judged[kind].append(judge(kind, image, source, sc, target))
-        masks += (output / "masks" / f"{rid}.png").exists()
+        masks += Path(layout.image("mask", rid)).exists()
     out = {kind: summarise(values) for kind, values in judged.items()}
     out["masks_written"] = masks
     return out

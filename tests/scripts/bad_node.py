@@ -11,7 +11,6 @@ node's actor edits. Prints one JSON line.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -26,11 +25,7 @@ from ddim_worker.job.driver import run_job
 
 
 def main(manifest: str, output: str, model: str, storage_options: str, cache: str) -> None:
-    with socket.socket() as probe:  # the default dashboard port may be taken by another Ray on this machine
-        probe.bind(("127.0.0.1", 0))
-        dashboard_port = probe.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True,
-                                                            "dashboard_port": dashboard_port,
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False,
                                                             "object_store_memory": 150 * 2**20})
     cluster.add_node(num_cpus=1, resources={"engine": 1}, object_store_memory=150 * 2**20,
                      env_vars={"DDIM_EDIT_MODEL_CACHE": cache})

@@ -23,18 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ddim_worker.bench.procfs import read_status
+
 GiB = 2**30
 
 #: Modes: plain rows; word swap (the plain kernel on gathered queries and keys); refinement with reweighting (the
 #: cross-attention maps formed, 77 keys, and mixed token by token).
 MODES = ("plain", "word-swap", "refine+reweight")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def peak_above(fn: Any) -> tuple[int, float]:
@@ -43,11 +38,11 @@ def peak_above(fn: Any) -> tuple[int, float]:
 
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
+    before = read_status(fields=("VmRSS",))["VmRSS"]
     started = time.perf_counter()
     fn()
     seconds = time.perf_counter() - started
-    return (_status_kib("VmHWM") - before) * 1024, seconds
+    return read_status(fields=("VmHWM",))["VmHWM"] - before, seconds
 
 
 def measure(size: int = 512, branches: tuple[int, ...] = (2, 4), threads: int = 2) -> dict:

@@ -3,7 +3,6 @@ environment it names (versions, load average), and the Markdown rendering of the
 
 from __future__ import annotations
 
-import os
 import platform
 from typing import Any
 
@@ -25,13 +24,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not available
-        return None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

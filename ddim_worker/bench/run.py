@@ -20,7 +20,8 @@ from ddim_worker.bench import flops as fl
 from ddim_worker.bench.config import BenchConfig, parse_args
 from ddim_worker.bench.inputs import RERUN_PROMPTS, group_rows, make_images, make_rows
 from ddim_worker.bench.jobs import run_jobs
-from ddim_worker.bench.report import checks, loadavg, ratio, render_markdown, targets, versions
+from ddim_worker.bench.procfs import load_average
+from ddim_worker.bench.report import checks, ratio, render_markdown, targets, versions
 from ddim_worker.bench.textbook import TextbookEditor
 from ddim_worker.bench.timers import EngineTimer, TextbookTimer, dtype_name, time_edits, time_offload, time_pinned
 from ddim_worker.bench.variants import measure_variants
@@ -153,7 +154,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="ddim-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     run_started = time.perf_counter()
-    load_before = loadavg()
+    load_before = load_average()
 
     # The model: built locally with random weights (same shapes and FLOPs as the arch), loaded the real way.
     started = time.perf_counter()
@@ -250,7 +251,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     report["targets"] = targets(report)
     report["wall_seconds"] = round(time.perf_counter() - run_started, 1)
     # Other work on the machine skews CPU timings: the 1-minute load average before and after the run says if any ran.
-    report["load_average"] = {"before": load_before, "after": loadavg()}
+    report["load_average"] = {"before": load_before, "after": load_average()}
     if not cfg.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return report

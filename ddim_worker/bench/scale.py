@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ddim_worker.bench.procfs import MB, has_children, load_average, read_status
 from ddim_worker.synthetic import picture_bytes
 
 COLUMNS = "image_url=URL,source_prompt=TEXT,edit_prompt=target"
@@ -47,7 +48,6 @@ _SUBJECTS = ("dog", "cat", "house", "car", "bird", "horse", "flower", "tree", "c
 _EDITS = ("in winter", "at sunset", "in the rain", "with snow", "in red", "in blue", "oil painting style",
           "as a sketch")
 _INDEXED = re.compile(r"manifest .*: (\d+) rows in (\d+) row groups")
-MB = 1e6
 
 
 # -- the manifest -----------------------------------------------------------------------------------------------------
@@ -112,30 +112,6 @@ def write_manifest(folder: str | os.PathLike, rows: int, files: int = 4, row_gro
 
 
 # -- the driver process -----------------------------------------------------------------------------------------------
-
-def read_status(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, RssFile, RssShmem of ``pid`` in bytes (empty once it has exited)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[name] = int(value.split()[0]) * 1024
-    except (OSError, ValueError):
-        return {}
-    return out
-
-
-def has_children(pid: int) -> bool:
-    try:
-        return any(Path(task, "children").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return False
-
-
-def load_average() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -410,8 +410,10 @@ class EditEngine:
         for i, w in enumerate(work):
             if w.mask is not None:  # outside the mask the pixels are the input's
                 images[i] = M.paste_back(images[i], w.input_pixels, w.mask)
+        # One copy off the device per trajectory: the edit rows of one image share theirs (step 1).
+        handed = {id(w.trajectory): _to_cpu(w.trajectory, self.dtype) for w in work}
         outputs = [
-            EditOutput(images[i], _to_cpu(w.trajectory, self.dtype), w.inversion_passes, num_steps - start_step,
+            EditOutput(images[i], handed[id(w.trajectory)], w.inversion_passes, num_steps - start_step,
                        w.cache_hit,
                        w.shared, source_passes=w.source_passes, mask_passes=w.mask_passes,
                        attention_control=controls[i].tokens.kind if controls[i] is not None else "none",

@@ -240,3 +240,6 @@ def test_trajectories_are_kept_in_the_engine_dtype_and_a_cache_hit_gives_the_sam
     cached = bf16.edit([EditRow(**row, cached=decode_trajectory(blob))])[0]
     assert cached.cache_hit and cached.inversion_passes == 0
     assert np.array_equal(cached.image, fresh.image)
+    # Two edits of one image share one inversion, and one copy of it leaves the engine (not one per row).
+    pair = bf16.edit([EditRow(**row), EditRow(**{**row, "edit_prompt": "a fox"})])
+    assert pair[0].trajectory is pair[1].trajectory and pair[1].shared_inversion

@@ -6,7 +6,10 @@ a cluster's faults land (the OOM killer after a write, before the task returns).
 
 The points: ``results_written`` (a results shard is written, its task has not returned), ``image_written`` (an
 edited PNG is written, its batch's other rows and its results not yet) and ``engine_batch_done`` (an engine actor
-has edited a batch and not yet handed it on).
+has edited a batch and not yet handed it on); in packing, ``pack_rows_written`` (a data file half written, in
+its task) and ``pack_before_switch`` (every new data file written, the card not yet switched: in the driver); in the
+driver, ``compaction_written`` (a compaction's new shards written, no old one deleted) and ``finish_before_record``
+(results compacted, report and dataset written, ``job.json`` not yet).
 """
 
 from __future__ import annotations

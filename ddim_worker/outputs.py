@@ -9,11 +9,13 @@
       latents/<xyz>/<digest>.safetensors   cached inversion trajectories (--latent-cache: elsewhere, or off)
       results/ok-*.parquet, retry-*.parquet   the results ledger as shards: one row per manifest row
       results/_made_with.json      the options and model the results are made with (a rerun must match them)
-      dataset/README.md, dataset/data/train-NNNNN-of-MMMMM.parquet   the edited dataset, packed (see ``job.pack``)
+      dataset/README.md            the edited dataset's card: it names the data files of the current packing
+      dataset/data/<version>/train-NNNNN-of-MMMMM.parquet   the edited dataset, packed (see ``job.pack``)
       failed.parquet               the failed rows' manifest rows, to rerun only them
       job.json                     counts, timings, bytes, versions and the effective configuration
       report.html, report-N.html, contact-sheet.png
-      lease.json                   the run that holds this output now (with its heartbeat); gone when it ends
+      lease.json                   the run that holds this output now (renewed as its heartbeat); gone when it ends
+      run.json                     the number of the latest run on this output (only grows, even with --overwrite)
       .inflight/<generation>-<digest>   a results shard being written (the driver waits for these when it stops)
       .stop-<generation>           written when a run stops early: its tasks write no more shards
 """
@@ -86,6 +88,10 @@ class OutputLayout:
     def dataset_data(self) -> str:
         return join_uri(self.root, "dataset", "data")
 
+    def dataset_version(self, version: str) -> str:
+        """``dataset/data/<version>``: one packing's data files (a new packing never writes over the current one)."""
+        return join_uri(self.dataset_data, version)
+
     @property
     def results_folder(self) -> str:
         return join_uri(self.root, "results")
@@ -116,6 +122,10 @@ class OutputLayout:
         return join_uri(self.root, "lease.json")
 
     @property
+    def run_counter(self) -> str:
+        return join_uri(self.root, "run.json")
+
+    @property
     def inflight_folder(self) -> str:
         return join_uri(self.root, ".inflight")
 
@@ -123,7 +133,11 @@ class OutputLayout:
         return join_uri(self.inflight_folder, f"{generation}-{digest}")
 
     def stop_marker(self, generation: str) -> str:
-        return join_uri(self.root, f".stop-{generation}")
+        return join_uri(self.root, f"{STOP_MARKER_PREFIX}{generation}")
+
+
+#: ``.stop-<generation>``: the name of a stop marker under the output.
+STOP_MARKER_PREFIX = ".stop-"
 
 
 def report_page_name(number: int) -> str:

@@ -61,6 +61,18 @@ class StageContext:
     save_inputs: bool = False  # inputs/<p>/<id>.png for every row (off: only for the report's sample)
     image_sample: float = 1.0  # the fraction of ids (by hash) whose input and edited images are kept for the report
     stop_marker: str | None = None  # once this object exists (the driver stopped early), no more shards are written
+    run_id: str | None = None  # the run's lease: a task writes results only while ``lease.json`` names this run
+
+    def may_write_results(self) -> bool:
+        """Whether this run may still write results shards: not stopped early, and still the lease's holder (a run
+        that lost its output to another run writes nothing more, whatever its driver knows yet)."""
+        if self.stop_marker and storage.exists(self.stop_marker, self.storage_options):
+            return False
+        if self.run_id is None:
+            return True
+        from ddim_worker.job.lease import holder
+
+        return holder(self.layout.lease, self.storage_options) == self.run_id
 
     def image_uri(self, row_id: str) -> str:
         return self.layout.edited(row_id)
@@ -323,7 +335,7 @@ def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     token = ctx.layout.inflight(ctx.generation, keys_digest(table_keys(table)))
     storage.write_bytes(token, b"", ctx.storage_options)
     try:
-        if ctx.stop_marker and storage.exists(ctx.stop_marker, ctx.storage_options):
+        if not ctx.may_write_results():
             return {name: np.zeros(0, dtype=object) for name in SUMMARY_FIELDS}  # the driver records them as not run
         written = write_shard(ctx.layout, table, ctx.generation, ctx.storage_options)
         failpoint("results_written")

@@ -12,6 +12,7 @@ Why these wrappers exist:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import re
@@ -33,6 +34,12 @@ __all__ = [
     "list_names",
     "remove",
     "check_writable",
+    "PreconditionFailed",
+    "create_exclusive",
+    "replace_if",
+    "remove_if",
+    "version_of",
+    "store_now",
 ]
 
 #: Name prefix of the probe object ``check_writable`` writes and deletes.
@@ -141,9 +148,23 @@ def open_write(uri: str, storage_options: dict[str, Any] | None = None) -> Itera
         with _local_atomic(path) as handle:
             yield handle
         return
-    with fs.open(path, "wb") as handle:
+    handle = fs.open(path, "wb")
+    try:
         yield handle
+    except BaseException:
+        _discard(handle)  # fsspec's __exit__ would commit what was written so far: a file with no end (no footer)
+        raise
+    handle.close()
     _invalidate(fs, path)
+
+
+def _discard(handle: Any) -> None:
+    """Throw away an upload in progress: the multipart upload is aborted and nothing becomes visible."""
+    try:
+        handle.discard()
+    except Exception:  # noqa: BLE001 - aborting is best effort; the object is not committed either way
+        pass
+    handle.closed = True  # close() (also from __del__) must not commit the buffer
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
@@ -189,6 +210,29 @@ def list_names(
             continue
         names.append(name)
     return sorted(names)
+
+
+def list_folders(prefix_uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Sorted basenames of the folders (common prefixes) directly under ``prefix_uri``; ``[]`` if it is missing."""
+    fs, path = filesystem(prefix_uri, storage_options)
+    path = path.rstrip("/") or path
+    _invalidate(fs, path)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(posixpath.basename(str(e["name"]).rstrip("/")) for e in entries if e.get("type") == "directory")
+
+
+def remove_tree(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete a folder and everything under it (nothing if it is missing)."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    finally:
+        _invalidate(fs, path)
 
 
 def remove(uri: str, storage_options: dict[str, Any] | None = None, missing_ok: bool = True) -> None:
@@ -248,3 +292,148 @@ def remove_stale_temp_files(prefix_uri: str, storage_options: dict[str, Any] | N
             except FileNotFoundError:
                 continue  # its writer renamed or removed it meanwhile
     return removed
+
+
+# -- conditional writes: what a lease needs ------------------------------------------------------------------------
+
+class PreconditionFailed(OSError):
+    """A conditional write or delete found the object other than expected (created, changed or removed by another
+    writer since we last saw it)."""
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or "pre-condition" in str(exc).lower() \
+                or "precondition" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """Serialise conditional writes to one local object across processes (``flock`` on a sidecar file)."""
+    import fcntl
+
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    fd = os.open(os.path.join(folder or ".", f".{name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _local_version(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def version_of(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, float]:
+    """(version, last modified as epoch seconds by the store's clock) of an object; ``FileNotFoundError`` if none.
+
+    The version is the S3 ETag, or a digest of a local file's bytes: what ``replace_if`` and ``remove_if`` compare."""
+    fs, path = filesystem(uri, storage_options)
+    if _is_local(fs):
+        return _local_version(path), os.stat(path).st_mtime
+    _invalidate(fs, path)
+    info = fs.info(path)
+    modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    when = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0.0)
+    return str(info.get("ETag") or info.get("etag") or info.get("checksum") or ""), when
+
+
+def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> str:
+    """Create ``uri`` only if no object has that name (S3 ``If-None-Match: *``, local ``O_EXCL``); returns its
+    version. Raises ``PreconditionFailed`` when it exists."""
+    fs, path = filesystem(uri, storage_options)
+    if _is_local(fs):
+        with _local_lock(path):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise PreconditionFailed(f"{uri} exists") from None
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return hashlib.sha256(data).hexdigest()
+    try:
+        out = fs.pipe_file(path, bytes(data), mode="create")
+    except Exception as exc:
+        if _is_precondition_failure(exc):
+            raise PreconditionFailed(f"{uri} exists") from None
+        raise
+    finally:
+        _invalidate(fs, path)
+    return str((out or {}).get("ETag") or version_of(uri, storage_options)[0])
+
+
+def replace_if(uri: str, data: bytes, version: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Replace ``uri`` only if it is still at ``version`` (S3 ``If-Match``); returns the new version. Raises
+    ``PreconditionFailed`` when another writer changed or removed it."""
+    fs, path = filesystem(uri, storage_options)
+    if _is_local(fs):
+        with _local_lock(path):
+            try:
+                current = _local_version(path)
+            except FileNotFoundError:
+                raise PreconditionFailed(f"{uri} is gone") from None
+            if current != version:
+                raise PreconditionFailed(f"{uri} was changed by another writer")
+            with _local_atomic(path) as handle:
+                handle.write(data)
+            return hashlib.sha256(data).hexdigest()
+    try:
+        out = fs.pipe_file(path, bytes(data), IfMatch=version)
+    except FileNotFoundError:
+        raise PreconditionFailed(f"{uri} is gone") from None
+    except Exception as exc:
+        if _is_precondition_failure(exc):
+            raise PreconditionFailed(f"{uri} was changed by another writer") from None
+        raise
+    finally:
+        _invalidate(fs, path)
+    return str((out or {}).get("ETag") or version_of(uri, storage_options)[0])
+
+
+def remove_if(uri: str, version: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Delete ``uri`` only if it is still at ``version``; returns whether it was deleted (False: another writer's
+    object now, left alone)."""
+    fs, path = filesystem(uri, storage_options)
+    if _is_local(fs):
+        with _local_lock(path):
+            try:
+                if _local_version(path) != version:
+                    return False
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            return True
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        if _is_precondition_failure(exc):
+            return False
+        raise
+    finally:
+        _invalidate(fs, path)
+    return True
+
+
+def store_now(folder_uri: str, storage_options: dict[str, Any] | None = None) -> float:
+    """The store's clock, now: the last-modified time of a probe object written and removed under ``folder_uri``.
+    Comparing it with an object's last-modified time measures an age without trusting any host's clock."""
+    probe = join_uri(folder_uri, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
+    write_bytes(probe, b"", storage_options)
+    try:
+        return version_of(probe, storage_options)[1]
+    finally:
+        remove(probe, storage_options)

@@ -53,9 +53,11 @@ def test_six_hundred_rows_pack_into_a_dataset_with_its_card(tiny_model_path, tmp
     out = tmp_path / "out"
     total = IMAGES * EDITS
 
-    # A first run of half the manifest, then a rerun that would change the results' schema: refused, nothing written.
+    # A first run of half the manifest (a partial run: it packs nothing), then a rerun that would change the
+    # results' schema: refused, nothing written.
     first = run(manifest, str(out), tiny_model_path, limit=total // 2, **FAST)
-    assert first["dataset"]["rows"] == total // 2
+    assert first["dataset"] is None and "--limit" in first["dataset_not_packed"]
+    assert not (out / "dataset").exists()
     shards_before = sorted(p.name for p in (out / "results").glob("*.parquet"))
     with pytest.raises(JobError, match=r"--embed-images differs .* --overwrite"):
         run(manifest, str(out), tiny_model_path, embed_images=True, **FAST)
@@ -75,7 +77,9 @@ def test_six_hundred_rows_pack_into_a_dataset_with_its_card(tiny_model_path, tmp
     assert {"source_prompt", "edit_prompt", "num_steps", "start_step", "guidance_scale", "seed"} <= set(ds.features)
     header, body = _card(out / "dataset")
     assert header["dataset_info"]["splits"][0]["num_examples"] == total
-    assert header["configs"][0]["data_files"][0]["path"] == "data/train-*"
+    version = json.loads((out / "dataset" / ".pack.json").read_text())["version"]
+    assert header["configs"][0]["data_files"][0]["path"] == f"data/{version}/train-*"
+    assert [p.name for p in (out / "dataset" / "data").iterdir()] == [version]  # one packing's folder
     assert f"**Rows**: {total}" in body and "embedded in the manifest" in body and "ddim-edit run" in body
     assert summary["dataset"]["rows"] == total and summary["outputs"]["dataset"] == str(out / "dataset")
 
@@ -92,7 +96,7 @@ def test_six_hundred_rows_pack_into_a_dataset_with_its_card(tiny_model_path, tmp
 
     # Packed again with small files: about total bytes / 200 KB files, none over twice that, 600 rows still.
     again = pack_output(str(out), max_shard_size="200KB")
-    files = sorted((out / "dataset" / "data").glob("*.parquet"))
+    files = sorted((out / "dataset" / "data").rglob("*.parquet"))
     sizes = [f.stat().st_size for f in files]
     limit = parse_size("200KB")
     assert len(files) == again["files"] and len(files) >= 2

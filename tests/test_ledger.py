@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -103,9 +104,22 @@ def test_a_lease_is_refused_while_its_run_lives_and_taken_when_it_is_gone(tmp_pa
     finally:
         lease.release()
     assert not (tmp_path / "lease.json").exists()
-    dead = LeaseRecord("old-run", "elsewhere", 1, time.time() - 999, time.time() - EXPIRES_S - 5)
-    (tmp_path / "lease.json").write_bytes(dead.to_bytes())
+    # A holder on another host whose clock is an hour behind: its record says "an hour ago", the store says now.
+    skewed = LeaseRecord("skewed-run", "elsewhere", 1, time.time() - 3600, time.time() - 3600)
+    (tmp_path / "lease.json").write_bytes(skewed.to_bytes())
+    with pytest.raises(LeaseHeld, match="skewed-run"):
+        check_free(uri, None)
+    # ... and one whose clock is an hour ahead, not renewed since (by the store's clock) for longer than EXPIRES_S
+    ahead = LeaseRecord("old-run", "elsewhere", 1, time.time() + 3600, time.time() + 3600)
+    (tmp_path / "lease.json").write_bytes(ahead.to_bytes())
+    old = time.time() - EXPIRES_S - 5
+    os.utime(tmp_path / "lease.json", (old, old))
     assert check_free(uri, None).run_id == "old-run"  # expired: free to take
+    taken = Lease.acquire(uri, None, "m.parquet")
+    try:
+        assert json.loads((tmp_path / "lease.json").read_text())["run_id"] == taken.record.run_id
+    finally:
+        taken.release()
     gone = LeaseRecord("gone-run", __import__("socket").gethostname(), 2**22 + 12345, time.time(), time.time())
     (tmp_path / "lease.json").write_bytes(gone.to_bytes())
     assert check_free(uri, None).stale_reason().startswith("its driver")  # its process is gone from this host

@@ -10,8 +10,10 @@ driver's memory does not grow with the manifest beyond a few bytes a row (id has
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import itertools
+import json
 import logging
 import sys
 import time
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from ddim_worker import storage
+from ddim_worker.errors import root_cause
+from ddim_worker.failpoints import failpoint
 from ddim_worker.job import engine_pool, ledger, records, shards
 from ddim_worker.job.compat import IncompatibleOutput, check_compatible, record_identity
 from ddim_worker.job.pack import PackError, PackResult, card_facts, pack, parse_size
@@ -30,7 +34,7 @@ from ddim_worker.job.lease import Lease, LeaseHeld, check_free
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
 from ddim_worker.manifest import ManifestError, ledger_key, parse_column_map
 from ddim_worker.models import ModelLoadError, check_model, model_fingerprint
-from ddim_worker.outputs import OutputLayout
+from ddim_worker.outputs import STOP_MARKER_PREFIX, OutputLayout
 from ddim_worker.rows import FAILED, OK, SKIPPED
 from ddim_worker.stages import StageContext
 
@@ -93,12 +97,6 @@ def check_model_or_fail(config: JobConfig) -> tuple[str, str | None]:
     local = Path(config.model).expanduser()
     return (str(local.resolve()) if local.is_dir() else config.model), commit
 
-
-def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
 
 
 def _is_setup_failure(exc: BaseException) -> bool:
@@ -223,11 +221,12 @@ class Run:
     recorded: bool = False  # job.json holds this run's final record
 
     def check_lease(self) -> None:
-        """Stop at once (tasks write no more shards) when another run took this output's lease."""
-        if self.lease.lost is not None:
-            storage.write_bytes(self.layout.stop_marker(self.generation), b"stop", self.config.storage_options)
-            raise LeaseLost(f"this run lost its lease on {self.config.output} to {self.lease.lost.describe()}; it "
-                            "stopped writing")
+        """Called before every write that changes what other runs see (compaction, pruning, packing, records):
+        a run that lost its lease (taken by another run, or not renewed for ``lease.FENCE_S``) writes nothing more.
+        Its tasks stop too: each checks the lease before it writes a results shard."""
+        reason = self.lease.lost_reason()
+        if reason is not None:
+            raise LeaseLost(f"this run stopped writing to {self.config.output}: {reason}")
 
 
 def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: engine_pool.EnginePlan, model: str,
@@ -264,18 +263,18 @@ def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: engine_
             progressed = tally.rows_seen > seen_before
             if _is_setup_failure(exc):
                 if not progressed:  # no engine actor could start: another attempt would fail the same way
-                    raise JobError(f"the engine could not start: {_root_cause(exc)}") from None
+                    raise JobError(f"the engine could not start: {root_cause(exc)}") from None
                 # some actors work and others cannot start (a bad node): go on with another attempt; it is not
                 # counted against --max-attempts, and each such attempt makes progress, so they end
                 log.warning("engine actors failed to start while others worked (%s); re-running the unfinished "
-                            "rows (attempt %d)", _root_cause(exc), attempt + 1)
+                            "rows (attempt %d)", root_cause(exc), attempt + 1)
                 continue
             aborts += 1
             if aborts >= config.max_attempts:
                 raise JobError(f"dataset failed {aborts} times; rerun the same command to resume: "
-                               f"{_root_cause(exc)}") from exc
+                               f"{root_cause(exc)}") from exc
             log.warning("dataset aborted (%s); re-running the unfinished rows (attempt %d, abort %d of %d)",
-                        _root_cause(exc), attempt + 1, aborts, config.max_attempts)
+                        root_cause(exc), attempt + 1, aborts, config.max_attempts)
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
@@ -297,16 +296,24 @@ def _record_not_run(run: Run, manifest: Manifest, ctx: StageContext, reason: str
         pass
 
 
-def take_lease(config: JobConfig, layout: OutputLayout) -> Lease:
-    """The output's lease, taken before anything is written (refused in one line when another run holds it)."""
+def take_lease(config: JobConfig, layout: OutputLayout, interrupt: bool = True) -> Lease:
+    """The output's lease, taken before anything is written (refused in one line when another run holds it). With
+    ``interrupt``, losing it interrupts the main thread wherever it waits (``lease_guard`` turns that into
+    ``LeaseLost``)."""
     try:
         check_free(layout.lease, config.storage_options, config.break_lease)
         storage.check_writable(config.output, config.storage_options)
-        return Lease.acquire(layout.lease, config.storage_options, config.manifest, config.break_lease)
+        return Lease.acquire(layout.lease, config.storage_options, config.manifest, config.break_lease,
+                             on_lost=_interrupt_main if interrupt else None)
     except LeaseHeld as exc:
         raise JobError(str(exc)) from None
     except OSError as exc:
         raise JobError(f"cannot write to --output {config.output}: {exc}") from None
+
+
+def _interrupt_main(reason: str) -> None:
+    """The lease is lost: the driver stops now, not when the next batch of results arrives."""
+    _thread.interrupt_main()
 
 
 def run_job(config: JobConfig) -> dict[str, Any]:
@@ -316,6 +323,10 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     lease = take_lease(config, layout)
     try:
         return _run_job(Run(config, layout, lease), started)
+    except KeyboardInterrupt:
+        if (reason := lease.lost_reason()) is not None:
+            raise LeaseLost(f"this run stopped writing to {config.output}: {reason}") from None
+        raise
     finally:
         lease.release()
 
@@ -323,10 +334,6 @@ def run_job(config: JobConfig) -> dict[str, Any]:
 def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
     """Everything that needs no Ray: model, manifest footers, stale files, the run's number. Raises ``JobError``."""
     config, layout = run.config, run.layout
-    try:
-        storage.remove(layout.failed_manifest, config.storage_options)  # an earlier run's: never this run's
-    except OSError as exc:
-        raise JobError(f"cannot write to --output {config.output}: {exc}") from None
     model, hub_commit = check_model_or_fail(config)
     try:
         source = plan_source(config.manifest, parse_column_map(config.columns), config.storage_options,
@@ -343,6 +350,10 @@ def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
     except OSError as exc:
         raise JobError(f"cannot read the results under {config.output}: {exc}") from None
     try:
+        run.check_lease()
+        # The run's number first, before anything is deleted: it never repeats (see ``take_run_number``).
+        run.number = take_run_number(layout, config.storage_options)
+        storage.remove(layout.failed_manifest, config.storage_options)  # an earlier run's: never this run's
         # Temp files a killed writer left: of this output, every one older than our lease (we hold it now); of a
         # shared latent cache, only those too old to be another job's write in flight.
         if removed := storage.remove_stale_temp_files(config.output, config.storage_options,
@@ -353,12 +364,35 @@ def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
                                             older_than=time.time() - STALE_TEMP_AGE_S)
         if config.overwrite and (removed := shards.remove_all(layout, config.storage_options)):
             log.info("--overwrite: removed %d earlier results shards", removed)
-        run.number = shards.next_run(shards.list_shards(layout, config.storage_options))
         records.mark_started(config, run.lease.record.run_id, run.number)
         record_identity(config, layout, fingerprint)
     except OSError as exc:
         raise JobError(f"cannot write to --output {config.output}: {exc}") from None
     return model, hub_commit, source, fingerprint
+
+
+def _stop_marker_runs(layout: OutputLayout, storage_options: dict | None) -> list[int]:
+    """Run numbers of the stop markers under the output (a killed run leaves its marker behind)."""
+    names = [n for n in storage.list_names(layout.root, storage_options) if n.startswith(STOP_MARKER_PREFIX)]
+    return [order[1] for n in names if (order := shards.generation_order(n[len(STOP_MARKER_PREFIX):]))[0] == 1]
+
+
+def take_run_number(layout: OutputLayout, storage_options: dict | None) -> int:
+    """This run's number: one more than any run the output has seen (the counter ``run.json``, the ledger's shards,
+    stop markers), recorded in ``run.json`` before anything is deleted. So a number never comes back, whatever
+    ``--overwrite`` or a user emptying ``results/`` removed, and no marker or shard of an earlier run can be taken
+    for this run's. Stop markers of earlier runs are removed (no run of theirs is in flight: we hold the lease)."""
+    try:
+        counted = int(json.loads(storage.read_bytes(layout.run_counter, storage_options))["run"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        counted = 0
+    markers = _stop_marker_runs(layout, storage_options)
+    number = max(counted, shards.next_run(shards.list_shards(layout, storage_options)) - 1, *markers, 0) + 1
+    storage.write_bytes(layout.run_counter, json.dumps({"run": number}).encode(), storage_options)
+    for name in storage.list_names(layout.root, storage_options):
+        if name.startswith(STOP_MARKER_PREFIX):
+            storage.remove(storage.join_uri(layout.root, name), storage_options)
+    return number
 
 
 def _run_job(run: Run, started: float) -> dict[str, Any]:
@@ -373,7 +407,7 @@ def _run_job(run: Run, started: float) -> dict[str, Any]:
         if not run.recorded:
             try:
                 records.mark_failed(run.config, run.lease.record.run_id, run.number,
-                                    str(exc) if isinstance(exc, JobError) else _root_cause(exc))
+                                    str(exc) if isinstance(exc, JobError) else root_cause(exc))
             except OSError:
                 pass  # the original error is the one to report
         raise
@@ -401,12 +435,14 @@ def _run_started(run: Run, started: float, model: str, hub_commit: str | None, s
                        resume=not config.overwrite, carried=source.carried_schema,
                        results_schema=results_schema(config, source), embed_images=embeds_images(config),
                        save_images=config.save_images, save_inputs=config.save_inputs,
-                       image_sample=sample_fraction(REPORT_IMAGES, manifest.total) if config.report else 0.0)
+                       image_sample=sample_fraction(REPORT_IMAGES, manifest.total) if config.report else 0.0,
+                       run_id=run.lease.record.run_id)
     log.info("manifest %s: %d rows in %d row groups, %d files; %d repeated ids", config.manifest,
              source.total_rows, len(source.groups), len(source.files.files), len(manifest.source_ctx.duplicates))
 
     # The ledger as it stands: rewrite what a killed run left repeated, count what is done already.
     before = ledger.scan(layout, config.storage_options)
+    run.check_lease()
     if compacted := ledger.compact(layout, before, config.storage_options):
         log.info("results: %d repeated rows from earlier runs compacted away", compacted)
         before = ledger.scan(layout, config.storage_options)
@@ -438,10 +474,12 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
     job.json. Every failure to write them is one ``JobError``."""
     config, layout = run.config, run.layout
     try:
+        run.check_lease()
         storage.remove(layout.stop_marker(run.generation), config.storage_options)
         index = ledger.scan(layout, config.storage_options)
         unique = manifest.unique_keys()
         outside = index.outside(unique)
+        run.check_lease()
         pruned = ledger.compact(layout, index, config.storage_options, drop=outside if config.prune_stale else None)
         if pruned:
             index = ledger.scan(layout, config.storage_options)
@@ -449,6 +487,7 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
         counts = index.counts(unique)
         states = index.states(manifest.keys)
         # the rows to rerun: failed ones, and any the run never reached (a job that ended in an error)
+        run.check_lease()
         failed_uri = records.write_failed_manifest(config, manifest.source_ctx,
                                                    (states == ledger.STATUS_RANK[FAILED]) | (states == 0))
         report = {"pages": [None], "contact_sheet": None}
@@ -457,9 +496,12 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
 
             sample = ledger.sample_rows(layout, index, config.storage_options,
                                         sample_fraction(REPORT_ROWS, manifest.total), unique)
+            run.check_lease()
             report = write_report(config.output, sample, config.storage_options)
-        dataset = None
-        if config.pack and error is None and not run.stopped_early:
+        dataset, not_packed = None, _why_not_packed(config, error, run.stopped_early)
+        if not_packed:
+            log.info("dataset: not packed (%s)", not_packed)
+        else:
             dataset = pack_dataset(run, index, unique, card_facts(
                 config, model_revision=facts["hub_commit"], fingerprint=facts["fingerprint"], dtype=plan.dtype,
                 failed=counts[FAILED], skipped=counts[SKIPPED], command=records.command_line(config),
@@ -476,10 +518,12 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
         log.warning("results hold %d rows of ids this run's manifest does not have (kept; --prune-stale deletes "
                     "them)", stale)
     summary = {
-        "state": "failed" if error else ("stopped" if run.stopped_early else "finished"),
+        "state": "failed" if error else ("stopped" if run.stopped_early else
+                                         ("incomplete" if counts["missing"] else "finished")),
         "error": error,
         "counts": {OK: counts[OK], FAILED: counts[FAILED], SKIPPED: counts[SKIPPED]},  # the table's, over the manifest
-        "missing": counts["missing"],  # manifest rows with no result row (a job that failed before reaching them)
+        # manifest rows with no result row (a job that failed before reaching them): a run with any exits non-zero
+        "missing": counts["missing"],
         "total": manifest.total,
         "done_before": facts["done_before"],  # ok in an earlier run: skipped, their results kept
         "computed": computed,  # rows this run edited or failed (once each, whatever the attempts)
@@ -507,6 +551,7 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
         "batch_size": plan.batch_size,
         "bytes_written": tally.bytes_written(dataset.bytes if dataset and not dataset.skipped else 0, computed),
         "dataset": dataset.as_dict() if dataset else None,
+        "dataset_not_packed": not_packed,
         "command": records.command_line(config),
         "config": records.recorded_config(config),  # rerun: --config job.json
         "model": config.model,
@@ -520,6 +565,8 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
                     "dataset": layout.dataset_folder if dataset else None},
     }
     try:
+        failpoint("finish_before_record")
+        run.check_lease()
         records.write_job_record(config, summary)
         run.recorded = True
     except OSError as exc:
@@ -527,10 +574,26 @@ def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, start
     return summary
 
 
+def _why_not_packed(config: JobConfig, error: str | None, stopped_early: str | None) -> str | None:
+    """Why this run leaves the dataset as it is (None: it packs). A partial run never replaces the dataset of the
+    whole manifest: ``--limit`` and ``--smoke-test`` runs leave it, and ``ddim-edit pack OUTPUT`` packs every row."""
+    if not config.pack:
+        return "--no-pack"
+    if error is not None:
+        return "the run failed"
+    if stopped_early:
+        return "the run stopped early"
+    if config.limit is not None:
+        return (f"--limit {config.limit}: a partial run leaves the dataset of the whole manifest as it is; "
+                "`ddim-edit pack OUTPUT` packs every row")
+    return None
+
+
 def pack_dataset(run: Run, index: ledger.LedgerIndex, unique: np.ndarray, card: dict) -> PackResult:
     """The edited dataset under OUTPUT/dataset (skipped when nothing changed since the last packing)."""
     config = run.config
-    result = pack(run.layout, unique, config.storage_options, parse_size(config.max_shard_size), card, index)
+    result = pack(run.layout, unique, config.storage_options, parse_size(config.max_shard_size), card, index,
+                  guard=run.check_lease)
     if result.skipped:
         log.info("dataset: unchanged since the last packing (%d rows in %d files)", result.rows, result.files)
     else:
@@ -545,7 +608,8 @@ def sample_fraction(rows: int, total: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ddim-edit run``: exit 0 when every row is accounted for, 2 when the job cannot run, 3 when stopped early."""
+    """``ddim-edit run``: exit 0 when every row is accounted for, 2 when the job cannot run, 3 when stopped early,
+    4 when rows of the manifest have no result row."""
     from ddim_worker.job.args import parse_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -556,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddim-edit: error: {exc}", file=sys.stderr)
         return 2
     counts = summary["counts"]
+    missing = f", {summary['missing']} MISSING" if summary["missing"] else ""
     print(f"ddim-edit: {summary['total']} rows: {counts['ok']} ok, {counts['failed']} failed, "
-          f"{counts['skipped']} skipped; {summary['computed']} computed in {summary['wall_seconds']:.1f}s "
+          f"{counts['skipped']} skipped{missing}; {summary['computed']} computed in {summary['wall_seconds']:.1f}s "
           f"({summary['rows_per_second'] or 0:.2f} rows/s), {summary['inversions']} inversions")
     for name, uri in summary["outputs"].items():
         if uri:
@@ -565,4 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary["stopped_early"]:
         print(f"ddim-edit: {summary['stopped_early']}", file=sys.stderr)
         return 3
+    if summary["missing"]:
+        print(f"ddim-edit: error: {summary['missing']} of {summary['total']} manifest rows have no result row; "
+              "rerun the same command to finish them", file=sys.stderr)
+        return 4
     return 0

@@ -14,9 +14,13 @@ by at most ``ROW_GROUP_BYTES``. Packing runs on the cluster, never through the d
 3. a task per file reads the shards overlapping its range (and the PNGs of those rows), and streams its file out,
    row group by row group.
 
-A file's content is a function of the ledger, so packing again rewrites the same files; files of an earlier packing
-that the new one does not name are removed afterwards. ``dataset/.pack.json`` remembers what was packed, so a rerun
-that changed nothing does not pack again.
+Publishing is safe to crash and to fail. A packing writes its files into a folder of its own,
+``dataset/data/<version>/`` (the version is a digest of what is packed), never over the files the card names; then it
+switches the card, ``README.md``, whose ``configs`` name that folder: one small PUT, so a reader sees the old
+dataset or the new one whole. Only after that are the folders of earlier packings removed. A packing killed or failed
+before the switch leaves the previous dataset as it was (its unfinished folder is removed by the next packing), and
+a data file is never published without its footer (``storage.open_write`` aborts the upload on an exception).
+``dataset/.pack.json`` remembers what was packed, so a rerun that changed nothing does not pack again.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
+from ddim_worker.errors import root_cause
+from ddim_worker.failpoints import failpoint
 from ddim_worker.job import ledger
 from ddim_worker.job.shards import EDITED_IMAGE, hf_features, shard_uris
 from ddim_worker.outputs import OutputLayout
@@ -165,13 +172,13 @@ def _dataset_rows(table: pa.Table, schema: pa.Schema, storage_options: dict) -> 
     return pa.table(columns, schema=schema)
 
 
-def _file_task(batch: dict[str, np.ndarray], layout: OutputLayout, schema: pa.Schema,
+def _file_task(batch: dict[str, np.ndarray], folder: str, schema: pa.Schema,
                storage_options: dict) -> dict[str, np.ndarray]:
     """Write one dataset file: the rows whose byte offset falls in [lo, hi), streamed row group by row group."""
     written = []
     for name, lo, hi, parts in zip(batch["name"], batch["lo"], batch["hi"], [json.loads(p) for p in batch["parts"]]):
         rows, size = 0, 0
-        with storage.open_write(storage.join_uri(layout.dataset_data, str(name)), storage_options) as handle:
+        with storage.open_write(storage.join_uri(folder, str(name)), storage_options) as handle:
             writer = pq.ParquetWriter(handle, schema)
             pending: list[pa.Table] = []
             pending_bytes = 0
@@ -188,6 +195,7 @@ def _file_task(batch: dict[str, np.ndarray], layout: OutputLayout, schema: pa.Sc
                     if pending_bytes >= ROW_GROUP_BYTES:
                         writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
                         pending, pending_bytes = [], 0
+                    failpoint("pack_rows_written")  # a file half written: its upload must not become visible
             if pending:
                 writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
             writer.close()
@@ -213,16 +221,20 @@ class PackResult:
 
 
 def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict | None, max_shard_size: int,
-         card: dict[str, Any], index: ledger.LedgerIndex | None = None) -> PackResult:
-    """Pack the ``ok`` winners of ``manifest_keys`` (sorted) into ``OUTPUT/dataset``; ``card`` describes the run."""
+         card: dict[str, Any], index: ledger.LedgerIndex | None = None,
+         guard: Callable[[], None] | None = None) -> PackResult:
+    """Pack the ``ok`` winners of ``manifest_keys`` (sorted) into ``OUTPUT/dataset``; ``card`` describes the run.
+    ``guard`` is called before the card is switched and before old files are removed (the driver's lease check)."""
     options = storage_options or {}
+    guard = guard or (lambda: None)
     index = index or ledger.scan(layout, options)
     mask = index.winner & (index.status == ledger.STATUS_RANK[OK]) & np.isin(index.key, manifest_keys)
     state = hashlib.sha256(json.dumps([[s.name for s in index.shards], int(mask.sum()), max_shard_size,
                                        manifest_keys_digest(manifest_keys)]).encode()).hexdigest()[:16]
     record_uri = storage.join_uri(layout.dataset_folder, ".pack.json")
     previous = _read_json(record_uri, options)
-    if previous and previous.get("state") == state and previous.get("card") == card.get("fingerprint"):
+    if previous and previous.get("state") == state and previous.get("card") == card.get("fingerprint") \
+            and previous.get("version") == state:
         return PackResult(previous["rows"], previous["files"], previous["bytes"], previous["data_files"],
                           storage.join_uri(layout.dataset_folder, "README.md"), skipped=True)
 
@@ -256,24 +268,51 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
                  if starts[item["index"]] < hi and starts[item["index"]] + counts[item["index"]][1] > lo]
         plans.append({"name": data_file_name(k, files), "lo": lo, "hi": hi, "parts": json.dumps(parts)})
 
-    # 3. write them on the cluster, then drop the files of an earlier packing
+    # 3. write them on the cluster into this packing's own folder (never over the files the card names now)
     schema = dataset_schema(_results_schema(layout, index, options), with_masks)
-    written = ledger.map_shards(_file_task, plans, _on_cluster(), per_task=1, layout=layout, schema=schema,
-                                storage_options=options)
+    version = state
+    folder = layout.dataset_version(version)
+    try:
+        written = ledger.map_shards(_file_task, plans, _on_cluster(), per_task=1, folder=folder, schema=schema,
+                                    storage_options=options)
+    except (OSError, PackError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a task's error, as Ray wraps it: one line
+        raise PackError(f"writing the data files failed: {root_cause(exc)}") from exc
     rows = sum(int(r) for part in written for r in part["rows"])
     size = sum(int(b) for part in written for b in part["bytes"])
     if rows != total_rows:
         raise PackError(f"packed {rows} rows, planned {total_rows}: the results changed while packing")
-    names = [p["name"] for p in plans]
-    for name in storage.list_names(layout.dataset_data, options, suffix=".parquet"):
-        if _DATA_FILE.match(name) and name not in names:
-            storage.remove(storage.join_uri(layout.dataset_data, name), options)
+    names = [f"data/{version}/{p['name']}" for p in plans]
+
+    # 4. switch: the card names the new folder (one PUT); then the record; then earlier packings' files go
+    guard()
+    failpoint("pack_before_switch")
     card_uri = storage.join_uri(layout.dataset_folder, "README.md")
-    storage.write_bytes(card_uri, dataset_card(schema, rows, files, size, sources, card).encode(), options)
-    storage.write_bytes(record_uri, json.dumps({"state": state, "card": card.get("fingerprint"), "rows": rows,
-                                                "files": files, "bytes": size, "data_files": names}).encode(),
-                        options)
+    storage.write_bytes(card_uri, dataset_card(schema, rows, files, size, sources, card, version).encode(), options)
+    storage.write_bytes(record_uri, json.dumps({"state": state, "version": version, "card": card.get("fingerprint"),
+                                                "rows": rows, "files": files, "bytes": size,
+                                                "data_files": names}).encode(), options)
+    guard()
+    remove_other_packings(layout, version, options)
     return PackResult(rows, files, size, names, card_uri)
+
+
+def remove_other_packings(layout: OutputLayout, version: str, options: dict) -> None:
+    """Every data file but the current packing's: earlier packings, and folders of packings that never finished."""
+    for name in storage.list_folders(layout.dataset_data, options):
+        if name != version:
+            storage.remove_tree(layout.dataset_version(name), options)
+    for name in storage.list_names(layout.dataset_data, options, suffix=".parquet"):
+        if _DATA_FILE.match(name):  # the flat layout of packings before versioned folders
+            storage.remove(storage.join_uri(layout.dataset_data, name), options)
+
+
+def current_data_files(layout: OutputLayout, storage_options: dict | None = None) -> list[str]:
+    """The data files of the dataset the card names now (what ``datasets`` loads), as URIs."""
+    record = _read_json(storage.join_uri(layout.dataset_folder, ".pack.json"), storage_options or {}) or {}
+    return [storage.join_uri(layout.dataset_folder, name) for name in record.get("data_files", [])]
+
 
 
 def card_facts(config: Any, *, model_revision: str | None, fingerprint: str | None, dtype: Any, failed: int,
@@ -332,13 +371,15 @@ def _yaml_features(schema: pa.Schema) -> list[dict]:
                 for name, spec in features.items()]
 
 
-def dataset_card(schema: pa.Schema, rows: int, files: int, size: int, sources: Counter, card: dict[str, Any]) -> str:
+def dataset_card(schema: pa.Schema, rows: int, files: int, size: int, sources: Counter, card: dict[str, Any],
+                 version: str) -> str:
     """``README.md``: a YAML header (configs pointing at the data files, the features, the split's size) the Hub and
     ``datasets`` read, and a body that says how the dataset was made."""
     import yaml
 
     header = {
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "configs": [{"config_name": "default",
+                     "data_files": [{"split": "train", "path": f"data/{version}/train-*"}]}],
         "dataset_info": {"features": _yaml_features(schema),
                          "splits": [{"name": "train", "num_bytes": size, "num_examples": rows}],
                          "download_size": size, "dataset_size": size},

@@ -35,15 +35,16 @@ def pack_output(output: str, storage_options: dict | None = None, max_shard_size
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise JobError(f"{layout.job_record} cannot be read ({type(exc).__name__}): pack needs a run's output") \
             from None
-    if record.get("state") not in ("finished", "stopped"):
+    if record.get("state") not in ("finished", "stopped", "incomplete"):
         raise JobError(f"the last run on {output} did not finish (state {record.get('state')!r}): rerun it first")
     config = JobConfig.from_flat({**record.get("config", {}), "output": output, "storage_options": options,
                                   **({"address": address} if address else {})})
     size = parse_size(max_shard_size or config.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
-    lease = take_lease(config, layout)
+    lease = take_lease(config, layout, interrupt=False)
     try:
         try:
-            source = plan_source(config.manifest, parse_column_map(config.columns), options, config.limit)
+            # the whole manifest, whatever --limit the last run had: a dataset follows every row
+            source = plan_source(config.manifest, parse_column_map(config.columns), options, None)
         except (ManifestError, OSError) as exc:
             raise JobError(f"cannot read the run's manifest {config.manifest}: {exc}") from None
         engine_pool.init_ray(config)
@@ -56,14 +57,20 @@ def pack_output(output: str, storage_options: dict | None = None, max_shard_size
                           failed=counts[FAILED], skipped=counts[SKIPPED], command=record.get("command", ""),
                           version=record.get("versions", {}).get("ddim-edit", ""))
         try:
-            result = pack(layout, unique, options, size, card, index)
+            result = pack(layout, unique, options, size, card, index, guard=lambda: _check(lease))
         except (PackError, OSError) as exc:
             raise JobError(f"cannot pack the edited dataset under {layout.dataset_folder}: {exc}") from None
         record["dataset"] = result.as_dict()
+        _check(lease)
         storage.write_bytes(layout.job_record, json.dumps(record, indent=2, default=str).encode(), options)
         return record["dataset"]
     finally:
         lease.release()
+
+
+def _check(lease: Any) -> None:
+    if (reason := lease.lost_reason()) is not None:
+        raise JobError(f"stopped packing {lease.uri}: {reason}")
 
 
 def main(argv: list[str] | None = None) -> int:

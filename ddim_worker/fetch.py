@@ -7,8 +7,8 @@ across the batch's images), a thread pool (``FetchPolicy.concurrency`` downloads
 order, where one row's failure never touches another. ``fetch_bytes`` fetches one URL with a throwaway ``Fetcher``.
 
 DNS rebinding: every http(s) try (first try, each retry, each redirect hop) runs ``check_http_url`` and then
-connects only to the addresses that check approved (``http_connections``). Through an HTTP(S) proxy from the
-environment the proxy makes the connection: the check still runs on the target, the pinning does not apply.
+connects only to the addresses that check approved (``http_connections``). Proxies and ``.netrc`` credentials from
+the environment are ignored (``make_session``): a proxy would connect past the pinning.
 """
 
 from __future__ import annotations

@@ -359,6 +359,66 @@ def test_http_loopback_refused_before_connecting(server):
     assert server.paths == []
 
 
+class _ConnectionRecorder:
+    """A TCP listener on loopback that records every connection and closes it: a stand-in proxy."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                continue
+            self.connections.append(peer)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_environment_proxies_and_netrc_are_ignored(http_server, tmp_path, monkeypatch):
+    """A proxy would connect past the pinned, checked address; a netrc would hand credentials to any host a manifest
+    names: neither is taken from the environment. The image comes from the server itself, without Authorization."""
+    (http_server.root / "proxied.png").write_bytes(b"\x89PNG straight from the server")
+    proxy = _ConnectionRecorder()
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\ndefault login anyone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".netrc").write_text(netrc.read_text())
+    (tmp_path / ".netrc").chmod(0o600)
+    image = http_server.url("proxied.png")
+    try:
+        http_server.reset()
+        assert fetch_bytes(image, policy=FAST) == b"\x89PNG straight from the server"  # a netrc alone
+        assert http_server.requests.snapshot() == ["/proxied.png"]
+        assert not any(k.lower() == "authorization" for h in http_server.requests.headers for k in h)
+        for var in ("NO_PROXY", "no_proxy"):  # the test environment exempts loopback from proxies: undo that
+            monkeypatch.delenv(var, raising=False)
+        for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(var, proxy.url)
+        http_server.reset()
+        assert fetch_bytes(image, policy=FAST) == b"\x89PNG straight from the server"  # and proxies too
+        assert http_server.requests.snapshot() == ["/proxied.png"]
+        assert not any(k.lower() == "authorization" for h in http_server.requests.headers for k in h)
+    finally:
+        proxy.close()
+    assert proxy.connections == []
+
+
 def test_connection_refused_is_retried_then_fetch_failed():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -193,6 +193,35 @@ def test_local_too_large(folder):
     assert code_of(fetch_bytes, "img/a.png", base_dir=str(folder), policy=FetchPolicy(max_bytes=3)) == "too_large"
 
 
+def test_a_fifo_or_device_is_a_row_error_not_a_hang(folder):
+    """Opening a FIFO for reading blocks until a writer comes, and a device never ends: each is refused before a
+    read, as its own row's error, and the rows beside it are read."""
+    from ddim_worker.fetch import Fetcher
+
+    fifo = folder / "img" / "pipe.png"
+    os.mkfifo(fifo)
+    box: dict = {}
+    allow = FetchPolicy(allow_local_files=True)
+
+    def fetch() -> None:
+        with Fetcher(allow, base_dir=str(folder)) as fetcher:
+            box["results"] = fetcher.fetch_all(["img/a.png", "img/pipe.png", "/dev/zero", "img"])
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert not thread.is_alive(), "fetching a FIFO hung"
+    finally:
+        if thread.is_alive():  # release the reader stuck on the FIFO
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    ok, pipe, device, directory = box["results"]
+    assert ok == b"inside"
+    assert isinstance(pipe, FetchError) and pipe.code == "unsafe_url" and "a FIFO" in pipe.message
+    assert isinstance(device, FetchError) and device.code == "unsafe_url" and "character device" in device.message
+    assert isinstance(directory, FetchError) and directory.code == "unsafe_url" and "a folder" in directory.message
+
+
 # ---------------------------------------------------------------- http on 127.0.0.1
 
 

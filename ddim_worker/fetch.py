@@ -7,8 +7,8 @@ across the batch's images), a thread pool (``FetchPolicy.concurrency`` downloads
 order, where one row's failure never touches another. ``fetch_bytes`` fetches one URL with a throwaway ``Fetcher``.
 
 DNS rebinding: every http(s) try (first try, each retry, each redirect hop) runs ``check_http_url`` and then
-connects only to the addresses that check approved (``http_connections``). Through an HTTP(S) proxy from the
-environment the proxy makes the connection: the check still runs on the target, the pinning does not apply.
+connects only to the addresses that check approved (``http_connections``). Proxies and ``.netrc`` credentials from
+the environment are ignored (``make_session``): a proxy would connect past the pinning.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -412,16 +413,36 @@ def _is_absolute_local(url: str) -> bool:
 
 
 def _read_local(path: str, policy: FetchPolicy) -> bytes:
+    """A local image's bytes. Opened non-blocking and checked to be a regular file before any read: a FIFO would
+    block the task until some writer came, a device (``/dev/zero``, a tty) would never end or never answer."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(policy.max_bytes + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise FetchError("not_found", f"{path} does not exist") from None
+    except OSError as e:
+        raise FetchError("fetch_failed", f"{path}: {type(e).__name__}: {e}") from None
+    try:
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise FetchError("unsafe_url", f"{path} is not a regular file ({_file_kind(mode)}): not read")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(policy.max_bytes + 1)
     except OSError as e:
         raise FetchError("fetch_failed", f"{path}: {type(e).__name__}: {e}") from None
     if len(data) > policy.max_bytes:
         raise FetchError("too_large", f"{path} is larger than {policy.max_bytes} bytes")
     return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def redirect_target(current_url: str, location: str, policy: FetchPolicy, resolve: Resolver = default_resolver) -> str:

@@ -234,8 +234,16 @@ class PinnedAdapter(HTTPAdapter):
 
 def make_session(policy: FetchPolicy) -> requests.Session:
     """A session for one ``Fetcher``: pinned pooled adapter (as many connections per host as threads), our
-    User-Agent, no cookies kept, no automatic retries or redirects (we do both, re-checking every time)."""
+    User-Agent, no cookies kept, no automatic retries or redirects (we do both, re-checking every time).
+
+    ``trust_env`` is off, so nothing from the worker's environment changes where a request goes or what it says:
+    an ``HTTP(S)_PROXY`` / ``ALL_PROXY`` proxy would make the connection itself, to an address of its choosing,
+    past the pinning to the addresses ``check_http_url`` approved (an SSRF hole); ``~/.netrc`` (or ``$NETRC``)
+    credentials would be sent as ``Authorization`` to whatever host a manifest names; ``REQUESTS_CA_BUNDLE`` is
+    not read either (certifi's bundle is used).
+    """
     s = requests.Session()
+    s.trust_env = False
     adapter = PinnedAdapter(pool_connections=32, pool_maxsize=max(1, policy.concurrency), max_retries=0)
     s.mount("http://", adapter)
     s.mount("https://", adapter)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import re
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ import fsspec
 
 from ddim_worker.rows import RowError, is_missing
 from ddim_worker.settings import SETTING_NAMES, EditSettings, SettingError, from_values
+
+log = logging.getLogger(__name__)
 
 #: Our column names: ``image_url`` or ``image`` is required, and both prompts; every edit setting may be a column.
 OUR_COLUMNS = ("id", "image_url", "image", "source_prompt", "edit_prompt", *SETTING_NAMES)
@@ -54,6 +57,37 @@ def parse_column_map(text: str | None) -> dict[str, str]:
     return mapping
 
 
+#: Names that are never data in a manifest folder, at any depth: Spark/Hadoop leave ``_SUCCESS``, ``_temporary/``
+#: (half-written attempts), ``.part-0.parquet.crc``; pyarrow and Spark skip the same prefixes (``ignore_prefixes``).
+IGNORED_PREFIXES = (".", "_")
+
+
+def _ignored(relative: str) -> bool:
+    """Whether a path under the manifest folder has a part (folder or file name) starting with an ignored prefix."""
+    return any(part.startswith(IGNORED_PREFIXES) for part in relative.split("/") if part)
+
+
+def _listed_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The Parquet files under a manifest folder: hidden and ``_`` names skipped, and non-regular files (a FIFO, a
+    device, a socket: reading one would hang a task or never end) skipped with a warning."""
+    root = path.rstrip("/") + "/"
+    found = {name: info for name, info in fs.find(path, detail=True).items()
+             if name.endswith((".parquet", ".pq"))
+             and not _ignored(name[len(root):] if name.startswith(root) else posixpath.basename(name))}
+    return _regular(found)
+
+
+def _regular(found: dict[str, dict]) -> list[str]:
+    """The regular files of a listing, sorted; anything else is skipped with a warning (never opened)."""
+    files = []
+    for name, info in sorted(found.items()):
+        if info.get("type") == "file":
+            files.append(name)
+        elif info.get("type") != "directory":
+            log.warning("manifest: skipping %s: not a regular file (%s)", name, info.get("type"))
+    return files
+
+
 def find_manifest_files(uri: str, storage_options: dict | None = None) -> ManifestFiles:
     """A Parquet file, a folder of them or a glob, local or any fsspec URL."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
@@ -64,10 +98,10 @@ def find_manifest_files(uri: str, storage_options: dict | None = None) -> Manife
         return p if is_local else f"{protocol}://{p}"
 
     if any(ch in path for ch in "*?["):
-        files = sorted(fs.glob(path))
+        files = _regular(fs.glob(path, detail=True))
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if f.endswith((".parquet", ".pq")))
+        files = _listed_files(fs, path)
         base = path
     elif fs.exists(path):
         files, base = [path], posixpath.dirname(path)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ddim_worker import latent_cache, storage
+from ddim_worker import latent_cache, metrics, storage
 from ddim_worker.fetch import Fetcher, ensure_worker_logging, shared_fetcher
 from ddim_worker.failpoints import failpoint
 from ddim_worker.images import (
@@ -140,14 +140,16 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     out: dict[str, list] = {
         "status": list(batch["status"]), "error_code": list(batch["error_code"]), "error": list(batch["error"]),
         "cache_uri": [None] * n, "cache_blob": [b""] * n, "prepare_seconds": [0.0] * n, "recovered": [False] * n,
+        "recovered_dtype": [None] * n,
     }
     rows = [{name: batch[name][i] for name in batch} for i in range(n)]
     todo = []
     for i, row in enumerate(rows):
         if (out["status"][i] or PENDING) != PENDING:
             continue
-        if ctx.resume and recoverable_png(row, ctx):
-            out["status"][i], out["recovered"][i] = OK, True
+        found = recoverable_png(row, ctx) if ctx.resume else None
+        if found is not None:
+            out["status"][i], out["recovered"][i], out["recovered_dtype"][i] = OK, True, found.dtype or ""
         else:
             todo.append(i)
     started = time.perf_counter()
@@ -182,31 +184,81 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
             _fail(out, i, "fetch_failed", f"{type(exc).__name__}: {exc}")
         out["prepare_seconds"][i] = fetch_seconds + time.perf_counter() - started
     result = {name: batch[name] for name in names}
-    result.update({k: text_column(v) if k in TEXT_COLUMNS else np.array(v, dtype=object) for k, v in out.items()})
+    result.update({k: text_column(v) if k in TEXT_COLUMNS or k == "recovered_dtype" else np.array(v, dtype=object)
+                   for k, v in out.items()})
     result["prepare_seconds"] = np.array(out["prepare_seconds"], dtype=np.float64)
     result["recovered"] = np.array(out["recovered"], dtype=bool)
     result["pixels"] = pixels
     return result
 
 
-def recoverable_png(row: dict, ctx: StageContext) -> bool:
-    """Whether this row's edited PNG already exists and was made from this very row: an earlier run wrote it and was
-    killed before its results shard. Its own text chunks must name the row's input digest (id, image, prompts and
-    every setting), the model's fingerprint and the working size; a PNG made otherwise is recomputed, never recorded
-    with settings it was not made with."""
+@dataclass(frozen=True)
+class RecoverablePng:
+    """An edited PNG an earlier run wrote for this very row; ``dtype`` is the one its engine ran (its settings
+    chunk's ``dtype=``; None in a PNG that does not say)."""
+
+    dtype: str | None
+
+
+def recoverable_png(row: dict, ctx: StageContext) -> RecoverablePng | None:
+    """This row's edited PNG if it already exists and was made from this very row (an earlier run wrote it and was
+    killed before its results shard), else None. Its own text chunks must name the row's input digest (id, image,
+    prompts and every setting), the model's fingerprint and the working size; a PNG made otherwise is recomputed,
+    never recorded with settings it was not made with."""
     try:
         data = storage.read_bytes(ctx.image_uri(str(row["id"])), ctx.storage_options)
     except (FileNotFoundError, OSError):
-        return False
+        return None
     try:
         text = read_png_text(data)
     except ImageError:
-        return False
+        return None
     model = text.get("ddim_edit:model", "")
-    return (text.get("ddim_edit:input") == text_or_none(row.get("input_digest"))
+    settings = text.get("ddim_edit:settings", "").split()
+    if (text.get("ddim_edit:input") == text_or_none(row.get("input_digest"))
             and text.get("ddim_edit:id") == str(row["id"])
             and model.endswith(f"({ctx.model_fingerprint})")
-            and f"size={ctx.size}" in text.get("ddim_edit:settings", "").split())
+            and f"size={ctx.size}" in settings):
+        dtypes = [part.partition("=")[2] for part in settings if part.startswith("dtype=")]
+        return RecoverablePng(dtypes[-1] if dtypes and dtypes[-1] else None)
+    return None
+
+
+#: What a recovered row records that only its engine run knew: left null (the PNG and the files beside it do not
+#: say), along with its pass and sample counts (0: this run ran nothing for it).
+ENGINE_ONLY = ("latent_mse", "attention_control")
+
+
+def recovered_outputs(row: dict, ctx: StageContext, dtype: str) -> tuple[dict[str, str | None], dict[str, float]]:
+    """The uris and fidelity figures of a recovered row, from the files its killed run left beside its PNG.
+
+    Each of the input, reconstruction and mask PNGs is recorded when it exists. The cached trajectory's uri needs the
+    preprocessed input's digest, so it is found only when the input PNG was saved (``--save-inputs`` or the
+    report's sample; it is lossless) and its entry exists under the PNG's dtype. PSNR and SSIM are measured again
+    from the input and reconstruction PNGs when both exist; ``latent_mse`` and ``attention_control`` came from the
+    engine alone and stay null (``ENGINE_ONLY``).
+    """
+    rid, options = str(row["id"]), ctx.storage_options
+    uris: dict[str, str | None] = {}
+    for kind, column in (("input", "input_uri"), ("reconstruction", "reconstruction_uri"), ("mask", "mask_uri")):
+        uri = ctx.layout.image(kind, rid)
+        uris[column] = uri if storage.exists(uri, options) else None
+    pictures = {}
+    for column in ("input_uri", "reconstruction_uri"):
+        if uris[column]:
+            try:
+                pictures[column] = np.asarray(decode_image(storage.read_bytes(uris[column], options)))
+            except (ImageError, OSError):
+                uris[column] = None  # unreadable: not recorded as this row's
+    uris["latent_uri"] = None
+    if ctx.layout.caches_latents and "input_uri" in pictures:
+        uri = latent_cache.cache_uri(ctx.layout.latents, cache_key(ctx, pictures["input_uri"], row, dtype))
+        uris["latent_uri"] = uri if storage.exists(uri, options) else None
+    figures: dict[str, float] = {}
+    if len(pictures) == 2 and pictures["input_uri"].shape == pictures["reconstruction_uri"].shape:
+        figures = {"psnr": metrics.psnr(pictures["input_uri"], pictures["reconstruction_uri"]),
+                   "ssim": metrics.ssim(pictures["input_uri"], pictures["reconstruction_uri"])}
+    return uris, figures
 
 
 SETTING_KINDS = {f.name: field_kind(f) for f in dataclasses.fields(EditSettings)}
@@ -250,6 +302,11 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
     sizes = {name: np.zeros(n, np.int64) for name in ("image_bytes", "input_bytes", "latent_bytes")}
     pngs = [b""] * n
     write_seconds = np.zeros(n)
+    # a recovered row's dtype is its PNG's, its fidelity what its files say, its attention control unknown
+    dtypes = list(batch["engine_dtype"]) if "engine_dtype" in batch else [ctx.dtype] * n
+    fidelity = {name: np.array(batch[name], np.float64) if name in batch else np.full(n, np.nan)
+                for name in ("psnr", "ssim")}
+    controls = list(batch["attention_control"]) if "attention_control" in batch else [None] * n
     for i in range(n):
         started = time.perf_counter()
         row = {name: batch[name][i] for name in batch}
@@ -258,6 +315,13 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
             uris["output_uri"][i] = ctx.image_uri(rid)
             png = storage.read_bytes(uris["output_uri"][i], ctx.storage_options) if ctx.embed_images else b""
             pngs[i], sizes["image_bytes"][i] = png, len(png)
+            dtypes[i] = text_or_none(row.get("recovered_dtype")) or ctx.dtype
+            found, figures = recovered_outputs(row, ctx, dtypes[i])
+            for column, uri in found.items():
+                uris[column][i] = uri
+            for name, value in figures.items():
+                fidelity[name][i] = value
+            controls[i] = None
             continue
         if (status[i] or PENDING) != PENDING:
             continue
@@ -299,8 +363,9 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
                 uris[column][i] = None
         write_seconds[i] = time.perf_counter() - started
     keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "mask_pixels", "trajectory_blob",
-                                          "cache_blob")]
+                                          "cache_blob", "recovered_dtype")]
     result = {k: batch[k] for k in keep}
+    result.update(engine_dtype=np.array(dtypes, dtype=object), attention_control=text_column(controls), **fidelity)
     result.update(status=text_column(status), error_code=text_column(code), error=text_column(error),
                   **{column: text_column(values) for column, values in uris.items()}, **sizes,
                   png=np.array([p or b"" for p in pngs], dtype=object), write_seconds=write_seconds)

@@ -107,6 +107,49 @@ def test_source_plan_reads_footers_only_and_honours_limit(tmp_path):
     assert source.total_rows == 700 and source.carried == {"extra": "extra"}
 
 
+def test_manifest_folder_skips_spark_leftovers_hidden_files_and_fifos(tmp_path):
+    """A folder Spark wrote to: ``_SUCCESS``, ``.crc`` files, a ``_temporary/`` attempt and a hidden copy are not
+    data (pyarrow's ``ignore_prefixes``), and a FIFO named like a part is skipped with a warning, never opened."""
+    import logging
+    import os
+    import threading
+
+    folder = tmp_path / "spark"
+    (folder / "_temporary" / "0" / "_temporary").mkdir(parents=True)
+    (folder / "year=2024").mkdir()
+    rows = lambda n, tag: pa.table({"id": [f"{tag}{i}" for i in range(n)], "image_url": ["x.png"] * n,  # noqa: E731
+                                    "source_prompt": ["a"] * n, "edit_prompt": ["b"] * n})
+    pq.write_table(rows(3, "p"), folder / "part-00000.parquet")
+    pq.write_table(rows(2, "q"), folder / "year=2024" / "part-00001.parquet")
+    for leftover in ("_temporary/0/part-00000.parquet", "_temporary/0/_temporary/part-00000.parquet",
+                     ".part-00000.parquet", "_part-00002.parquet"):
+        pq.write_table(rows(3, "dup"), folder / leftover)
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / ".part-00000.parquet.crc").write_bytes(b"crc")
+    os.mkfifo(folder / "part-00009.parquet")
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(source=plan_source(str(folder), {})), daemon=True)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ddim_worker.manifest").addHandler(handler)  # the suite runs with -p no:logging
+    try:
+        thread.start()
+        thread.join(30)
+    finally:
+        logging.getLogger("ddim_worker.manifest").removeHandler(handler)
+    try:
+        assert not thread.is_alive(), "planning the manifest hung on the FIFO"
+    finally:
+        if thread.is_alive():  # release the reader stuck in open()
+            os.close(os.open(folder / "part-00009.parquet", os.O_WRONLY | os.O_NONBLOCK))
+    source = box["source"]
+    assert [Path(f).relative_to(folder).as_posix() for f in source.files.files] == [
+        "part-00000.parquet", "year=2024/part-00001.parquet"]
+    assert source.total_rows == 5
+    assert any("part-00009.parquet: not a regular file" in w for w in warnings), warnings
+
+
 def test_gpus_actors_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
     """A CPU head and a worker with GPUs: without --actors the pool takes every GPU, the engine actors get them by
     default, and the dtype they ran (fp32: the GPUs here are only Ray resources) is what the results, the PNG and

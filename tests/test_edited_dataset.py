@@ -15,7 +15,7 @@ from ddim_worker.job.pack import parse_size
 from ddim_worker.job.pack_command import pack_output
 from tests.jobkit import picture, run, write_manifest
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+needs_ray = pytest.mark.usefixtures("ray_session")
 
 IMAGES, EDITS = 150, 4
 
@@ -48,6 +48,7 @@ def _card(folder: Path) -> tuple[dict, str]:
 FAST = dict(num_steps=3, start_step=1, batch_size=8, calls_per_task=4, results_shard_rows=64)
 
 
+@needs_ray
 def test_six_hundred_rows_pack_into_a_dataset_with_its_card(tiny_model_path, tmp_path):
     manifest = _manifest(tmp_path)
     out = tmp_path / "out"
@@ -108,6 +109,7 @@ def test_six_hundred_rows_pack_into_a_dataset_with_its_card(tiny_model_path, tmp
           f"{summary['dataset']['files']} file(s), {summary['dataset']['bytes']:,} bytes; inputs kept {inputs}")
 
 
+@needs_ray
 def test_no_latent_cache_and_no_saved_images(tiny_model_path, tmp_path):
     rows = []
     for i in range(4):
@@ -124,3 +126,47 @@ def test_no_latent_cache_and_no_saved_images(tiny_model_path, tmp_path):
     assert again["computed"] == 0 and again["done_before"] == 4  # the ledger, not the cache, says what is done
     record = json.loads((out / "job.json").read_text())
     assert record["config"]["latent_cache"] == "off" and record["dataset"]["unchanged"]
+
+
+def test_card_escapes_column_names_settings_and_the_command(tmp_path):
+    """Column names, settings and the command are the user's text: none of them may break the card's Markdown (a
+    table cell split by ``|``, a code span closed by a backtick, the command's fence closed by its own ```), and
+    ``datasets`` still reads the YAML header."""
+    from collections import Counter
+
+    from markdown_it import MarkdownIt
+
+    from ddim_worker.job.pack import dataset_card
+    from ddim_worker.job.shards import EDITED_IMAGE
+
+    odd = ["a|b", "x`y", "``z", "two\nlines"]
+    schema = pa.schema([EDITED_IMAGE, ("id", pa.string()), *((name, pa.int64()) for name in odd)])
+    command = "python jobs/edit.py m.parquet --edit-prompt '```a `b` c\n```\nnot code?' --output out"
+    card = {"command": command, "manifest": "s3://b/m|n`.parquet", "model": "org/model",
+            "settings": {"num_steps": 50, "edit_prompt": "a | b `c`"}}
+    folder = tmp_path / "dataset"
+    (folder / "data" / "v1").mkdir(parents=True)
+    picture_png = picture(5, size=16)
+    table = pa.table({"edited_image": [{"bytes": picture_png, "path": "r.png"}], "id": ["r"],
+                      **{name: [i] for i, name in enumerate(odd)}}, schema=schema)
+    pq.write_table(table, folder / "data" / "v1" / "train-00000-of-00001.parquet")
+    text = dataset_card(schema, 1, 1, 100, Counter({"embedded in the manifest": 1}), card, "v1")
+    (folder / "README.md").write_text(text)
+    header, body = _card(folder)
+    assert [f["name"] for f in header["dataset_info"]["features"]] == ["edited_image", "id", *odd]
+
+    tokens = MarkdownIt("commonmark").enable("table").parse(body)
+    fences = [t for t in tokens if t.type == "fence"]
+    assert fences[0].info == "sh" and fences[0].content == command + "\n"  # the whole command, in one block
+    inline = [c.content for t in tokens if t.type == "inline" for c in t.children or [] if c.type == "code_inline"]
+    assert {"a|b", "x`y", "``z", "two lines", "s3://b/m|n`.parquet"} <= set(inline)
+    cells_per_row, cells = [], 0
+    for t in tokens:
+        cells += t.type in ("th_open", "td_open")
+        if t.type == "tr_close":
+            cells_per_row, cells = [*cells_per_row, cells], 0
+    assert cells_per_row == [2, 2, 2]  # the settings table: header, num_steps, edit_prompt; no cell split by `|`
+    assert "a | b `c`" in inline
+
+    ds = _load(folder)
+    assert ds.column_names == ["edited_image", "id", *odd] and ds[0]["a|b"] == 0 and ds[0]["two\nlines"] == 3

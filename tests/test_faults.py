@@ -179,3 +179,68 @@ def test_url_policy_end_to_end_sends_nothing_to_loopback(http_server, tiny_model
     assert {k: (v["status"], v["error_code"]) for k, v in table.items()} == {
         r["id"]: ("failed", "unsafe_url") for r in rows}
     assert list(http_server.requests) == []  # not one request reached the server
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_rows_recovered_from_pngs_keep_every_file_and_figure_of_their_run(tiny_model_path, tmp_path):
+    """A run killed after its rows' PNGs and side files, before their results shards: the rerun records each row
+    from its PNG with the uris of the files it left (input, reconstruction, mask, cached trajectory), the dtype its
+    PNG names and the fidelity its files give; the packed dataset still has every row's mask."""
+    manifest = _manifest(tmp_path, 3)
+    out = tmp_path / "out"
+    options = dict(mask="auto", save_inputs=True, measure_fidelity=True, report=False)
+    run(manifest, str(out), tiny_model_path, **options)
+    before = results(str(out))
+    for shard in (out / "results").glob("*.parquet"):  # the killed run's results never reached the ledger
+        shard.unlink()
+    pngs = _pngs(out / "images")
+    summary = run(manifest, str(out), tiny_model_path, **options)
+    assert summary["recovered"] == 3 and summary["computed"] == 0
+    assert _pngs(out / "images") == pngs  # recorded, not redone
+    after = results(str(out))
+    for rid, row in after.items():
+        assert row["status"] == "ok" and row["output_uri"] == before[rid]["output_uri"]
+        for column in ("input_uri", "reconstruction_uri", "mask_uri", "latent_uri", "dtype"):
+            assert row[column] is not None and row[column] == before[rid][column], (rid, column)
+        for column in ("psnr", "ssim"):  # measured again from the input and reconstruction PNGs
+            assert row[column] == pytest.approx(before[rid][column], rel=1e-9), (rid, column)
+        assert Path(row["latent_uri"]).is_file() and Path(row["mask_uri"]).is_file()
+        assert row["latent_mse"] is None and row["unet_passes"] == 0  # only the engine knew these
+    packed = pq.read_table(out / "dataset" / "data")
+    assert packed.num_rows == 3 and all(m is not None and m["bytes"] for m in packed.column("edit_mask").to_pylist())
+
+
+def test_a_recovered_row_takes_its_pngs_dtype_and_finds_its_files_without_ray(tmp_path):
+    """The stages alone, on a row whose PNG a bfloat16 engine wrote while this run plans float32: the row records
+    bfloat16, the mask and input beside it, and the trajectory cached under bfloat16 (found from the input PNG)."""
+    import numpy as np
+
+    from ddim_worker import latent_cache, storage
+    from ddim_worker.images import encode_mask_png, encode_png
+    from ddim_worker.outputs import OutputLayout
+    from ddim_worker.rows import results_columns
+    from ddim_worker.settings import EditSettings
+    from ddim_worker.stages import StageContext, cache_key, png_text, prepare_batch, write_images
+
+    ctx = StageContext(layout=OutputLayout(str(tmp_path / "out")), manifest=None, model="tiny",
+                       model_fingerprint="fp0", dtype="float32", size=16)
+    row = {"id": "r0", "image_url": "r0.png", "source_prompt": "a cat", "edit_prompt": "a dog",
+           "input_digest": "digest-r0", **EditSettings().as_dict()}
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    layout = ctx.layout
+    storage.write_bytes(layout.image("input", "r0"), encode_png(pixels))
+    storage.write_bytes(layout.image("mask", "r0"), encode_mask_png(np.full((16, 16), 255, np.uint8)))
+    latent = latent_cache.cache_uri(layout.latents, cache_key(ctx, pixels, row, "bfloat16"))
+    storage.write_bytes(latent, b"a trajectory")
+    storage.write_bytes(layout.edited("r0"), encode_png(pixels, png_text(row, ctx, "bfloat16")))
+    batch = {name: np.array([value], dtype=object) for name, value in row.items()}
+    batch.update(status=np.array([""], object), error_code=np.array([""], object), error=np.array([""], object))
+    prepared = prepare_batch(batch, ctx)
+    assert list(prepared["recovered"]) == [True]
+    prepared["engine_dtype"] = np.array(["float32"], object)  # what the engine actor says of every row it passes on
+    written = write_images(prepared, ctx)
+    out = results_columns(written, 1, ctx.dtype)
+    assert out["status"] == ["ok"] and out["dtype"] == ["bfloat16"]
+    assert out["mask_uri"] == [layout.image("mask", "r0")] and out["input_uri"] == [layout.image("input", "r0")]
+    assert out["latent_uri"] == [latent] and out["reconstruction_uri"] == [None]
+    assert out["psnr"] == [None] and out["latent_mse"] == [None] and out["attention_control"] == [None]

@@ -193,6 +193,35 @@ def test_local_too_large(folder):
     assert code_of(fetch_bytes, "img/a.png", base_dir=str(folder), policy=FetchPolicy(max_bytes=3)) == "too_large"
 
 
+def test_a_fifo_or_device_is_a_row_error_not_a_hang(folder):
+    """Opening a FIFO for reading blocks until a writer comes, and a device never ends: each is refused before a
+    read, as its own row's error, and the rows beside it are read."""
+    from ddim_worker.fetch import Fetcher
+
+    fifo = folder / "img" / "pipe.png"
+    os.mkfifo(fifo)
+    box: dict = {}
+    allow = FetchPolicy(allow_local_files=True)
+
+    def fetch() -> None:
+        with Fetcher(allow, base_dir=str(folder)) as fetcher:
+            box["results"] = fetcher.fetch_all(["img/a.png", "img/pipe.png", "/dev/zero", "img"])
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert not thread.is_alive(), "fetching a FIFO hung"
+    finally:
+        if thread.is_alive():  # release the reader stuck on the FIFO
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    ok, pipe, device, directory = box["results"]
+    assert ok == b"inside"
+    assert isinstance(pipe, FetchError) and pipe.code == "unsafe_url" and "a FIFO" in pipe.message
+    assert isinstance(device, FetchError) and device.code == "unsafe_url" and "character device" in device.message
+    assert isinstance(directory, FetchError) and directory.code == "unsafe_url" and "a folder" in directory.message
+
+
 # ---------------------------------------------------------------- http on 127.0.0.1
 
 
@@ -357,6 +386,66 @@ def test_http_loopback_refused_before_connecting(server):
     for url in (f"http://127.0.0.1:{port}/ok", f"http://127.1.2.3:{port}/ok", f"http://2130706433:{port}/ok"):
         assert code_of(fetch_bytes, url) == "unsafe_url"
     assert server.paths == []
+
+
+class _ConnectionRecorder:
+    """A TCP listener on loopback that records every connection and closes it: a stand-in proxy."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                continue
+            self.connections.append(peer)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_environment_proxies_and_netrc_are_ignored(http_server, tmp_path, monkeypatch):
+    """A proxy would connect past the pinned, checked address; a netrc would hand credentials to any host a manifest
+    names: neither is taken from the environment. The image comes from the server itself, without Authorization."""
+    (http_server.root / "proxied.png").write_bytes(b"\x89PNG straight from the server")
+    proxy = _ConnectionRecorder()
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\ndefault login anyone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".netrc").write_text(netrc.read_text())
+    (tmp_path / ".netrc").chmod(0o600)
+    image = http_server.url("proxied.png")
+    try:
+        http_server.reset()
+        assert fetch_bytes(image, policy=FAST) == b"\x89PNG straight from the server"  # a netrc alone
+        assert http_server.requests.snapshot() == ["/proxied.png"]
+        assert not any(k.lower() == "authorization" for h in http_server.requests.headers for k in h)
+        for var in ("NO_PROXY", "no_proxy"):  # the test environment exempts loopback from proxies: undo that
+            monkeypatch.delenv(var, raising=False)
+        for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(var, proxy.url)
+        http_server.reset()
+        assert fetch_bytes(image, policy=FAST) == b"\x89PNG straight from the server"  # and proxies too
+        assert http_server.requests.snapshot() == ["/proxied.png"]
+        assert not any(k.lower() == "authorization" for h in http_server.requests.headers for k in h)
+    finally:
+        proxy.close()
+    assert proxy.connections == []
 
 
 def test_connection_refused_is_retried_then_fetch_failed():

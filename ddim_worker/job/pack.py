@@ -371,6 +371,28 @@ def _yaml_features(schema: pa.Schema) -> list[dict]:
                 for name, spec in features.items()]
 
 
+def _code(text: Any, in_table: bool = False) -> str:
+    """``text`` as Markdown inline code whatever it holds: delimited by more backticks than its longest run (padded
+    when it starts or ends with one), line breaks as spaces, and ``|`` escaped in a table cell (GFM splits cells
+    on it even inside code)."""
+    text = " ".join(str(text).splitlines())
+    ticks = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    code = f"{ticks}{pad}{text}{pad}{ticks}"
+    return code.replace("|", "\\|") if in_table else code
+
+
+def _fenced(text: str, info: str = "") -> str:
+    """``text`` in a fenced code block whose fence is longer than any backtick run inside it, so nothing in it (a
+    command with ``` in an argument) can close the block early."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return f"{fence}{info}\n{text}\n{fence}"
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
 def dataset_card(schema: pa.Schema, rows: int, files: int, size: int, sources: Counter, card: dict[str, Any],
                  version: str) -> str:
     """``README.md``: a YAML header (configs pointing at the data files, the features, the split's size) the Hub and
@@ -385,7 +407,7 @@ def dataset_card(schema: pa.Schema, rows: int, files: int, size: int, sources: C
                          "download_size": size, "dataset_size": size},
         "tags": ["image-editing", "ddim-inversion", "synthetic"],
     }
-    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in card.get("settings", {}).items())
+    settings = "\n".join(f"| {_code(k, True)} | {_code(v, True)} |" for k, v in card.get("settings", {}).items())
     source_lines = "\n".join(f"- {n:,} rows: {kind}" for kind, n in sorted(sources.items())) or "- none"
     own = [f.name for f in schema if f.name not in LEDGER_COLUMNS]
     body = f"""
@@ -397,17 +419,15 @@ then sampled again under its edit prompt, so what the edit prompt names changes 
 - **Rows**: {rows:,} (one per manifest row that was edited; {card.get("failed", 0):,} failed and
   {card.get("skipped", 0):,} not run are in the job's results, not here), in {files} Parquet file(s), {size:,} bytes.
 - **Columns**: `edited_image` (PNG){", `edit_mask` (the region each edit changed, 255 inside)" if EDIT_MASK.name in schema.names else ""}, `id`, `image_url` (the source image), `source_prompt`, `edit_prompt`, every edit
-  setting ({", ".join(f"`{n}`" for n in RESULT_SETTING_FIELDS)}){", and the manifest's own columns: " + ", ".join(f"`{c}`" for c in own) if own else ""}.
-- **Model**: `{card.get("model")}`, revision `{card.get("model_revision") or "-"}`, fingerprint
-  `{card.get("model_fingerprint")}`; working size {card.get("size")} px, dtype {card.get("dtype")}.
+  setting ({", ".join(_code(n) for n in RESULT_SETTING_FIELDS)}){", and the manifest's own columns: " + ", ".join(_code(c) for c in own) if own else ""}.
+- **Model**: {_code(card.get("model"))}, revision {_code(card.get("model_revision") or "-")}, fingerprint
+  {_code(card.get("model_fingerprint"))}; working size {card.get("size")} px, dtype {card.get("dtype")}.
 - **Made**: {card.get("date") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} with ddim-edit
   {card.get("version", "")}, by
 
-```sh
-{card.get("command", "")}
-```
+{_fenced(str(card.get("command", "")), "sh")}
 
-- **Source images**, from the manifest `{card.get("manifest")}`:
+- **Source images**, from the manifest {_code(card.get("manifest"))}:
 {source_lines}
 
 ## Settings (the job's defaults; a row's own are in its columns)

@@ -6,7 +6,7 @@ does both as a context manager.
 Routes besides plain files: ``/status/<code>`` answers that code; ``/flaky/<key>/<name>`` answers 500 on the first
 GET for each key, then serves ``<name>`` from root; ``/hang`` waits 30 s (released at stop) before answering;
 ``/redirect?to=<url>`` answers 302 to ``to``; ``/robots/<name>?tag=<value>`` serves ``<name>`` with an ``X-Robots-Tag: <value>`` header per
-tag. Every request path (with query) is appended to ``requests``.
+tag. Every request path (with query) is appended to ``requests`` (its headers to ``requests.headers``).
 """
 
 from __future__ import annotations
@@ -27,14 +27,17 @@ class RequestLog(list):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
+        self.headers: list[dict[str, str]] = []  # each request's headers, in the same order
 
-    def append(self, item: str) -> None:  # type: ignore[override]
+    def append(self, item: str, headers: dict[str, str] | None = None) -> None:  # type: ignore[override]
         with self._lock:
             super().append(item)
+            self.headers.append(dict(headers or {}))
 
     def clear(self) -> None:
         with self._lock:
             super().clear()
+            self.headers.clear()
 
     def snapshot(self) -> list[str]:
         with self._lock:
@@ -106,7 +109,7 @@ def _make_handler(state: dict[str, Any]) -> type[http.server.SimpleHTTPRequestHa
                 self.wfile.write(body)
 
         def _route(self) -> None:
-            requests.append(self.path)
+            requests.append(self.path, dict(self.headers.items()))
             parsed = urllib.parse.urlsplit(self.path)
             parts = [p for p in parsed.path.split("/") if p]
             try:

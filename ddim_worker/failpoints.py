@@ -5,8 +5,9 @@ a cluster's faults land (the OOM killer after a write, before the task returns).
     DDIM_EDIT_FAILPOINTS_DIR=/some/dir          where the processes count (one file per kill), shared by all of them
 
 The points: ``results_written`` (a results shard is written, its task has not returned), ``image_written`` (an
-edited PNG is written, its batch's other rows and its results not yet) and ``engine_batch_done`` (an engine actor
-has edited a batch and not yet handed it on).
+edited PNG is written, its batch's other rows and its results not yet), ``engine_batch_done`` (an engine actor
+has edited a batch and not yet handed it on) and ``compaction_written`` (the driver's compaction has written its
+new shards and deleted none of the old ones).
 """
 
 from __future__ import annotations

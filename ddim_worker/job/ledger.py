@@ -4,11 +4,15 @@ Shards are written by tasks that Ray may run twice and by runs that redo some ro
 more than once. Every row carries its ``generation`` (run and attempt, see ``shards.generation_name``); for each
 ledger key (an id's hash, or the manifest position of a row whose id cannot be used) the row that wins is the one of
 the latest generation, then the higher status (``ok`` over ``failed`` over ``skipped``: a task that finished a row
-after the driver recorded it as not run), then the shard name (identical copies). Never the file listing's order.
+after the driver recorded it as not run), then the later compaction (a compacted shard's copy of a row over the copy
+it was made from), then the shard name (identical copies). Never the file listing's order.
 
 This module is the one reader: the driver's done set, its counts, the report, ``failed.parquet`` and the packer all
 take the winners from here. ``compact`` rewrites the shards that hold rows which lost (and, when asked, rows of ids no
-longer in the manifest), so that after a run any plain Parquet reader also sees one row per id.
+longer in the manifest), so that after a run any plain Parquet reader also sees one row per id. It works in two
+phases: every rewritten shard is written (under a new name, see ``shards.shard_name``) before any old one is deleted,
+and the new copies win over the old ones, so a compaction killed at any point leaves a ledger with the same winners,
+and the next compaction finishes the job.
 
 Reading a ledger of millions of rows: tasks read the key columns of a few shards each (``scan``) and hand the driver
 about 25 bytes a row (key, digest, shard, position, status); the driver resolves the winners with NumPy.
@@ -27,11 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
+from ddim_worker.failpoints import failpoint
 from ddim_worker.job.shards import (
     EDITED_IMAGE,
     Shard,
     generation_order,
     list_shards,
+    next_compaction,
     parquet_bytes,
     shard_name,
     shard_uris,
@@ -123,6 +129,18 @@ def _use_ray(count: int) -> bool:
     return ray.is_initialized()
 
 
+def by_shard(shard: np.ndarray, *columns: np.ndarray) -> list[tuple[int, list[np.ndarray]]]:
+    """(shard, its values of each of ``columns``) per shard present in ``shard``, rows in ``columns[0]`` order
+    within each: one sort of the rows, not one pass over them per shard."""
+    if not len(shard):
+        return []
+    order = np.lexsort((*reversed(columns), shard)) if columns else np.argsort(shard, kind="stable")
+    shard = shard[order]
+    cuts = np.flatnonzero(shard[1:] != shard[:-1]) + 1
+    parts = [np.split(c[order], cuts) for c in columns]
+    return [(int(s), [p[k] for p in parts]) for k, s in enumerate(shard[np.r_[0, cuts]])]
+
+
 # -- the index -----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -146,7 +164,8 @@ class LedgerIndex:
         status, digest = column("status", np.int8), column("digest", np.uint64)
         ranks = {g: r for r, g in enumerate(sorted({s.generation for s in shards}, key=generation_order))}
         generation = np.array([ranks[s.generation] for s in shards], np.int32)[shard] if len(shard) else shard
-        order = np.lexsort((shard, status, generation, key))  # by key, then generation, status, shard name
+        compaction = np.array([s.compaction for s in shards], np.int32)[shard] if len(shard) else shard
+        order = np.lexsort((shard, compaction, status, generation, key))  # key, generation, status, compaction, name
         winner = np.zeros(len(key), bool)
         if len(key):
             sorted_keys = key[order]
@@ -205,42 +224,81 @@ def scan(layout: OutputLayout, storage_options: dict | None, use_ray: bool | Non
 
 # -- compaction ----------------------------------------------------------------------------------------------------
 
-def _compact_task(batch: dict[str, np.ndarray], layout: OutputLayout, storage_options: dict) -> dict[str, np.ndarray]:
-    removed = []
-    for uri, name, kind, generation, keep in zip(batch["uri"], batch["name"], batch["kind"], batch["generation"],
-                                                  batch["keep"]):
+@dataclass
+class Compaction:
+    """What one compaction pass does: per shard with a row to remove, the rows it keeps, and the sequence its new
+    shards are named with (``shards.next_compaction``)."""
+
+    sequence: int
+    items: list[dict[str, Any]]  # uri, kind, generation, keep (positions)
+    removed: int  # rows
+
+
+def plan_compaction(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None,
+                    drop: np.ndarray | None = None) -> Compaction:
+    """The shards to rewrite: those holding a row that lost (or a row ``drop`` marks)."""
+    remove = ~index.winner if drop is None else (~index.winner | drop)
+    if not remove.any():
+        return Compaction(0, [], 0)
+    listed = list_shards(layout, storage_options)  # the store now, besides the scan's listing: names never repeat
+    sequence = next_compaction([*index.shards, *listed])
+    items = []
+    for s, (position, removed) in by_shard(index.shard, index.position, remove):
+        if removed.any():
+            shard = index.shards[s]
+            items.append({"uri": shard_uris(layout, [shard])[0], "kind": shard.kind, "generation": shard.generation,
+                          "keep": position[~removed].tolist()})
+    return Compaction(sequence, items, int(remove.sum()))
+
+
+def _compact_write_task(batch: dict[str, np.ndarray], layout: OutputLayout, sequence: int,
+                        storage_options: dict) -> dict[str, np.ndarray]:
+    written = []
+    for uri, kind, generation, keep in zip(batch["uri"], batch["kind"], batch["generation"], batch["keep"]):
         keep = list(keep)
-        if keep:
-            table = read_shard(str(uri), storage_options).take(pa.array(keep, pa.int64()))
-            new_uri = storage.join_uri(layout.results_folder, shard_name(str(kind), str(generation),
-                                                                         table_keys(table)))
-            storage.write_bytes(new_uri, parquet_bytes(table), storage_options)  # the new shard before the old goes
-            if new_uri == str(uri):
-                removed.append(0)
-                continue
+        if not keep:
+            written.append("")
+            continue
+        table = read_shard(str(uri), storage_options).take(pa.array(keep, pa.int64()))
+        name = shard_name(str(kind), str(generation), table_keys(table), sequence)
+        storage.write_bytes(storage.join_uri(layout.results_folder, name), parquet_bytes(table), storage_options)
+        written.append(name)
+    return {"name": _objects(written)}
+
+
+def _compact_delete_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
+    for uri in batch["uri"]:
         storage.remove(str(uri), storage_options)
-        removed.append(1)
-    return {"removed": np.array(removed, np.int64)}
+    return {"removed": np.ones(len(batch["uri"]), np.int64)}
+
+
+def write_compacted(layout: OutputLayout, plan: Compaction, storage_options: dict | None) -> list[str]:
+    """Phase 1: write every rewritten shard (the old ones stay, and lose to them). Returns the names written."""
+    if not plan.items:
+        return []
+    parts = map_shards(_compact_write_task, plan.items, _use_ray(len(plan.items)), layout=layout,
+                       sequence=plan.sequence, storage_options=storage_options or {})
+    return [str(n) for part in parts for n in part["name"] if n]
+
+
+def delete_compacted(plan: Compaction, storage_options: dict | None) -> None:
+    """Phase 2, once phase 1 has written everything: delete the shards that were rewritten."""
+    if plan.items:
+        items = [{"uri": item["uri"]} for item in plan.items]
+        map_shards(_compact_delete_task, items, _use_ray(len(items)), storage_options=storage_options or {})
 
 
 def compact(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None,
             drop: np.ndarray | None = None) -> int:
     """Rewrite every shard holding a row that lost (or a row ``drop`` marks) with only its other rows; a shard left
-    empty is deleted. Returns how many rows were removed. Safe to interrupt: the new shard is written before the old
-    one is deleted, and a repeat of a row in two shards resolves to one winner until the next compaction."""
-    remove = ~index.winner if drop is None else (~index.winner | drop)
-    if not remove.any():
-        return 0
-    affected = np.unique(index.shard[remove])
-    items = []
-    for s in affected:
-        rows = index.shard == s
-        keep = np.sort(index.position[rows & ~remove]).tolist()
-        shard = index.shards[int(s)]
-        items.append({"uri": shard_uris(layout, [shard])[0], "name": shard.name, "kind": shard.kind,
-                      "generation": shard.generation, "keep": keep})
-    map_shards(_compact_task, items, _use_ray(len(items)), layout=layout, storage_options=storage_options or {})
-    return int(remove.sum())
+    empty is deleted. Returns how many rows were removed. Safe to interrupt anywhere and to repeat: all new shards
+    are written before any old one is deleted, and they outrank the old ones (their compaction sequence), so the
+    ledger's winners stay the same, and the next compaction removes whatever copies are left."""
+    plan = plan_compaction(layout, index, storage_options, drop)
+    write_compacted(layout, plan, storage_options)
+    failpoint("compaction_written")
+    delete_compacted(plan, storage_options)
+    return plan.removed
 
 
 # -- reading the table ---------------------------------------------------------------------------------------------

@@ -351,9 +351,8 @@ def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict 
     mask = index.winner & (index.key < np.uint64(min(fraction, 1.0) * (2**64 - 1)) if fraction < 1 else index.winner)
     if keys is not None:
         mask &= np.isin(index.key, keys)
-    shards = np.unique(index.shard[mask])
-    items = [{"uri": shard_uris(layout, [index.shards[int(s)]])[0],
-              "positions": np.sort(index.position[mask & (index.shard == s)]).tolist()} for s in shards]
+    items = [{"uri": shard_uris(layout, [index.shards[s]])[0], "positions": positions.tolist()}
+             for s, (positions,) in by_shard(index.shard[mask], index.position[mask])]
     parts = map_shards(_sample_task, items, _use_ray(len(items)), storage_options=storage_options or {}) \
         if items else []
     rows = [row for part in parts for blob in part["rows"] for row in pickle.loads(blob)]

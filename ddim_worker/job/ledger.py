@@ -62,16 +62,26 @@ SHARDS_PER_TASK = 16
 #: Up to this many shards the driver reads the key columns itself: a Ray pass costs more than it saves.
 LOCAL_SHARDS = 32
 
+#: Shards smaller than this are read whole in one request (a footer read alone takes up to 64 KiB, and a request
+#: costs more than the bytes it would save); larger ones by ranges, the footer and the columns wanted.
+WHOLE_BELOW = 1 << 20
+
 
 # -- reading one shard ---------------------------------------------------------------------------------------------
 
-def read_shard(uri: str, storage_options: dict | None, columns: Iterable[str] | None = None) -> pa.Table:
-    """One shard as a table (``columns`` present in it only)."""
-    data = storage.read_bytes(uri, storage_options)
-    parquet = pq.ParquetFile(pa.BufferReader(data))
-    names = parquet.schema_arrow.names
-    wanted = None if columns is None else [c for c in columns if c in names]
-    return parquet.read(columns=wanted)
+def read_shard(uri: str, storage_options: dict | None, columns: Iterable[str] | None = None,
+               skip: Iterable[str] = ()) -> pa.Table:
+    """One shard as a table (``columns`` present in it only, less ``skip``). Read by ranges: the footer, then only
+    the chunks of those columns (a scan of shards with embedded PNGs must not fetch the PNGs)."""
+    if columns is None and not skip:
+        return pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri, storage_options))).read()  # one whole GET
+    with storage.open_read(uri, storage_options) as handle:
+        small = handle.seek(0, 2) < WHOLE_BELOW
+        handle.seek(0)
+        parquet = pq.ParquetFile(pa.BufferReader(handle.read()) if small else handle, pre_buffer=True)
+        names = parquet.schema_arrow.names
+        wanted = [c for c in (names if columns is None else columns) if c in names and c not in set(skip)]
+        return parquet.read(columns=wanted)
 
 
 def shard_keys(uri: str, storage_options: dict | None) -> dict[str, np.ndarray]:
@@ -318,9 +328,8 @@ def read_table(layout: OutputLayout, storage_options: dict | None = None, keys: 
     shards = sorted(list_shards(layout, storage_options), key=lambda s: s.name)
     tables, parts = [], []
     for i, (shard, uri) in enumerate(zip(shards, shard_uris(layout, shards))):
-        table = _with_generation(read_shard(uri, storage_options), shard.generation)
-        if not images and EDITED_IMAGE.name in table.column_names:
-            table = table.drop_columns([EDITED_IMAGE.name])
+        table = _with_generation(read_shard(uri, storage_options, skip=() if images else [EDITED_IMAGE.name]),
+                                 shard.generation)
         part = shard_keys_of(table)
         part["shard"] = np.full(table.num_rows, i, np.int32)
         tables.append(table)
@@ -362,8 +371,6 @@ def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict 
 def _sample_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
     blobs = []
     for uri, positions in zip(batch["uri"], batch["positions"]):
-        table = read_shard(str(uri), storage_options)
-        if EDITED_IMAGE.name in table.column_names:
-            table = table.drop_columns([EDITED_IMAGE.name])
+        table = read_shard(str(uri), storage_options, skip=[EDITED_IMAGE.name])
         blobs.append(pickle.dumps(table.take(pa.array(list(positions), pa.int64())).to_pylist(), protocol=5))
     return {"rows": _objects(blobs)}

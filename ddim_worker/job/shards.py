@@ -1,14 +1,14 @@
 """The results table as Parquet shards under ``OUTPUT/results/``: the job's ledger, written by its tasks.
 
 Each shard holds finished rows of one kind: ``ok-<generation>-<digest>.parquet`` (edited) or
-``retry-<generation>-<digest>.parquet`` (failed, or not run: the next run tries them again). Compaction writes
-``ok-<generation>-c0002-<digest>.parquet``: the sequence number of its pass, one more than any shard's, so a
-rewritten shard never takes the name of a shard that exists, and wins over the copy it was made from (``ledger``). A generation is one pass
+``retry-<generation>-<digest>.parquet`` (failed, or not run: the next run tries them again). A generation is one pass
 of the job over the rows left to do: ``r000003-a01`` is run 3, attempt 1 (a re-run after Ray aborted the dataset is
-the next attempt). The digest is a hash of the shard's rows' ledger keys, so a shard's name and content are a function
-of what it records: a write task that Ray retries rewrites the same object instead of adding one. Every row also
-carries its ``generation``; ``ledger`` resolves one row per id (the latest generation wins) and compacts the shards so
-that any Parquet reader sees one row per id after a run.
+the next attempt). Compaction writes ``ok-<generation>-c0002-<digest>.parquet``: the sequence number of its pass, one
+more than any shard's, so a rewritten shard never takes the name of a shard that exists, and wins over the copy it
+was made from (``ledger``). The digest is a hash of the shard's rows' ledger keys, so a shard's name and content are
+a function of what it records: a write task that Ray retries rewrites the same object instead of adding one. Every
+row also carries its ``generation``; ``ledger`` resolves one row per id (the latest generation wins) and compacts the
+shards so that any Parquet reader sees one row per id after a run.
 """
 
 from __future__ import annotations

@@ -7,15 +7,19 @@ Why these wrappers exist:
 - s3fs caches directory listings per process; the job decides "already done?" from listings that other processes
   (other Ray workers, an earlier run) change, so ``exists``/``list_names`` always look at the store itself.
 - A dead bucket or wrong credentials should fail the job before any GPU time is spent (``check_writable``).
+- Reading a few columns of a Parquet object should fetch those columns, not the object (``open_read``: ranged
+  reads, no read-ahead), and tests and benchmarks should be able to tell what was fetched (``BYTES_READ``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import posixpath
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +34,8 @@ __all__ = [
     "write_bytes",
     "open_write",
     "read_bytes",
+    "open_read",
+    "BYTES_READ",
     "exists",
     "list_names",
     "remove",
@@ -171,6 +177,74 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
     """Read a whole object (raises ``FileNotFoundError`` when it does not exist)."""
     fs, path = filesystem(uri, storage_options)
     return fs.cat_file(path)
+
+
+class ReadCounter:
+    """Bytes handed out by the files ``open_read`` opens in this process (Ray workers count in their own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.reads = 0
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.bytes += count
+            self.reads += 1
+
+    def reset(self) -> tuple[int, int]:
+        """Zero the counts; returns (bytes, reads) as they were."""
+        with self._lock:
+            counts, self.bytes, self.reads = (self.bytes, self.reads), 0, 0
+        return counts
+
+
+BYTES_READ = ReadCounter()
+
+
+class CountingReader(io.RawIOBase):
+    """A read-only file that adds the bytes each read returns to ``BYTES_READ``; everything else is the wrapped
+    file's (seeks cost nothing, so what is counted is what was fetched)."""
+
+    def __init__(self, raw: Any, counter: ReadCounter = BYTES_READ) -> None:
+        super().__init__()
+        self._raw, self._counter = raw, counter
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._counter.add(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        self._counter.add(len(data))
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+def open_read(uri: str, storage_options: dict[str, Any] | None = None) -> CountingReader:
+    """An object opened for ranged reads: each read fetches what it asks for and nothing more (fsspec's caches would
+    read ahead a block of megabytes), so a Parquet reader fetches the footer and the column chunks it needs. Bytes
+    read are counted in ``BYTES_READ``."""
+    fs, path = filesystem(uri, storage_options)
+    return CountingReader(fs.open(path, "rb") if _is_local(fs) else fs.open(path, "rb", cache_type="none"))
 
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -35,15 +35,27 @@ def _rows(ids: list[str], status: str, generation: str, digest: str = "000000000
 
 
 #: docs/results.md, "At any time": one row per id with DuckDB, whatever the state of the shards.
-LATEST_SQL = """SELECT * FROM read_parquet('OUT/results/*.parquet', union_by_name = true)
+LATEST_SQL = r"""SELECT * EXCLUDE (filename) FROM read_parquet('OUT/results/*.parquet', union_by_name = true,
+                                                  filename = true)
 QUALIFY row_number() OVER (
     PARTITION BY CASE WHEN id IS NULL OR error_code = 'duplicate_id' THEN '#' || manifest_row ELSE id END
-    ORDER BY generation DESC, CASE status WHEN 'ok' THEN 3 WHEN 'failed' THEN 2 ELSE 1 END DESC) = 1"""
+    ORDER BY generation DESC, CASE status WHEN 'ok' THEN 3 WHEN 'failed' THEN 2 ELSE 1 END DESC,
+        coalesce(try_cast(regexp_extract(filename, '-c(\d+)-[0-9a-f]+\.parquet$', 1) AS INTEGER), 0) DESC,
+        filename DESC) = 1"""
 
 
 def _plain(out: Path) -> list[dict]:
     """The folder as any Parquet reader sees it (no ledger code in between)."""
     return pq.read_table(out / "results").to_pylist()
+
+
+def _latest_sql(out: Path) -> dict[str, tuple]:
+    """The winners as the DuckDB query of docs/results.md resolves them: id -> (status, generation, digest)."""
+    import duckdb
+
+    query = LATEST_SQL.replace("OUT", str(out))
+    return {r[0]: (r[1], r[2], r[3]) for r in
+            duckdb.sql(f"SELECT id, status, generation, input_digest FROM ({query})").fetchall()}
 
 
 def test_a_rewritten_shard_has_the_same_name_and_the_latest_generation_wins(tmp_path):
@@ -68,10 +80,102 @@ def test_a_rewritten_shard_has_the_same_name_and_the_latest_generation_wins(tmp_
     assert ledger.compact(layout, index, None) == 2
     plain = _plain(tmp_path)
     assert sorted(r["id"] for r in plain) == ["a", "b", "c"]  # after it, any reader sees one row per id
+    assert [s.compaction for s in shards.list_shards(layout, None)].count(1) == 1  # the rewritten one: pass 1
     assert ledger.compact(layout, ledger.scan(layout, None), None) == 0
     done = ledger.scan(layout, None).done()
     assert list(done.hashes) == [id_hash("b")] and done.matches(id_hash("b"), "00000000000000aa")
     assert not done.matches(id_hash("b"), "00000000000000bb")  # same id, other inputs: not done
+
+
+def _ledger_with_repeats(layout: OutputLayout) -> None:
+    """Three generations over ten ids, with repeats in most shards: ids 0-5 failed, then 2-7 ok, then 4-9 failed."""
+    ids = [f"id{i}" for i in range(10)]
+    shards.write_shard(layout, _rows(ids[:3], "failed", "r000001-a01"), "r000001-a01", None)
+    shards.write_shard(layout, _rows(ids[3:6], "failed", "r000001-a01"), "r000001-a01", None)
+    shards.write_shard(layout, _rows(ids[2:8], "ok", "r000002-a01", "00000000000000bb"), "r000002-a01", None)
+    shards.write_shard(layout, _rows(ids[4:10], "failed", "r000003-a01"), "r000003-a01", None)
+
+
+def _winners(layout: OutputLayout) -> list[tuple]:
+    table = ledger.read_table(layout).to_pylist()
+    return sorted((r["id"], r["status"], r["generation"], r["input_digest"]) for r in table)
+
+
+def test_a_compaction_killed_between_writing_and_deleting_keeps_the_winners_and_a_repeat_converges(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    _ledger_with_repeats(layout)
+    before, names = _winners(layout), {s.name for s in shards.list_shards(layout, None)}
+    assert len(before) == 10 and len(_plain(tmp_path)) == 18
+    # the driver killed (SIGKILL) by the failpoint once every new shard is written and no old one deleted
+    code = ("import sys; from ddim_worker.job import ledger; from ddim_worker.outputs import OutputLayout; "
+            "layout = OutputLayout(sys.argv[1]); ledger.compact(layout, ledger.scan(layout, None), None)")
+    env = {**__import__("os").environ, "DDIM_EDIT_FAILPOINTS": "compaction_written=1",
+           "DDIM_EDIT_FAILPOINTS_DIR": str(tmp_path / "failpoints")}
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    listed = shards.list_shards(layout, None)
+    assert names < {s.name for s in listed} and {s.compaction for s in listed} == {0, 1}  # old and new, side by side
+    assert _winners(layout) == before  # the same table, through the ledger's reader
+    assert sorted(_latest_sql(tmp_path).items()) == [(w[0], w[1:]) for w in before]  # and through DuckDB's query
+    # repeating it converges: the old shards' rows all lose to their copies, so they go, and nothing is rewritten
+    index = ledger.scan(layout, None)
+    plan = ledger.plan_compaction(layout, index, None)
+    assert plan.sequence == 2 and all(not item["keep"] for item in plan.items)
+    assert ledger.compact(layout, index, None) == index.superseded
+    assert _winners(layout) == before and sorted(r["id"] for r in _plain(tmp_path)) == [f"id{i}" for i in range(10)]
+    untouched = {n for n in names if n.startswith("retry-r000003")}  # the latest shard lost no row
+    assert {s.name for s in shards.list_shards(layout, None)} == ({s.name for s in listed} - names) | untouched
+    assert ledger.compact(layout, ledger.scan(layout, None), None) == 0
+
+
+def test_a_compaction_written_in_part_then_repeated_converges(tmp_path):
+    """The phases run by hand: half of the new shards written (a kill mid-phase 1), then a whole compaction."""
+    layout = OutputLayout(str(tmp_path))
+    _ledger_with_repeats(layout)
+    before = _winners(layout)
+    plan = ledger.plan_compaction(layout, ledger.scan(layout, None), None)
+    assert plan.sequence == 1 and len(plan.items) == 3
+    first = next(item for item in plan.items if item["keep"])
+    assert len(ledger.write_compacted(layout, ledger.Compaction(plan.sequence, [first], 0), None)) == 1
+    assert _winners(layout) == before
+    ledger.compact(layout, ledger.scan(layout, None), None)
+    assert _winners(layout) == before and len(_plain(tmp_path)) == 10
+    assert sorted(s.compaction for s in shards.list_shards(layout, None)) == [0, 1, 2]  # untouched, pass 1, pass 2
+
+
+def test_a_compacted_shard_never_takes_an_existing_name(tmp_path):
+    """Rewriting shard A without the row that lost leaves A's other rows: the same rows, kind and generation as
+    shard B. Named as a write task names shards, A's rewrite would be B's object; it gets a name of its own."""
+    layout = OutputLayout(str(tmp_path))
+    for n in range(200):  # ids for which A's name sorts after B's, so A's copies of the shared rows win
+        ids = [f"x{n}", f"y{n}", f"z{n}"]
+        a, b = _rows(ids, "ok", "r000001-a01"), _rows(ids[:2], "ok", "r000001-a01", "00000000000000bb")
+        a_name = shards.shard_name("ok", "r000001-a01", shards.table_keys(a))
+        b_name = shards.shard_name("ok", "r000001-a01", shards.table_keys(b))
+        if a_name > b_name:
+            break
+    shards.write_shard(layout, a, "r000001-a01", None)
+    shards.write_shard(layout, b, "r000001-a01", None)
+    shards.write_shard(layout, _rows(ids[2:], "failed", "r000002-a01"), "r000002-a01", None)
+    before, names = _winners(layout), {s.name for s in shards.list_shards(layout, None)}
+    assert shards.shard_name("ok", "r000001-a01", shards.table_keys(a.slice(0, 2))) == b_name  # the old collision
+    assert [w[3] for w in before] == ["00000000000000aa", "00000000000000aa", "00000000000000aa"]
+    plan = ledger.plan_compaction(layout, ledger.scan(layout, None), None)
+    assert plan.sequence == 1
+    written = ledger.write_compacted(layout, plan, None)
+    assert written and not set(written) & names
+    ledger.delete_compacted(plan, None)
+    assert _winners(layout) == before and len(_plain(tmp_path)) == 3
+
+
+def test_shard_names_carry_the_compaction_sequence():
+    assert shards.parse_name("ok-r000003-a01-c0002-0123456789abcdef.parquet") == ("ok", "r000003-a01", 2)
+    assert shards.parse_name("retry-r000003-a01-0123456789abcdef.parquet") == ("retry", "r000003-a01", 0)
+    assert shards.parse_name("ok-20261126T081500-1a2b3c-a1-0123456789abcdef.parquet") == \
+        ("ok", "20261126T081500-1a2b3c-a1", 0)
+    assert shards.shard_name("ok", "r000003-a01", [1, 2], 12).startswith("ok-r000003-a01-c0012-")
+    assert shards.next_compaction([shards.Shard("x", "ok", "r000001-a01", 7), shards.Shard("y", "ok", "r1")]) == 8
 
 
 def test_generations_order_by_run_number_not_by_name():

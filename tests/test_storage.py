@@ -333,3 +333,21 @@ def test_http_server_redirect_and_hang(http_server):
     assert time.monotonic() - t0 < 5
     # The server still answers while a handler hangs.
     assert _get(http_server.url(name)) == (200, b"target")
+
+
+def test_open_read_fetches_what_is_read_and_counts_it(store):
+    """Ranged reads without read-ahead (a Parquet reader fetches its footer and a few columns of a large object),
+    and every byte handed out counted in ``BYTES_READ``."""
+    base, so = store
+    data = bytes(range(256)) * 4096  # 1 MiB
+    uri = storage.join_uri(base, "big.bin")
+    storage.write_bytes(uri, data, so)
+    storage.BYTES_READ.reset()
+    with storage.open_read(uri, so) as handle:
+        assert getattr(getattr(handle._raw, "cache", None), "name", "none") == "none"  # no fsspec block cache
+        assert handle.seek(-8, 2) == len(data) - 8 and handle.read() == data[-8:]
+        handle.seek(500_000)
+        assert handle.read(100) == data[500_000:500_100]
+        buffer = bytearray(50)
+        assert handle.readinto(buffer) == 50 and bytes(buffer) == data[500_100:500_150] and handle.tell() == 500_150
+    assert storage.BYTES_READ.reset() == (158, 3) and storage.BYTES_READ.bytes == 0

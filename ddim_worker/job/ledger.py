@@ -4,11 +4,15 @@ Shards are written by tasks that Ray may run twice and by runs that redo some ro
 more than once. Every row carries its ``generation`` (run and attempt, see ``shards.generation_name``); for each
 ledger key (an id's hash, or the manifest position of a row whose id cannot be used) the row that wins is the one of
 the latest generation, then the higher status (``ok`` over ``failed`` over ``skipped``: a task that finished a row
-after the driver recorded it as not run), then the shard name (identical copies). Never the file listing's order.
+after the driver recorded it as not run), then the later compaction (a compacted shard's copy of a row over the copy
+it was made from), then the shard name (identical copies). Never the file listing's order.
 
 This module is the one reader: the driver's done set, its counts, the report, ``failed.parquet`` and the packer all
 take the winners from here. ``compact`` rewrites the shards that hold rows which lost (and, when asked, rows of ids no
-longer in the manifest), so that after a run any plain Parquet reader also sees one row per id.
+longer in the manifest), so that after a run any plain Parquet reader also sees one row per id. It works in two
+phases: every rewritten shard is written (under a new name, see ``shards.shard_name``) before any old one is deleted,
+and the new copies win over the old ones, so a compaction killed at any point leaves a ledger with the same winners,
+and the next compaction finishes the job.
 
 Reading a ledger of millions of rows: tasks read the key columns of a few shards each (``scan``) and hand the driver
 about 25 bytes a row (key, digest, shard, position, status); the driver resolves the winners with NumPy.
@@ -27,11 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
+from ddim_worker.failpoints import failpoint
 from ddim_worker.job.shards import (
     EDITED_IMAGE,
     Shard,
     generation_order,
     list_shards,
+    next_compaction,
     parquet_bytes,
     shard_name,
     shard_uris,
@@ -56,16 +62,26 @@ SHARDS_PER_TASK = 16
 #: Up to this many shards the driver reads the key columns itself: a Ray pass costs more than it saves.
 LOCAL_SHARDS = 32
 
+#: Shards smaller than this are read whole in one request (a footer read alone takes up to 64 KiB, and a request
+#: costs more than the bytes it would save); larger ones by ranges, the footer and the columns wanted.
+WHOLE_BELOW = 1 << 20
+
 
 # -- reading one shard ---------------------------------------------------------------------------------------------
 
-def read_shard(uri: str, storage_options: dict | None, columns: Iterable[str] | None = None) -> pa.Table:
-    """One shard as a table (``columns`` present in it only)."""
-    data = storage.read_bytes(uri, storage_options)
-    parquet = pq.ParquetFile(pa.BufferReader(data))
-    names = parquet.schema_arrow.names
-    wanted = None if columns is None else [c for c in columns if c in names]
-    return parquet.read(columns=wanted)
+def read_shard(uri: str, storage_options: dict | None, columns: Iterable[str] | None = None,
+               skip: Iterable[str] = ()) -> pa.Table:
+    """One shard as a table (``columns`` present in it only, less ``skip``). Read by ranges: the footer, then only
+    the chunks of those columns (a scan of shards with embedded PNGs must not fetch the PNGs)."""
+    if columns is None and not skip:
+        return pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri, storage_options))).read()  # one whole GET
+    with storage.open_read(uri, storage_options) as handle:
+        small = handle.seek(0, 2) < WHOLE_BELOW
+        handle.seek(0)
+        parquet = pq.ParquetFile(pa.BufferReader(handle.read()) if small else handle, pre_buffer=True)
+        names = parquet.schema_arrow.names
+        wanted = [c for c in (names if columns is None else columns) if c in names and c not in set(skip)]
+        return parquet.read(columns=wanted)
 
 
 def shard_keys(uri: str, storage_options: dict | None) -> dict[str, np.ndarray]:
@@ -123,6 +139,18 @@ def _use_ray(count: int) -> bool:
     return ray.is_initialized()
 
 
+def by_shard(shard: np.ndarray, *columns: np.ndarray) -> list[tuple[int, list[np.ndarray]]]:
+    """(shard, its values of each of ``columns``) per shard present in ``shard``, rows in ``columns[0]`` order
+    within each: one sort of the rows, not one pass over them per shard."""
+    if not len(shard):
+        return []
+    order = np.lexsort((*reversed(columns), shard)) if columns else np.argsort(shard, kind="stable")
+    shard = shard[order]
+    cuts = np.flatnonzero(shard[1:] != shard[:-1]) + 1
+    parts = [np.split(c[order], cuts) for c in columns]
+    return [(int(s), [p[k] for p in parts]) for k, s in enumerate(shard[np.r_[0, cuts]])]
+
+
 # -- the index -----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -146,7 +174,8 @@ class LedgerIndex:
         status, digest = column("status", np.int8), column("digest", np.uint64)
         ranks = {g: r for r, g in enumerate(sorted({s.generation for s in shards}, key=generation_order))}
         generation = np.array([ranks[s.generation] for s in shards], np.int32)[shard] if len(shard) else shard
-        order = np.lexsort((shard, status, generation, key))  # by key, then generation, status, shard name
+        compaction = np.array([s.compaction for s in shards], np.int32)[shard] if len(shard) else shard
+        order = np.lexsort((shard, compaction, status, generation, key))  # key, generation, status, compaction, name
         winner = np.zeros(len(key), bool)
         if len(key):
             sorted_keys = key[order]
@@ -205,42 +234,81 @@ def scan(layout: OutputLayout, storage_options: dict | None, use_ray: bool | Non
 
 # -- compaction ----------------------------------------------------------------------------------------------------
 
-def _compact_task(batch: dict[str, np.ndarray], layout: OutputLayout, storage_options: dict) -> dict[str, np.ndarray]:
-    removed = []
-    for uri, name, kind, generation, keep in zip(batch["uri"], batch["name"], batch["kind"], batch["generation"],
-                                                  batch["keep"]):
+@dataclass
+class Compaction:
+    """What one compaction pass does: per shard with a row to remove, the rows it keeps, and the sequence its new
+    shards are named with (``shards.next_compaction``)."""
+
+    sequence: int
+    items: list[dict[str, Any]]  # uri, kind, generation, keep (positions)
+    removed: int  # rows
+
+
+def plan_compaction(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None,
+                    drop: np.ndarray | None = None) -> Compaction:
+    """The shards to rewrite: those holding a row that lost (or a row ``drop`` marks)."""
+    remove = ~index.winner if drop is None else (~index.winner | drop)
+    if not remove.any():
+        return Compaction(0, [], 0)
+    listed = list_shards(layout, storage_options)  # the store now, besides the scan's listing: names never repeat
+    sequence = next_compaction([*index.shards, *listed])
+    items = []
+    for s, (position, removed) in by_shard(index.shard, index.position, remove):
+        if removed.any():
+            shard = index.shards[s]
+            items.append({"uri": shard_uris(layout, [shard])[0], "kind": shard.kind, "generation": shard.generation,
+                          "keep": position[~removed].tolist()})
+    return Compaction(sequence, items, int(remove.sum()))
+
+
+def _compact_write_task(batch: dict[str, np.ndarray], layout: OutputLayout, sequence: int,
+                        storage_options: dict) -> dict[str, np.ndarray]:
+    written = []
+    for uri, kind, generation, keep in zip(batch["uri"], batch["kind"], batch["generation"], batch["keep"]):
         keep = list(keep)
-        if keep:
-            table = read_shard(str(uri), storage_options).take(pa.array(keep, pa.int64()))
-            new_uri = storage.join_uri(layout.results_folder, shard_name(str(kind), str(generation),
-                                                                         table_keys(table)))
-            storage.write_bytes(new_uri, parquet_bytes(table), storage_options)  # the new shard before the old goes
-            if new_uri == str(uri):
-                removed.append(0)
-                continue
+        if not keep:
+            written.append("")
+            continue
+        table = read_shard(str(uri), storage_options).take(pa.array(keep, pa.int64()))
+        name = shard_name(str(kind), str(generation), table_keys(table), sequence)
+        storage.write_bytes(storage.join_uri(layout.results_folder, name), parquet_bytes(table), storage_options)
+        written.append(name)
+    return {"name": _objects(written)}
+
+
+def _compact_delete_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
+    for uri in batch["uri"]:
         storage.remove(str(uri), storage_options)
-        removed.append(1)
-    return {"removed": np.array(removed, np.int64)}
+    return {"removed": np.ones(len(batch["uri"]), np.int64)}
+
+
+def write_compacted(layout: OutputLayout, plan: Compaction, storage_options: dict | None) -> list[str]:
+    """Phase 1: write every rewritten shard (the old ones stay, and lose to them). Returns the names written."""
+    if not plan.items:
+        return []
+    parts = map_shards(_compact_write_task, plan.items, _use_ray(len(plan.items)), layout=layout,
+                       sequence=plan.sequence, storage_options=storage_options or {})
+    return [str(n) for part in parts for n in part["name"] if n]
+
+
+def delete_compacted(plan: Compaction, storage_options: dict | None) -> None:
+    """Phase 2, once phase 1 has written everything: delete the shards that were rewritten."""
+    if plan.items:
+        items = [{"uri": item["uri"]} for item in plan.items]
+        map_shards(_compact_delete_task, items, _use_ray(len(items)), storage_options=storage_options or {})
 
 
 def compact(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None,
             drop: np.ndarray | None = None) -> int:
     """Rewrite every shard holding a row that lost (or a row ``drop`` marks) with only its other rows; a shard left
-    empty is deleted. Returns how many rows were removed. Safe to interrupt: the new shard is written before the old
-    one is deleted, and a repeat of a row in two shards resolves to one winner until the next compaction."""
-    remove = ~index.winner if drop is None else (~index.winner | drop)
-    if not remove.any():
-        return 0
-    affected = np.unique(index.shard[remove])
-    items = []
-    for s in affected:
-        rows = index.shard == s
-        keep = np.sort(index.position[rows & ~remove]).tolist()
-        shard = index.shards[int(s)]
-        items.append({"uri": shard_uris(layout, [shard])[0], "name": shard.name, "kind": shard.kind,
-                      "generation": shard.generation, "keep": keep})
-    map_shards(_compact_task, items, _use_ray(len(items)), layout=layout, storage_options=storage_options or {})
-    return int(remove.sum())
+    empty is deleted. Returns how many rows were removed. Safe to interrupt anywhere and to repeat: all new shards
+    are written before any old one is deleted, and they outrank the old ones (their compaction sequence), so the
+    ledger's winners stay the same, and the next compaction removes whatever copies are left."""
+    plan = plan_compaction(layout, index, storage_options, drop)
+    write_compacted(layout, plan, storage_options)
+    failpoint("compaction_written")
+    delete_compacted(plan, storage_options)
+    return plan.removed
 
 
 # -- reading the table ---------------------------------------------------------------------------------------------
@@ -260,9 +328,8 @@ def read_table(layout: OutputLayout, storage_options: dict | None = None, keys: 
     shards = sorted(list_shards(layout, storage_options), key=lambda s: s.name)
     tables, parts = [], []
     for i, (shard, uri) in enumerate(zip(shards, shard_uris(layout, shards))):
-        table = _with_generation(read_shard(uri, storage_options), shard.generation)
-        if not images and EDITED_IMAGE.name in table.column_names:
-            table = table.drop_columns([EDITED_IMAGE.name])
+        table = _with_generation(read_shard(uri, storage_options, skip=() if images else [EDITED_IMAGE.name]),
+                                 shard.generation)
         part = shard_keys_of(table)
         part["shard"] = np.full(table.num_rows, i, np.int32)
         tables.append(table)
@@ -293,9 +360,8 @@ def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict 
     mask = index.winner & (index.key < np.uint64(min(fraction, 1.0) * (2**64 - 1)) if fraction < 1 else index.winner)
     if keys is not None:
         mask &= np.isin(index.key, keys)
-    shards = np.unique(index.shard[mask])
-    items = [{"uri": shard_uris(layout, [index.shards[int(s)]])[0],
-              "positions": np.sort(index.position[mask & (index.shard == s)]).tolist()} for s in shards]
+    items = [{"uri": shard_uris(layout, [index.shards[s]])[0], "positions": positions.tolist()}
+             for s, (positions,) in by_shard(index.shard[mask], index.position[mask])]
     parts = map_shards(_sample_task, items, _use_ray(len(items)), storage_options=storage_options or {}) \
         if items else []
     rows = [row for part in parts for blob in part["rows"] for row in pickle.loads(blob)]
@@ -305,8 +371,6 @@ def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict 
 def _sample_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
     blobs = []
     for uri, positions in zip(batch["uri"], batch["positions"]):
-        table = read_shard(str(uri), storage_options)
-        if EDITED_IMAGE.name in table.column_names:
-            table = table.drop_columns([EDITED_IMAGE.name])
+        table = read_shard(str(uri), storage_options, skip=[EDITED_IMAGE.name])
         blobs.append(pickle.dumps(table.take(pa.array(list(positions), pa.int64())).to_pylist(), protocol=5))
     return {"rows": _objects(blobs)}

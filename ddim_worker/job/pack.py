@@ -239,9 +239,8 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
                           storage.join_uri(layout.dataset_folder, "README.md"), skipped=True)
 
     # 1. per shard: the rows it packs and their bytes
-    shards = np.unique(index.shard[mask])
-    items = [{"index": int(s), "uri": shard_uris(layout, [index.shards[int(s)]])[0],
-              "positions": index.position[mask & (index.shard == s)].tolist()} for s in shards]
+    items = [{"index": s, "uri": shard_uris(layout, [index.shards[s]])[0], "positions": positions.tolist()}
+             for s, (positions,) in ledger.by_shard(index.shard[mask], index.position[mask])]
     per_shard = ledger.map_shards(_shard_task, items, ledger._use_ray(len(items)), storage_options=options) \
         if items else []
     counts = {int(i): (int(r), int(b)) for part in per_shard for i, r, b in zip(part["index"], part["rows"],

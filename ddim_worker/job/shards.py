@@ -3,10 +3,12 @@
 Each shard holds finished rows of one kind: ``ok-<generation>-<digest>.parquet`` (edited) or
 ``retry-<generation>-<digest>.parquet`` (failed, or not run: the next run tries them again). A generation is one pass
 of the job over the rows left to do: ``r000003-a01`` is run 3, attempt 1 (a re-run after Ray aborted the dataset is
-the next attempt). The digest is a hash of the shard's rows' ledger keys, so a shard's name and content are a function
-of what it records: a write task that Ray retries rewrites the same object instead of adding one. Every row also
-carries its ``generation``; ``ledger`` resolves one row per id (the latest generation wins) and compacts the shards so
-that any Parquet reader sees one row per id after a run.
+the next attempt). Compaction writes ``ok-<generation>-c0002-<digest>.parquet``: the sequence number of its pass, one
+more than any shard's, so a rewritten shard never takes the name of a shard that exists, and wins over the copy it
+was made from (``ledger``). The digest is a hash of the shard's rows' ledger keys, so a shard's name and content are
+a function of what it records: a write task that Ray retries rewrites the same object instead of adding one. Every
+row also carries its ``generation``; ``ledger`` resolves one row per id (the latest generation wins) and compacts the
+shards so that any Parquet reader sees one row per id after a run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ EDITED_IMAGE = pa.field("edited_image", pa.struct([("bytes", pa.binary()), ("pat
 
 
 _GENERATION = re.compile(r"^r(\d{6,})-a(\d{2,})$")
+_COMPACTION = re.compile(r"^(.+)-c(\d{4,})$")
 
 
 def generation_name(run: int, attempt: int) -> str:
@@ -60,17 +63,29 @@ def keys_digest(keys: Iterable[int]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def shard_name(kind: str, generation: str, keys: Iterable[int]) -> str:
-    return f"{kind}-{generation}-{keys_digest(keys)}.parquet"
+def shard_name(kind: str, generation: str, keys: Iterable[int], compaction: int = 0) -> str:
+    """A write task's shard (``compaction`` 0), or one written by the compaction pass of that sequence number."""
+    sequence = f"-c{compaction:04d}" if compaction else ""
+    return f"{kind}-{generation}{sequence}-{keys_digest(keys)}.parquet"
 
 
-def parse_name(name: str) -> tuple[str, str] | None:
-    """(kind, generation) of a shard's file name; None for anything else."""
+def parse_name(name: str) -> tuple[str, str, int] | None:
+    """(kind, generation, compaction sequence) of a shard's file name (sequence 0: written by a task, or named
+    before compaction had sequences); None for anything else."""
     kind, sep, rest = name.partition("-")
     if not sep or kind not in (OK_KIND, RETRY_KIND) or not name.endswith(".parquet"):
         return None
     generation = rest.removesuffix(".parquet").rsplit("-", 1)[0]
-    return kind, generation
+    match = _COMPACTION.match(generation)
+    if match:
+        return kind, match.group(1), int(match.group(2))
+    return kind, generation, 0
+
+
+def next_compaction(shards: Iterable[Shard]) -> int:
+    """The sequence number of a compaction pass about to write: one more than any shard has, so none of its names
+    exists yet and its copies outrank the ones they replace."""
+    return max((s.compaction for s in shards), default=0) + 1
 
 
 def results_schema(carried: pa.Schema, embed_images: bool) -> pa.Schema:
@@ -159,6 +174,7 @@ class Shard:
     name: str
     kind: str
     generation: str
+    compaction: int = 0  # the compaction pass that wrote it (0: a write task)
 
 
 def list_shards(layout: OutputLayout, storage_options: dict | None) -> list[Shard]:

@@ -43,7 +43,7 @@ from ddim_worker import storage
 from ddim_worker.errors import root_cause
 from ddim_worker.failpoints import failpoint
 from ddim_worker.job import ledger
-from ddim_worker.job.shards import EDITED_IMAGE, hf_features, shard_uris
+from ddim_worker.job.shards import EDITED_IMAGE, generation_order, hf_features, shard_uris
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import OK, RESULT_SETTING_FIELDS, RESULTS_SCHEMA
 
@@ -345,9 +345,9 @@ def _results_schema(layout: OutputLayout, index: ledger.LedgerIndex, options: di
     """The schema of the results (the newest shard's): the manifest's own columns with their types."""
     if not index.shards:
         return RESULTS_SCHEMA
-    newest = max(index.shards, key=lambda s: s.name)
-    data = storage.read_bytes(shard_uris(layout, [newest])[0], options)
-    return pq.ParquetFile(pa.BufferReader(data)).schema_arrow
+    newest = max(index.shards, key=lambda s: (generation_order(s.generation), s.compaction, s.name))
+    with storage.open_read(shard_uris(layout, [newest])[0], options) as handle:
+        return pq.read_schema(handle)  # the footer only, not the shard's images
 
 
 def _read_json(uri: str, options: dict) -> dict | None:

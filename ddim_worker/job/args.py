@@ -43,9 +43,12 @@ examples:
 
 exit codes:
   0  every manifest row is accounted for in OUTPUT/results (ok, or failed with its error_code)
-  2  the job cannot run: bad manifest, model or output, another run holds the output, no engine actor could start
+  2  the job cannot run: bad manifest, model or output, another run holds the output (or took it
+     from this run), no engine actor could start
      (one line on stderr; OUTPUT/job.json says why)
   3  stopped early (--max-failed-fraction); the rows not run are recorded as skipped
+  4  rows of the manifest have no result row (the count is on the last line and in OUTPUT/job.json's "missing");
+     rerun the same command
 """
 
 

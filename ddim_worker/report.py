@@ -56,7 +56,6 @@ __all__ = [
     "CONTACT_SHEET_NAME",
     "page_name",
     "sheet_size",
-    "load_results",
     "write_report",
 ]
 
@@ -112,16 +111,6 @@ def _clean(value: Any) -> Any:
 def _rows(results: list[Mapping[str, Any]] | pa.Table) -> list[dict[str, Any]]:
     items: Iterable[Mapping[str, Any]] = results.to_pylist() if isinstance(results, pa.Table) else results
     return [{k: _clean(v) for k, v in dict(r).items()} for r in items]
-
-
-def load_results(output_uri: str, storage_options: dict | None = None) -> pa.Table:
-    """The job's results, one row per id in its latest state (the ledger's reader, ``job.ledger.read_table``)."""
-    from ddim_worker.job.ledger import read_table
-
-    table = read_table(OutputLayout(output_uri), storage_options, images=False)
-    if not table.num_rows:
-        raise FileNotFoundError(f"no results under {OutputLayout(output_uri).results_folder}")
-    return table
 
 
 def _text(value: Any) -> str:
@@ -427,7 +416,7 @@ def _contact_sheet(
 
 def write_report(
     output_uri: str,
-    results: list[dict] | pa.Table | None,
+    results: list[dict] | pa.Table,
     storage_options: dict | None = None,
     *,
     page_size: int = 200,
@@ -437,14 +426,14 @@ def write_report(
     """Write ``report.html`` (+ ``report-N.html`` pages) and ``contact-sheet.png`` under ``output_uri``.
 
     ``results``: the job's result rows (list of dicts or a table in ``RESULTS_SCHEMA``, optionally with ``psnr``,
-    ``ssim``, ``latent_mse``), in the order the cards should appear; ``None`` reads the ``results/`` shards.
+    ``ssim``, ``latent_mse``), in the order the cards should appear (``job.ledger.read_table`` reads an output's).
     Returns ``{"pages": [uri, ...], "contact_sheet": uri or None, "cards": number of cards}``.
     """
     if page_size < 1:
         raise ValueError("page_size must be >= 1")
     if sheet_rows < 0:
         raise ValueError("sheet_rows must be >= 0")
-    rows = _rows(load_results(output_uri, storage_options) if results is None else results)
+    rows = _rows(results)
 
     # Where each image is comes from the rows themselves: no listing, no probe per row (thousands of rows on S3).
     layout = OutputLayout(output_uri)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ddim_worker.job.driver import JobError
-from ddim_worker.job.pack import parse_size
+from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.pack_command import pack_output
 from tests.jobkit import picture, run, write_manifest
 

@@ -309,7 +309,7 @@ def test_gpu_batch_size_from_free_memory(ray_session):
     """Without --batch-size a GPU job sizes its batches from an engine GPU's free memory
     (``fastpath.batch_size_before_load``, tested in test_fastpath); where no GPU answers (this CPU-only Ray), it says
     so and keeps the default."""
-    from ddim_worker.job import engine_pool
+    from ddim_worker.job import cluster
     from ddim_worker.job.config import JobConfig
     from ddim_worker.settings import DEFAULT_BATCH_SIZE
 
@@ -320,12 +320,12 @@ def test_gpu_batch_size_from_free_memory(ray_session):
     job_log = logging.getLogger("ddim_edit.job")
     job_log.addHandler(handler)
     try:
-        device = engine_pool.probe_engine_device(config, 1.0, timeout_s=2)
+        device = cluster.probe_engine_device(config, 1.0, timeout_s=2)
         assert device is None
-        assert engine_pool.batch_size_for(config, 1.0, device) == DEFAULT_BATCH_SIZE["cuda"]
+        assert cluster.batch_size_for(config, 1.0, device) == DEFAULT_BATCH_SIZE["cuda"]
     finally:
         job_log.removeHandler(handler)
     assert any("no engine worker said what device it has" in m for m in messages), messages
     # With a device that answers, the batch comes from its free memory (80 GB free, bf16, 512 px: capped at 32).
-    answered = engine_pool.EngineDevice(free_bytes=80 * 2**30, dtype="bfloat16")
-    assert engine_pool.batch_size_for(config, 1.0, answered) == 32
+    answered = cluster.EngineDevice(free_bytes=80 * 2**30, dtype="bfloat16")
+    assert cluster.batch_size_for(config, 1.0, answered) == 32

@@ -286,7 +286,10 @@ def test_table_input_and_results_parquet(job):
     table = results_table(rows)
     (job / "results").mkdir()
     pq.write_table(table, job / "results" / "ok-r000001-a01-0123456789abcdef.parquet")
-    for results in (table, None):  # None: read the <output>/results/ ledger
+    from ddim_worker.job.ledger import read_table
+    from ddim_worker.outputs import OutputLayout
+
+    for results in (table, read_table(OutputLayout(str(job)), images=False)):  # the table, and the ledger read back
         out = report.write_report(str(job), results)
         page = _parse(job / "report.html")
         assert [c["id"] for c in page.cards] == ["a", "b", "c", "d", "e", "f"] and out["cards"] == 6

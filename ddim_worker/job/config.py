@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from ddim_worker.job.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ddim_worker.manifest import DEFAULT_MAX_PROMPT_CHARS
 from ddim_worker.settings import (
-    DEFAULT_BATCH_SIZE,
     EditSettings,
     EngineSettings,
     SettingError,
@@ -80,7 +80,7 @@ class JobConfig:
     report: bool = option(True, "write report.html and contact-sheet.png at the end", group="job")
     pack: bool = option(True, "pack the edited dataset into OUTPUT/dataset at the end of a finished run (parquet "
                               "shards + dataset card; `ddim-edit pack OUTPUT` does it later)", group="storage")
-    max_shard_size: str = option("500MB", "largest packed dataset file: 100KB, 500MB, 2GB or a number of bytes (as "
+    max_shard_size: str = option(DEFAULT_MAX_SHARD_SIZE, "largest packed dataset file: 100KB, 500MB, 2GB or a number of bytes (as "
                                           "datasets' max_shard_size)", group="storage", metavar="SIZE")
     save_images: bool = option(True, "write images/<p>/<id>.png for every row (off: only the packed dataset and the "
                                      "report's sample hold the edited images)", group="storage")
@@ -130,22 +130,12 @@ class JobConfig:
                 continue
             setattr(self, spec.name, coerce(spec.name, kind, value))
             check_range(self, spec)
-        from ddim_worker.job.pack import parse_size
-
         try:
             parse_size(self.max_shard_size)
         except ValueError as exc:
             raise SettingError("max_shard_size", str(exc)) from None
 
     # -- derived values --------------------------------------------------------------------------------------
-    @property
-    def device(self) -> str:
-        """Where the engine actors run: CUDA when they get GPUs (``gpus_per_actor`` resolved by the driver)."""
-        return "cuda" if (self.gpus_per_actor or 0) > 0 else "cpu"
-
-    def default_batch_size(self) -> int:
-        return self.engine.batch_size or DEFAULT_BATCH_SIZE[self.device]
-
     def policy(self) -> FetchPolicy:
         prefixes = tuple(p.strip() for p in (self.allow_prefix or "").split(",") if p.strip())
         return dataclasses.replace(_FETCH, allow_private_network=self.allow_private_network,

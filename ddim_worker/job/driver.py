@@ -26,9 +26,10 @@ import numpy as np
 from ddim_worker import storage
 from ddim_worker.errors import root_cause
 from ddim_worker.failpoints import failpoint
-from ddim_worker.job import engine_pool, ledger, records, shards
+from ddim_worker.job import cluster, ledger, manifest_passes, pipeline, records, shards
 from ddim_worker.job.compat import IncompatibleOutput, check_compatible, record_identity
-from ddim_worker.job.pack import PackError, PackResult, card_facts, pack, parse_size
+from ddim_worker.job.pack import PackError, PackResult, card_facts, pack
+from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.lease import Lease, LeaseHeld, check_free
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
@@ -182,9 +183,9 @@ def _put(value: Any) -> Any:
 
 def index_manifest(source_ctx: SourceContext) -> Manifest:
     """Id hashes of every row (Ray tasks), repeated ids found (their full ids compared), each row's ledger key."""
-    rows, hashes = engine_pool.index_manifest(source_ctx)
+    rows, hashes = manifest_passes.index_manifest(source_ctx)
     firsts = find_duplicates(rows, hashes)
-    first_ids = engine_pool.ids_of_rows(source_ctx, sorted(set(firsts.values()))) if firsts else {}
+    first_ids = manifest_passes.ids_of_rows(source_ctx, sorted(set(firsts.values()))) if firsts else {}
     duplicates = {h: (r, first_ids.get(r)) for h, r in firsts.items()}
     keys = hashes.copy()
     repeated = np.isin(hashes, np.fromiter(firsts, np.uint64, len(firsts))) if firsts else np.zeros(len(keys), bool)
@@ -229,7 +230,7 @@ class Run:
             raise LeaseLost(f"this run stopped writing to {self.config.output}: {reason}")
 
 
-def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: engine_pool.EnginePlan, model: str,
+def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: cluster.EnginePlan, model: str,
                   progress: Progress, tally: Tally, index: ledger.LedgerIndex) -> StageContext:
     """Run the rows left to do through Ray Data (``index``: the ledger as the run found it); after an abort (a lost
     node, actors that could not start while others did), again over what is still left, as the next attempt."""
@@ -243,7 +244,7 @@ def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: engine_
         ctx = dataclasses.replace(ctx, generation=run.generation, stop_marker=layout.stop_marker(run.generation))
         run_ctx = dataclasses.replace(manifest.source_ctx, done=_put(index.done()))
         seen_before = tally.rows_seen
-        batches = iter(engine_pool.build_dataset(config, run_ctx, ctx, plan, model).iter_batches(
+        batches = iter(pipeline.build_dataset(config, run_ctx, ctx, plan, model).iter_batches(
             batch_size=None, batch_format="numpy"))
         try:
             for summary in batches:
@@ -291,7 +292,7 @@ def _record_not_run(run: Run, manifest: Manifest, ctx: StageContext, reason: str
     index = ledger.scan(run.layout, run.config.storage_options)
     finished = index.states(manifest.keys) > 0
     not_run = dataclasses.replace(manifest.source_ctx, finished=_put(finished), not_run=reason)
-    for _ in engine_pool.record_rows(not_run, dataclasses.replace(ctx, stop_marker=None)).iter_batches(
+    for _ in pipeline.record_rows(not_run, dataclasses.replace(ctx, stop_marker=None)).iter_batches(
             batch_size=None, batch_format="numpy"):
         pass
 
@@ -425,8 +426,8 @@ def embeds_images(config: JobConfig) -> bool:
 def _run_started(run: Run, started: float, model: str, hub_commit: str | None, source: Any,
                  fingerprint: str) -> dict[str, Any]:
     config, layout = run.config, run.layout
-    engine_pool.init_ray(config)
-    plan = engine_pool.plan_engine(config)
+    cluster.init_ray(config)
+    plan = cluster.plan_engine(config)
 
     manifest = index_manifest(SourceContext(source, config.edit, config.max_prompt_chars))
     ctx = StageContext(layout=layout, manifest=source.files, model=config.model, model_fingerprint=fingerprint,
@@ -469,7 +470,7 @@ def _run_started(run: Run, started: float, model: str, hub_commit: str | None, s
 
 
 def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, started: float, error: str | None,
-            plan: engine_pool.EnginePlan, facts: dict[str, Any]) -> dict[str, Any]:
+            plan: cluster.EnginePlan, facts: dict[str, Any]) -> dict[str, Any]:
     """Compact the ledger, read the counts back from it, write failed.parquet, the report, the packed dataset and
     job.json. Every failure to write them is one ``JobError``."""
     config, layout = run.config, run.layout

@@ -43,6 +43,7 @@ from ddim_worker.job.shards import (
     shard_uris,
     table_keys,
 )
+from ddim_worker.job.tasks import map_chunks, objects
 from ddim_worker.job.source import DoneSet, digest_number
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import FAILED, OK, RESULTS_SCHEMA, SKIPPED
@@ -51,13 +52,9 @@ log = logging.getLogger("ddim_edit.job")
 
 #: Which of two rows of one id and one generation wins: a result beats "not run", and ok beats failed.
 STATUS_RANK = {SKIPPED: 1, FAILED: 2, OK: 3}
-STATUS_OF_RANK = {rank: status for status, rank in STATUS_RANK.items()}
 
 #: The columns a scan reads of each shard (``input_digest`` and ``generation`` may be missing in old shards).
 KEY_COLUMNS = ("id", "error_code", "manifest_row", "status", "input_digest")
-
-#: Shards a task reads per call when the ledger is scanned on the cluster.
-SHARDS_PER_TASK = 16
 
 #: Up to this many shards the driver reads the key columns itself: a Ray pass costs more than it saves.
 LOCAL_SHARDS = 32
@@ -99,44 +96,10 @@ def _scan_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str,
                                                                           "shard")}
 
 
-def map_shards(fn: Callable[..., dict[str, np.ndarray]], items: list[dict[str, Any]], use_ray: bool,
-               per_task: int = SHARDS_PER_TASK, **kwargs: Any) -> list[dict[str, np.ndarray]]:
-    """``fn`` over ``items`` (one dict per shard) in chunks of ``per_task``: on the cluster (Ray tasks) or in this
-    process. Items hold text, numbers and lists of numbers (what Ray Data's blocks carry)."""
-    chunks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
-    batches = [{k: _objects([item[k] for item in chunk]) for k in chunk[0]} for chunk in chunks]
-    if not use_ray:
-        return [fn(batch, **kwargs) for batch in batches]
-    import ray
-
-    from ddim_worker.job.engine_pool import MAX_READ_BLOCKS
-
-    rows = [{k: list(v) for k, v in batch.items()} for batch in batches]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_READ_BLOCKS)))
-    ds = ds.map_batches(_unpack_chunk, fn_kwargs={"fn": fn, "kwargs": kwargs}, batch_size=1, batch_format="numpy")
-    return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-
-
-def _unpack_chunk(batch: dict[str, np.ndarray], fn: Callable, kwargs: dict) -> dict[str, np.ndarray]:
-    return fn({k: _objects(list(batch[k][0])) for k in batch}, **kwargs)
-
-
-def _objects(values: list) -> np.ndarray:
-    """A 1-D object array of ``values`` (``np.array`` would make equal-length lists a 2-D array)."""
-    out = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        out[i] = value
-    return out
-
-
-def _use_ray(count: int) -> bool:
-    if count <= LOCAL_SHARDS:
-        return False
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
+def map_shards(fn: Callable[..., dict[str, np.ndarray]], items: list[dict[str, Any]], use_ray: bool | None = None,
+               **kwargs: Any) -> list[dict[str, np.ndarray]]:
+    """``fn`` over per-shard ``items`` (``tasks.map_chunks``): up to ``LOCAL_SHARDS`` in this process."""
+    return map_chunks(fn, items, use_ray, local_below=LOCAL_SHARDS, **kwargs)
 
 
 def by_shard(shard: np.ndarray, *columns: np.ndarray) -> list[tuple[int, list[np.ndarray]]]:
@@ -227,8 +190,7 @@ def scan(layout: OutputLayout, storage_options: dict | None, use_ray: bool | Non
     shards = sorted(list_shards(layout, storage_options), key=lambda s: s.name)
     uris = shard_uris(layout, shards)
     items = [{"index": i, "uri": uri} for i, uri in enumerate(uris)]
-    use_ray = _use_ray(len(items)) if use_ray is None else use_ray
-    parts = map_shards(_scan_task, items, use_ray, storage_options=storage_options or {}) if items else []
+    parts = map_shards(_scan_task, items, use_ray, storage_options=storage_options or {})
     return LedgerIndex.build(shards, parts)
 
 
@@ -273,7 +235,7 @@ def _compact_write_task(batch: dict[str, np.ndarray], layout: OutputLayout, sequ
         name = shard_name(str(kind), str(generation), table_keys(table), sequence)
         storage.write_bytes(storage.join_uri(layout.results_folder, name), parquet_bytes(table), storage_options)
         written.append(name)
-    return {"name": _objects(written)}
+    return {"name": objects(written)}
 
 
 def _compact_delete_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
@@ -286,7 +248,7 @@ def write_compacted(layout: OutputLayout, plan: Compaction, storage_options: dic
     """Phase 1: write every rewritten shard (the old ones stay, and lose to them). Returns the names written."""
     if not plan.items:
         return []
-    parts = map_shards(_compact_write_task, plan.items, _use_ray(len(plan.items)), layout=layout,
+    parts = map_shards(_compact_write_task, plan.items, None, layout=layout,
                        sequence=plan.sequence, storage_options=storage_options or {})
     return [str(n) for part in parts for n in part["name"] if n]
 
@@ -295,7 +257,7 @@ def delete_compacted(plan: Compaction, storage_options: dict | None) -> None:
     """Phase 2, once phase 1 has written everything: delete the shards that were rewritten."""
     if plan.items:
         items = [{"uri": item["uri"]} for item in plan.items]
-        map_shards(_compact_delete_task, items, _use_ray(len(items)), storage_options=storage_options or {})
+        map_shards(_compact_delete_task, items, None, storage_options=storage_options or {})
 
 
 def compact(layout: OutputLayout, index: LedgerIndex, storage_options: dict | None,
@@ -362,7 +324,7 @@ def sample_rows(layout: OutputLayout, index: LedgerIndex, storage_options: dict 
         mask &= np.isin(index.key, keys)
     items = [{"uri": shard_uris(layout, [index.shards[s]])[0], "positions": positions.tolist()}
              for s, (positions,) in by_shard(index.shard[mask], index.position[mask])]
-    parts = map_shards(_sample_task, items, _use_ray(len(items)), storage_options=storage_options or {}) \
+    parts = map_shards(_sample_task, items, None, storage_options=storage_options or {}) \
         if items else []
     rows = [row for part in parts for blob in part["rows"] for row in pickle.loads(blob)]
     return sorted(rows, key=lambda r: (r.get("manifest_row") is None, r.get("manifest_row") or 0))
@@ -373,4 +335,4 @@ def _sample_task(batch: dict[str, np.ndarray], storage_options: dict) -> dict[st
     for uri, positions in zip(batch["uri"], batch["positions"]):
         table = read_shard(str(uri), storage_options, skip=[EDITED_IMAGE.name])
         blobs.append(pickle.dumps(table.take(pa.array(list(positions), pa.int64())).to_pylist(), protocol=5))
-    return {"rows": _objects(blobs)}
+    return {"rows": objects(blobs)}

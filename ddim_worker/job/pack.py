@@ -43,12 +43,11 @@ from ddim_worker import storage
 from ddim_worker.errors import root_cause
 from ddim_worker.failpoints import failpoint
 from ddim_worker.job import ledger
+
+from ddim_worker.job.tasks import map_chunks, ray_running
 from ddim_worker.job.shards import EDITED_IMAGE, generation_order, hf_features, shard_uris
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import OK, RESULT_SETTING_FIELDS, RESULTS_SCHEMA
-
-#: ``--max-shard-size``'s default: what ``datasets``' ``push_to_hub`` writes.
-DEFAULT_MAX_SHARD_SIZE = "500MB"
 
 #: Largest row group: the Hub's dataset viewer reads row groups whole and wants them at most a few hundred MB.
 ROW_GROUP_BYTES = 100 * 10**6
@@ -62,28 +61,9 @@ EDIT_MASK = pa.field("edit_mask", EDITED_IMAGE.type)
 #: Columns of the results that are the job's bookkeeping, not the dataset's (the manifest's own columns follow ours).
 LEDGER_COLUMNS = frozenset(RESULTS_SCHEMA.names) | {EDITED_IMAGE.name, EDIT_MASK.name}
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
 
 class PackError(RuntimeError):
     """The dataset could not be packed (one clear message)."""
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from ``100KB``, ``500MB``, ``2GB`` (powers of 10, as ``datasets``), ``512MiB`` (powers of 2) or a number."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, (int, float)) and value > 0:
-        return int(value)
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(f"not a size: {value!r} (write e.g. 100KB, 500MB, 2GB or a number of bytes)")
-    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
-    if size <= 0:
-        raise ValueError(f"a size must be positive, got {value!r}")
-    return size
 
 
 def data_file_name(index: int, count: int) -> str:
@@ -241,7 +221,7 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
     # 1. per shard: the rows it packs and their bytes
     items = [{"index": s, "uri": shard_uris(layout, [index.shards[s]])[0], "positions": positions.tolist()}
              for s, (positions,) in ledger.by_shard(index.shard[mask], index.position[mask])]
-    per_shard = ledger.map_shards(_shard_task, items, ledger._use_ray(len(items)), storage_options=options) \
+    per_shard = ledger.map_shards(_shard_task, items, storage_options=options) \
         if items else []
     counts = {int(i): (int(r), int(b)) for part in per_shard for i, r, b in zip(part["index"], part["rows"],
                                                                                   part["bytes"])}
@@ -272,7 +252,7 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
     version = state
     folder = layout.dataset_version(version)
     try:
-        written = ledger.map_shards(_file_task, plans, _on_cluster(), per_task=1, folder=folder, schema=schema,
+        written = map_chunks(_file_task, plans, ray_running(), per_task=1, folder=folder, schema=schema,
                                     storage_options=options)
     except (OSError, PackError):
         raise
@@ -326,15 +306,6 @@ def card_facts(config: Any, *, model_revision: str | None, fingerprint: str | No
     card["command"] = command
     card["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return card
-
-
-def _on_cluster() -> bool:
-    """Files are written by Ray tasks whenever Ray runs (each file is a task of its own)."""
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
 
 
 def manifest_keys_digest(keys: np.ndarray) -> str:

@@ -13,10 +13,11 @@ import sys
 from typing import Any
 
 from ddim_worker import storage
-from ddim_worker.job import engine_pool, ledger
+from ddim_worker.job import cluster, ledger
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.driver import JobError, index_manifest, take_lease
-from ddim_worker.job.pack import DEFAULT_MAX_SHARD_SIZE, PackError, card_facts, pack, parse_size
+from ddim_worker.job.pack import PackError, card_facts, pack
+from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.source import SourceContext, plan_source
 from ddim_worker.manifest import ManifestError, parse_column_map
 from ddim_worker.outputs import OutputLayout
@@ -39,7 +40,7 @@ def pack_output(output: str, storage_options: dict | None = None, max_shard_size
         raise JobError(f"the last run on {output} did not finish (state {record.get('state')!r}): rerun it first")
     config = JobConfig.from_flat({**record.get("config", {}), "output": output, "storage_options": options,
                                   **({"address": address} if address else {})})
-    size = parse_size(max_shard_size or config.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    size = parse_size(max_shard_size or config.max_shard_size)
     lease = take_lease(config, layout, interrupt=False)
     try:
         try:
@@ -47,7 +48,7 @@ def pack_output(output: str, storage_options: dict | None = None, max_shard_size
             source = plan_source(config.manifest, parse_column_map(config.columns), options, None)
         except (ManifestError, OSError) as exc:
             raise JobError(f"cannot read the run's manifest {config.manifest}: {exc}") from None
-        engine_pool.init_ray(config)
+        cluster.init_ray(config)
         manifest = index_manifest(SourceContext(source, config.edit, config.max_prompt_chars))
         index = ledger.scan(layout, options)
         unique = manifest.unique_keys()

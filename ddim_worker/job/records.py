@@ -21,7 +21,7 @@ def write_failed_manifest(config: JobConfig, source_ctx: SourceContext, failed: 
 
     Ray tasks read the row groups that hold failed rows; the driver streams their batches into one file.
     """
-    from ddim_worker.job.engine_pool import failed_manifest_rows
+    from ddim_worker.job.manifest_passes import failed_manifest_rows
 
     uri = OutputLayout(config.output).failed_manifest
     storage.remove(uri, config.storage_options)

@@ -245,61 +245,10 @@ class Fetcher:
             location = s.get_redirect_target(r)
             if location:
                 return b"", location
-            status = r.status_code
-            if status in (404, 410):
-                raise FetchError("not_found", f"{url}: HTTP {status}")
-            if status in (429, 503):
-                wait = retry_after_seconds(r.headers.get("Retry-After"))
-                note = f" (Retry-After {r.headers.get('Retry-After')})" if wait is not None else ""
-                raise FetchError("fetch_failed", f"{url}: HTTP {status}{note}", retryable=True, retry_after=wait)
-            if status >= 500:
-                raise FetchError("fetch_failed", f"{url}: HTTP {status}", retryable=True)
-            if not 200 <= status < 300:
-                raise FetchError("fetch_failed", f"{url}: HTTP {status}")
-            if policy.disallowed_directives:
-                tags = r.raw.headers.getlist("X-Robots-Tag") if hasattr(r.raw, "headers") else []
-                directive = opt_out_directive(tags or [r.headers.get("X-Robots-Tag", "")],
-                                              policy.disallowed_directives)
-                if directive:
-                    raise FetchError("opted_out", f"{url}: the server opts this image out of AI use "
-                                                  f"(X-Robots-Tag: {directive}); --no-respect-opt-outs ignores it")
-            length = r.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > policy.max_bytes:
-                raise FetchError("too_large", f"{url}: Content-Length {length} > {policy.max_bytes} bytes")
-            body = bytearray()
-            for chunk in r.iter_content(_CHUNK):  # decoded bytes: also bounds a gzip bomb
-                body += chunk
-                if len(body) > policy.max_bytes:
-                    raise FetchError("too_large", f"{url}: body larger than {policy.max_bytes} bytes")
-                if deadline.remaining() <= 0:
-                    raise deadline.timeout_error(url)
-            if deadline.expired:  # the watchdog cut a body with no length: what came is not the whole image
-                raise deadline.timeout_error(url)
-            return bytes(body), None
-        except requests.Timeout as e:
-            if deadline.expired or deadline.remaining() <= 0:
-                raise deadline.timeout_error(url) from None
-            msg = f"{url}: timed out after {policy.timeout_s} s ({e})"
-            raise FetchError("fetch_timeout", msg, retryable=True) from None
-        except requests.exceptions.SSLError as e:
-            if deadline.expired:
-                raise deadline.timeout_error(url) from None
-            # A certificate that does not match the host name will not match on a retry either.
-            permanent = _in_chain(e, ssl.SSLCertVerificationError)
-            raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=not permanent) from None
-        except requests.ConnectionError as e:
-            if deadline.expired:
-                raise deadline.timeout_error(url) from None
-            # A read timeout in the middle of the body comes back from iter_content as a ConnectionError.
-            if e.args and isinstance(e.args[0], ReadTimeoutError):
-                msg = f"{url}: timed out after {policy.timeout_s} s"
-                raise FetchError("fetch_timeout", msg, retryable=True) from None
-            raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=True) from None
-        except requests.RequestException as e:  # invalid URL, broken chunked encoding (retried), decode errors...
-            if deadline.expired:
-                raise deadline.timeout_error(url) from None
-            transient = isinstance(e, requests.exceptions.ChunkedEncodingError)
-            raise FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=transient) from None
+            _check_response(r, url, policy)
+            return _read_body(r, url, policy, deadline), None
+        except requests.RequestException as e:
+            raise _request_error(e, url, policy, deadline) from None
         finally:
             deadline.end_attempt()  # before the connection goes back to the pool
             _local.pin = _local.deadline = None
@@ -475,3 +424,64 @@ def _is_transient(exc: BaseException | None) -> bool:
                 return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def _check_response(r: requests.Response, url: str, policy: FetchPolicy) -> None:
+    """Refuse what the answer's status and headers already rule out, before any of the body is read."""
+    status = r.status_code
+    if status in (404, 410):
+        raise FetchError("not_found", f"{url}: HTTP {status}")
+    if status in (429, 503):
+        wait = retry_after_seconds(r.headers.get("Retry-After"))
+        note = f" (Retry-After {r.headers.get('Retry-After')})" if wait is not None else ""
+        raise FetchError("fetch_failed", f"{url}: HTTP {status}{note}", retryable=True, retry_after=wait)
+    if status >= 500:
+        raise FetchError("fetch_failed", f"{url}: HTTP {status}", retryable=True)
+    if not 200 <= status < 300:
+        raise FetchError("fetch_failed", f"{url}: HTTP {status}")
+    if policy.disallowed_directives:
+        tags = r.raw.headers.getlist("X-Robots-Tag") if hasattr(r.raw, "headers") else []
+        directive = opt_out_directive(tags or [r.headers.get("X-Robots-Tag", "")], policy.disallowed_directives)
+        if directive:
+            raise FetchError("opted_out", f"{url}: the server opts this image out of AI use "
+                                          f"(X-Robots-Tag: {directive}); --no-respect-opt-outs ignores it")
+    length = r.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > policy.max_bytes:
+        raise FetchError("too_large", f"{url}: Content-Length {length} > {policy.max_bytes} bytes")
+
+
+def _read_body(r: requests.Response, url: str, policy: FetchPolicy, deadline: _ImageDeadline) -> bytes:
+    """The body, bounded in bytes (decoded: also bounds a gzip bomb) and by the image's deadline."""
+    body = bytearray()
+    for chunk in r.iter_content(_CHUNK):
+        body += chunk
+        if len(body) > policy.max_bytes:
+            raise FetchError("too_large", f"{url}: body larger than {policy.max_bytes} bytes")
+        if deadline.remaining() <= 0:
+            raise deadline.timeout_error(url)
+    if deadline.expired:  # the watchdog cut a body with no length: what came is not the whole image
+        raise deadline.timeout_error(url)
+    return bytes(body)
+
+
+def _request_error(e: requests.RequestException, url: str, policy: FetchPolicy,
+                   deadline: _ImageDeadline) -> FetchError:
+    """The row error a failed request means: a timeout, a permanent failure, or one worth retrying."""
+    if isinstance(e, requests.Timeout):
+        if deadline.expired or deadline.remaining() <= 0:
+            return deadline.timeout_error(url)
+        return FetchError("fetch_timeout", f"{url}: timed out after {policy.timeout_s} s ({e})", retryable=True)
+    if deadline.expired:
+        return deadline.timeout_error(url)
+    if isinstance(e, requests.exceptions.SSLError):
+        # A certificate that does not match the host name will not match on a retry either.
+        permanent = _in_chain(e, ssl.SSLCertVerificationError)
+        return FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=not permanent)
+    if isinstance(e, requests.ConnectionError):
+        # A read timeout in the middle of the body comes back from iter_content as a ConnectionError.
+        if e.args and isinstance(e.args[0], ReadTimeoutError):
+            return FetchError("fetch_timeout", f"{url}: timed out after {policy.timeout_s} s", retryable=True)
+        return FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=True)
+    # invalid URL, broken chunked encoding (retried), decode errors...
+    transient = isinstance(e, requests.exceptions.ChunkedEncodingError)
+    return FetchError("fetch_failed", f"{url}: {type(e).__name__}: {e}", retryable=transient)

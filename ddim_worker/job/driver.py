@@ -2,22 +2,30 @@
 
 Every manifest row ends as one result row in the ``results/`` ledger: ``ok``, ``failed`` (with an ``error_code``)
 or ``skipped`` (not run: the job stopped early). Rows an earlier run finished from the same inputs keep their result
-and are not redone. A lost node or dead actor aborts Ray Data's dataset; the driver then re-runs only what is still
-to do. The counts the driver reports are read back from the ledger (``ledger``), so they are the table's. The
-driver's memory does not grow with the manifest beyond a few bytes a row (id hashes, a state per row; see
-``source`` and ``ledger``).
+and are not redone. The counts the driver reports are read back from the ledger, so they are the table's. The
+driver's memory does not grow with the manifest beyond a few bytes a row (id hashes, a state per row).
+
+A run is numbered steps over one state (``run_state.Run``):
+
+1. ``_prepare``: the model, the manifest's footers, the output's compatibility (no Ray; nothing written)
+2. ``_claim``: the run's number, stale files, ``--overwrite``, ``job.json`` says "running"
+3. ``_start``: Ray, the engine actors' plan, the manifest's ids
+4. ``_resume``: the ledger as it stands (compacted), what is done already
+5. ``_edit``: the rows left, attempt after attempt (``attempts``); after an early stop, the rows not run
+6. ``_settle``: compaction and pruning, the counts, ``failed.parquet``
+7. ``_report``, 8. ``_pack``, 9. ``_record`` (``job.json``, built by ``summary.build_summary``)
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +34,22 @@ import numpy as np
 from ddim_worker import storage
 from ddim_worker.errors import root_cause
 from ddim_worker.failpoints import failpoint
-from ddim_worker.job import cluster, ledger, manifest_passes, pipeline, records, shards
+from ddim_worker.job import attempts, cluster, ledger, manifest_passes, records, shards
 from ddim_worker.job.compat import IncompatibleOutput, check_compatible, record_identity
-from ddim_worker.job.pack import PackError, PackResult, card_facts, pack
-from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.lease import Lease, LeaseHeld, check_free
+from ddim_worker.job.pack import PackError, PackResult, card_facts, pack
+from ddim_worker.job.run_state import JobError, LeaseLost, Manifest, Progress, Run, Tally
+from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
+from ddim_worker.job.summary import build_summary, cli_lines
 from ddim_worker.manifest import ManifestError, ledger_key, parse_column_map
 from ddim_worker.models import ModelLoadError, check_model, model_fingerprint
 from ddim_worker.outputs import STOP_MARKER_PREFIX, OutputLayout
 from ddim_worker.rows import FAILED, OK, SKIPPED
 from ddim_worker.stages import StageContext
+
+__all__ = ["JobError", "LeaseLost", "run_job", "main", "take_lease", "index_manifest", "take_run_number"]
 
 log = logging.getLogger("ddim_edit.job")
 
@@ -48,44 +60,8 @@ REPORT_ROWS = 1000
 #: sheet shows 64 of them. Every other input is written only with --save-inputs.
 REPORT_IMAGES = 100
 
-#: Longest wait, after a stop, for results shards that tasks past the stop marker are still writing (a token each).
-STOP_WAIT_S = 60.0
-
 #: Temp files in a shared latent cache older than this are a killed writer's, never a write in flight.
 STALE_TEMP_AGE_S = 3600.0
-
-#: Computed rows before --max-failed-fraction is judged (a first failed row alone must not stop a job).
-MIN_ROWS_FOR_FAILED_FRACTION = 10
-
-
-class JobError(RuntimeError):
-    """The job as a whole cannot run (bad manifest, model or output): one clear message, no traceback per row."""
-
-
-class LeaseLost(JobError):
-    """Another run took the output: this run writes nothing more, its records included."""
-
-
-class Progress:
-    """Rows done / failed / total, rows/s and ETA, logged at most every few seconds; counts from what is done."""
-
-    def __init__(self, total: int, already: int, every_s: float = 5.0):
-        self.total, self.done, self.failed, self.every_s = total, already, 0, every_s
-        self.started = self.last = time.monotonic()
-        self.computed = 0
-
-    def update(self, statuses: list[str], force: bool = False) -> None:  # noqa: D102
-        self.done = min(self.done + len(statuses), self.total)
-        self.computed += len(statuses)
-        self.failed += sum(s == FAILED for s in statuses)
-        now = time.monotonic()
-        if force or now - self.last >= self.every_s:
-            self.last = now
-            rate = self.computed / max(now - self.started, 1e-9)
-            left = self.total - self.done
-            eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-            log.info("rows %d/%d done (%d failed this run), %.2f rows/s, ETA %s", self.done, self.total,
-                     self.failed, rate, eta)
 
 
 def check_model_or_fail(config: JobConfig) -> tuple[str, str | None]:
@@ -98,87 +74,6 @@ def check_model_or_fail(config: JobConfig) -> tuple[str, str | None]:
     local = Path(config.model).expanduser()
     return (str(local.resolve()) if local.is_dir() else config.model), commit
 
-
-
-def _is_setup_failure(exc: BaseException) -> bool:
-    """The engine actors cannot start (model load failed)."""
-    chain, seen = [exc], set()
-    while chain[-1] is not None and id(chain[-1]) not in seen:
-        seen.add(id(chain[-1]))
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    return any("ModelLoadError" in repr(e) or "cannot load model" in str(e) for e in chain if e is not None)
-
-
-@dataclass
-class Tally:
-    """What the driver keeps while rows stream past: work counters, and a byte per manifest row (computed)."""
-
-    total: int
-    computed: np.ndarray = field(init=False)  # rows this run edited (or failed), counted once across attempts
-    rows_seen: int = 0  # results that came back this attempt (progress of an attempt that then aborted)
-    failed_seen: int = 0
-    inversions: int = 0
-    cache_hits: int = 0
-    unet_passes: int = 0
-    unet_samples: float = 0.0
-    ideal_unet_samples: int = 0
-    recovered: int = 0
-    dtypes: set = field(default_factory=set)
-    written: dict = field(default_factory=lambda: dict.fromkeys(("images", "inputs", "latents", "results"), 0))
-
-    def __post_init__(self) -> None:
-        self.computed = np.zeros(self.total, bool)
-
-    def bytes_written(self, dataset: int, computed: int) -> dict[str, Any]:
-        """Bytes this run wrote, by kind (images: edited PNGs saved or embedded; inputs: inputs and
-        reconstructions), and per computed row."""
-        kinds = {**self.written, "dataset": dataset}
-        return {**kinds, "total": sum(kinds.values()),
-                "per_row": {k: round(v / computed) for k, v in kinds.items()} if computed else None}
-
-    def add(self, summary: dict[str, np.ndarray]) -> list[str]:
-        rows = summary["manifest_row"].astype(np.int64)
-        statuses = [str(s) for s in summary["status"]]
-        recovered = summary["recovered"].astype(bool)
-        ran = np.array([s in (OK, FAILED) for s in statuses], bool) & ~recovered
-        self.computed[rows[ran]] = True
-        self.rows_seen += len(statuses)
-        self.failed_seen += sum(s == FAILED for s in statuses)
-        passes = summary["inversion_passes"].astype(np.int64)
-        self.inversions += int((passes > 0).sum())
-        self.cache_hits += int(summary["cache_hit"].astype(bool).sum())
-        self.unet_passes += int(summary["unet_passes"].astype(np.int64).sum())
-        self.unet_samples += float(summary["unet_samples"].astype(np.float64).sum())
-        self.ideal_unet_samples += int(summary["ideal_unet_samples"].astype(np.int64).sum())
-        self.recovered += int(recovered.sum())
-        for kind, column in (("images", "image_bytes"), ("inputs", "input_bytes"), ("latents", "latent_bytes"),
-                             ("results", "results_bytes")):
-            if column in summary:
-                values = summary[column].astype(np.float64)
-                self.written[kind] += int(values[~recovered].sum()) if kind == "images" else int(values.sum())
-        self.dtypes.update(str(d) for d, s in zip(summary["dtype"], statuses) if s == OK and d)
-        return statuses
-
-
-@dataclass
-class Manifest:
-    """The manifest as the driver holds it: its rows' ledger keys (8 bytes a row), and what reading tasks need."""
-
-    source_ctx: SourceContext
-    keys: np.ndarray  # uint64 per manifest row: the key its result is filed under (see ``manifest.ledger_key``)
-
-    @property
-    def total(self) -> int:
-        return len(self.keys)
-
-    def unique_keys(self) -> np.ndarray:
-        return np.unique(self.keys)
-
-
-def _put(value: Any) -> Any:
-    import ray
-
-    return ray.put(value)
 
 
 def index_manifest(source_ctx: SourceContext) -> Manifest:
@@ -194,107 +89,6 @@ def index_manifest(source_ctx: SourceContext) -> Manifest:
     for r in np.flatnonzero((keys == 0) | later):  # no usable id, or a repeat: one result per manifest row
         keys[r] = ledger_key(None, None, int(r))
     return Manifest(dataclasses.replace(source_ctx, duplicates=duplicates), keys)
-
-
-def _wait_for_inflight(layout: OutputLayout, generation: str, storage_options: dict) -> None:
-    """After a stop: wait until no task of this generation is still writing a shard (bounded by ``STOP_WAIT_S``)."""
-    deadline = time.monotonic() + STOP_WAIT_S
-    while time.monotonic() < deadline:
-        writing = [n for n in storage.list_names(layout.inflight_folder, storage_options)
-                   if n.startswith(generation + "-")]
-        if not writing:
-            return
-        time.sleep(0.2)
-    log.warning("results shards still being written %.0f s after the stop; going on", STOP_WAIT_S)
-
-
-@dataclass
-class Run:
-    """One run of the job: its number (the ledger's order), its lease, and what it has learnt so far."""
-
-    config: JobConfig
-    layout: OutputLayout
-    lease: Lease
-    number: int = 0
-    generation: str = ""
-    attempts: int = 0
-    stopped_early: str | None = None
-    recorded: bool = False  # job.json holds this run's final record
-
-    def check_lease(self) -> None:
-        """Called before every write that changes what other runs see (compaction, pruning, packing, records):
-        a run that lost its lease (taken by another run, or not renewed for ``lease.FENCE_S``) writes nothing more.
-        Its tasks stop too: each checks the lease before it writes a results shard."""
-        reason = self.lease.lost_reason()
-        if reason is not None:
-            raise LeaseLost(f"this run stopped writing to {self.config.output}: {reason}")
-
-
-def _run_attempts(run: Run, manifest: Manifest, ctx: StageContext, plan: cluster.EnginePlan, model: str,
-                  progress: Progress, tally: Tally, index: ledger.LedgerIndex) -> StageContext:
-    """Run the rows left to do through Ray Data (``index``: the ledger as the run found it); after an abort (a lost
-    node, actors that could not start while others did), again over what is still left, as the next attempt."""
-    config, layout = run.config, run.layout
-    aborts = 0
-    for attempt in itertools.count(1):
-        run.attempts = attempt
-        if attempt > 1:
-            index = ledger.scan(layout, config.storage_options)
-        run.generation = shards.generation_name(run.number, attempt)
-        ctx = dataclasses.replace(ctx, generation=run.generation, stop_marker=layout.stop_marker(run.generation))
-        run_ctx = dataclasses.replace(manifest.source_ctx, done=_put(index.done()))
-        seen_before = tally.rows_seen
-        batches = iter(pipeline.build_dataset(config, run_ctx, ctx, plan, model).iter_batches(
-            batch_size=None, batch_format="numpy"))
-        try:
-            for summary in batches:
-                run.check_lease()
-                progress.update(tally.add(summary))
-                computed = int(tally.computed.sum())
-                if config.max_failed_fraction is not None and computed >= MIN_ROWS_FOR_FAILED_FRACTION:
-                    if tally.failed_seen / max(tally.rows_seen, 1) > config.max_failed_fraction:
-                        run.stopped_early = (f"stopped early: {tally.failed_seen} of {tally.rows_seen} computed rows "
-                                             f"failed, over --max-failed-fraction {config.max_failed_fraction}")
-                        storage.write_bytes(ctx.stop_marker, b"stop", config.storage_options)
-                        break
-            return ctx
-        except JobError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a lost node or dead actor aborts Ray Data's whole dataset
-            progressed = tally.rows_seen > seen_before
-            if _is_setup_failure(exc):
-                if not progressed:  # no engine actor could start: another attempt would fail the same way
-                    raise JobError(f"the engine could not start: {root_cause(exc)}") from None
-                # some actors work and others cannot start (a bad node): go on with another attempt; it is not
-                # counted against --max-attempts, and each such attempt makes progress, so they end
-                log.warning("engine actors failed to start while others worked (%s); re-running the unfinished "
-                            "rows (attempt %d)", root_cause(exc), attempt + 1)
-                continue
-            aborts += 1
-            if aborts >= config.max_attempts:
-                raise JobError(f"dataset failed {aborts} times; rerun the same command to resume: "
-                               f"{root_cause(exc)}") from exc
-            log.warning("dataset aborted (%s); re-running the unfinished rows (attempt %d, abort %d of %d)",
-                        root_cause(exc), attempt + 1, aborts, config.max_attempts)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()  # stops the stream's executor: no task starts after this
-
-
-def _record_not_run(run: Run, manifest: Manifest, ctx: StageContext, reason: str) -> None:
-    """After an early stop, every row with no result at all gets one (``skipped``), so the results stay complete.
-
-    Tasks that were past the stop marker finish their shard first (the driver waits for their tokens); rows that
-    have a result from an earlier run (failed, say) keep it.
-    """
-    _wait_for_inflight(run.layout, run.generation, run.config.storage_options)
-    index = ledger.scan(run.layout, run.config.storage_options)
-    finished = index.states(manifest.keys) > 0
-    not_run = dataclasses.replace(manifest.source_ctx, finished=_put(finished), not_run=reason)
-    for _ in pipeline.record_rows(not_run, dataclasses.replace(ctx, stop_marker=None)).iter_batches(
-            batch_size=None, batch_format="numpy"):
-        pass
 
 
 def take_lease(config: JobConfig, layout: OutputLayout, interrupt: bool = True) -> Lease:
@@ -319,11 +113,10 @@ def _interrupt_main(reason: str) -> None:
 
 def run_job(config: JobConfig) -> dict[str, Any]:
     """Run the whole job; returns the summary that is also written to ``job.json``."""
-    started = time.monotonic()
     layout = OutputLayout(config.output, config.latent_cache)
     lease = take_lease(config, layout)
     try:
-        return _run_job(Run(config, layout, lease), started)
+        return _run_job(Run(config, layout, lease))
     except KeyboardInterrupt:
         if (reason := lease.lost_reason()) is not None:
             raise LeaseLost(f"this run stopped writing to {config.output}: {reason}") from None
@@ -332,27 +125,54 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         lease.release()
 
 
-def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
-    """Everything that needs no Ray: model, manifest footers, stale files, the run's number. Raises ``JobError``."""
-    config, layout = run.config, run.layout
-    model, hub_commit = check_model_or_fail(config)
+def _run_job(run: Run) -> dict[str, Any]:
+    """The steps after the lease. Whatever ends the run, ``job.json`` says so: the counts (``_record``) or, for a
+    run that failed before it could count, the error (an earlier run's record never reads as this run's)."""
     try:
-        source = plan_source(config.manifest, parse_column_map(config.columns), config.storage_options,
-                             config.limit)
+        for step in (_prepare, _claim, _start, _resume, _edit, _settle, _report, _pack):
+            step(run)
+        summary = _record(run)
+    except LeaseLost:
+        raise  # the output is another run's now: write nothing more
+    except Exception as exc:
+        if not run.recorded:
+            try:
+                records.mark_failed(run.config, run.lease.record.run_id, run.number,
+                                    str(exc) if isinstance(exc, JobError) else root_cause(exc))
+            except OSError:
+                pass  # the original error is the one to report
+        raise
+    if run.error is not None:
+        raise JobError(run.error)
+    return summary
+
+
+def _prepare(run: Run) -> None:
+    """1. Everything that needs no Ray and writes nothing: model, manifest footers, the output's compatibility."""
+    config = run.config
+    run.model, run.hub_commit = check_model_or_fail(config)
+    try:
+        run.source = plan_source(config.manifest, parse_column_map(config.columns), config.storage_options,
+                                 config.limit)
     except (ManifestError, OSError) as exc:
         raise JobError(f"cannot read manifest {config.manifest}: {exc}") from None
     if config.prune_stale and config.limit is not None:
         raise JobError("--prune-stale needs the whole manifest: with --limit it would delete the rows past the limit")
-    fingerprint = model_fingerprint(model, config.storage_options, config.revision, hub_commit)
+    run.fingerprint = model_fingerprint(run.model, config.storage_options, config.revision, run.hub_commit)
     try:
-        check_compatible(config, layout, fingerprint, results_schema(config, source))
+        check_compatible(config, run.layout, run.fingerprint, results_schema(config, run.source))
     except IncompatibleOutput as exc:
         raise JobError(str(exc)) from None
     except OSError as exc:
         raise JobError(f"cannot read the results under {config.output}: {exc}") from None
+
+
+def _claim(run: Run) -> None:
+    """2. The run's number (before anything is deleted: it never repeats), stale files, ``--overwrite``, and
+    ``job.json`` saying the run is on."""
+    config, layout = run.config, run.layout
     try:
         run.check_lease()
-        # The run's number first, before anything is deleted: it never repeats (see ``take_run_number``).
         run.number = take_run_number(layout, config.storage_options)
         storage.remove(layout.failed_manifest, config.storage_options)  # an earlier run's: never this run's
         # Temp files a killed writer left: of this output, every one older than our lease (we hold it now); of a
@@ -366,10 +186,128 @@ def _prepare(run: Run) -> tuple[str, str | None, Any, str]:
         if config.overwrite and (removed := shards.remove_all(layout, config.storage_options)):
             log.info("--overwrite: removed %d earlier results shards", removed)
         records.mark_started(config, run.lease.record.run_id, run.number)
-        record_identity(config, layout, fingerprint)
+        record_identity(config, layout, run.fingerprint)
     except OSError as exc:
         raise JobError(f"cannot write to --output {config.output}: {exc}") from None
-    return model, hub_commit, source, fingerprint
+
+
+def _start(run: Run) -> None:
+    """3. Ray, the engine actors' plan, the manifest's ids, and what every stage task needs to know."""
+    config, source = run.config, run.source
+    cluster.init_ray(config)
+    run.plan = cluster.plan_engine(config)
+    run.manifest = index_manifest(SourceContext(source, config.edit, config.max_prompt_chars))
+    run.ctx = StageContext(
+        layout=run.layout, manifest=source.files, model=config.model, model_fingerprint=run.fingerprint,
+        dtype=run.plan.dtype, size=config.engine.size, storage_options=config.storage_options,
+        policy=config.policy(), max_pixels=config.max_pixels, min_side=config.min_image_side,
+        resume=not config.overwrite, carried=source.carried_schema, results_schema=results_schema(config, source),
+        embed_images=embeds_images(config), save_images=config.save_images, save_inputs=config.save_inputs,
+        image_sample=sample_fraction(REPORT_IMAGES, run.manifest.total) if config.report else 0.0,
+        run_id=run.lease.record.run_id)
+    log.info("manifest %s: %d rows in %d row groups, %d files; %d repeated ids", config.manifest,
+             source.total_rows, len(source.groups), len(source.files.files), len(run.manifest.source_ctx.duplicates))
+
+
+def _resume(run: Run) -> None:
+    """4. The ledger as it stands: rewrite what a killed run left repeated, count what is done already."""
+    before = run.scan()
+    run.check_lease()
+    if compacted := ledger.compact(run.layout, before, run.config.storage_options):
+        log.info("results: %d repeated rows from earlier runs compacted away", compacted)
+        run.scan()
+    run.done_before = run.index.counts(run.manifest.unique_keys())[OK]
+    run.tally = Tally(run.source.total_rows)
+    run.progress = Progress(run.source.total_rows, run.done_before)
+
+
+def _edit(run: Run) -> None:
+    """5. The rows left, attempt after attempt; after an early stop, a ``skipped`` row for every row not run. An
+    error that ends the stream is the run's ``error``: what was done is still recorded."""
+    try:
+        attempts.run_attempts(run)
+        if run.stopped_early:
+            log.error(run.stopped_early)
+            attempts.record_not_run(run)
+    except LeaseLost:
+        raise
+    except JobError as exc:
+        run.error = str(exc)
+    run.progress.update([], force=True)
+
+
+@contextlib.contextmanager
+def _writing_records(run: Run, what: str) -> Iterator[None]:
+    """A finish step's writes: the lease checked first, and every failure to write one ``JobError`` naming ``what``."""
+    run.check_lease()
+    try:
+        yield
+    except OSError as exc:
+        raise JobError(f"cannot write {what} under {run.config.output}: {type(exc).__name__}: {exc}") from None
+    except PackError as exc:
+        raise JobError(f"cannot pack the edited dataset under {run.layout.dataset_folder}: {exc}") from None
+
+
+def _settle(run: Run) -> None:
+    """6. Compaction (and pruning with ``--prune-stale``), the counts read back from the ledger, ``failed.parquet``."""
+    config, layout = run.config, run.layout
+    with _writing_records(run, "the job's records"):
+        storage.remove(layout.stop_marker(run.generation), config.storage_options)
+        unique = run.manifest.unique_keys()
+        outside = run.scan().outside(unique)
+        run.check_lease()
+        run.pruned = ledger.compact(layout, run.index, config.storage_options,
+                                    drop=outside if config.prune_stale else None)
+        if run.pruned:
+            outside = run.scan().outside(unique)
+        run.stale = int(outside.sum())
+        if run.stale:
+            log.warning("results hold %d rows of ids this run's manifest does not have (kept; --prune-stale "
+                        "deletes them)", run.stale)
+        run.counts = run.index.counts(unique)
+        states = run.index.states(run.manifest.keys)
+        # the rows to rerun: failed ones, and any the run never reached (a job that ended in an error)
+        run.check_lease()
+        run.failed_uri = records.write_failed_manifest(config, run.manifest.source_ctx,
+                                                       (states == ledger.STATUS_RANK[FAILED]) | (states == 0))
+
+
+def _report(run: Run) -> None:
+    """7. The report's pages and contact sheet, over a sample of the rows."""
+    config = run.config
+    if not config.report or run.error is not None:
+        return
+    from ddim_worker.report import write_report
+
+    with _writing_records(run, "the report"):
+        sample = ledger.sample_rows(run.layout, run.index, config.storage_options,
+                                    sample_fraction(REPORT_ROWS, run.manifest.total), run.manifest.unique_keys())
+        run.check_lease()
+        run.report = write_report(config.output, sample, config.storage_options)
+
+
+def _pack(run: Run) -> None:
+    """8. The edited dataset, unless this run must leave it as it is (``_why_not_packed``)."""
+    config = run.config
+    run.not_packed = _why_not_packed(config, run.error, run.stopped_early)
+    if run.not_packed:
+        log.info("dataset: not packed (%s)", run.not_packed)
+        return
+    card = card_facts(config, model_revision=run.hub_commit, fingerprint=run.fingerprint, dtype=run.plan.dtype,
+                      failed=run.counts[FAILED], skipped=run.counts[SKIPPED], command=records.command_line(config),
+                      version=records.versions().get("ddim-edit", ""))
+    with _writing_records(run, "the edited dataset"):
+        run.dataset = pack_dataset(run, run.index, run.manifest.unique_keys(), card)
+
+
+def _record(run: Run) -> dict[str, Any]:
+    """9. ``job.json``: the summary, built in one place (``summary.build_summary``)."""
+    summary = build_summary(run)
+    failpoint("finish_before_record")
+    with _writing_records(run, run.layout.job_record):
+        records.write_job_record(run.config, summary)
+    run.recorded = True
+    return summary
 
 
 def _stop_marker_runs(layout: OutputLayout, storage_options: dict | None) -> list[int]:
@@ -396,24 +334,6 @@ def take_run_number(layout: OutputLayout, storage_options: dict | None) -> int:
     return number
 
 
-def _run_job(run: Run, started: float) -> dict[str, Any]:
-    """Everything after the lease. Whatever ends the run, ``job.json`` says so: the counts (``_finish``) or, for a
-    run that failed before it could count, the error (an earlier run's record never reads as this run's)."""
-    try:
-        model, hub_commit, source, fingerprint = _prepare(run)
-        return _run_started(run, started, model, hub_commit, source, fingerprint)
-    except LeaseLost:
-        raise  # the output is another run's now: write nothing more
-    except Exception as exc:
-        if not run.recorded:
-            try:
-                records.mark_failed(run.config, run.lease.record.run_id, run.number,
-                                    str(exc) if isinstance(exc, JobError) else root_cause(exc))
-            except OSError:
-                pass  # the original error is the one to report
-        raise
-
-
 def results_schema(config: JobConfig, source: Any) -> Any:
     """The results' schema for this job: with ``--no-save-images`` the PNGs travel in the results (embedded)."""
     return shards.results_schema(source.carried_schema, embeds_images(config))
@@ -421,158 +341,6 @@ def results_schema(config: JobConfig, source: Any) -> Any:
 
 def embeds_images(config: JobConfig) -> bool:
     return config.embed_images or not config.save_images
-
-
-def _run_started(run: Run, started: float, model: str, hub_commit: str | None, source: Any,
-                 fingerprint: str) -> dict[str, Any]:
-    config, layout = run.config, run.layout
-    cluster.init_ray(config)
-    plan = cluster.plan_engine(config)
-
-    manifest = index_manifest(SourceContext(source, config.edit, config.max_prompt_chars))
-    ctx = StageContext(layout=layout, manifest=source.files, model=config.model, model_fingerprint=fingerprint,
-                       dtype=plan.dtype, size=config.engine.size, storage_options=config.storage_options,
-                       policy=config.policy(), max_pixels=config.max_pixels, min_side=config.min_image_side,
-                       resume=not config.overwrite, carried=source.carried_schema,
-                       results_schema=results_schema(config, source), embed_images=embeds_images(config),
-                       save_images=config.save_images, save_inputs=config.save_inputs,
-                       image_sample=sample_fraction(REPORT_IMAGES, manifest.total) if config.report else 0.0,
-                       run_id=run.lease.record.run_id)
-    log.info("manifest %s: %d rows in %d row groups, %d files; %d repeated ids", config.manifest,
-             source.total_rows, len(source.groups), len(source.files.files), len(manifest.source_ctx.duplicates))
-
-    # The ledger as it stands: rewrite what a killed run left repeated, count what is done already.
-    before = ledger.scan(layout, config.storage_options)
-    run.check_lease()
-    if compacted := ledger.compact(layout, before, config.storage_options):
-        log.info("results: %d repeated rows from earlier runs compacted away", compacted)
-        before = ledger.scan(layout, config.storage_options)
-    unique = manifest.unique_keys()
-    done_before = before.counts(unique)[OK]
-    tally = Tally(source.total_rows)
-    progress = Progress(source.total_rows, done_before)
-    error: str | None = None
-    try:
-        ctx = _run_attempts(run, manifest, ctx, plan, model, progress, tally, before)
-        if run.stopped_early:
-            log.error(run.stopped_early)
-            _record_not_run(run, manifest, ctx, "not run: " + run.stopped_early)
-    except LeaseLost:
-        raise
-    except JobError as exc:
-        error = str(exc)
-    progress.update([], force=True)
-    summary = _finish(run, manifest, ctx, tally, started, error, plan, dict(
-        model=model, hub_commit=hub_commit, fingerprint=fingerprint, done_before=done_before))
-    if error is not None:
-        raise JobError(error)
-    return summary
-
-
-def _finish(run: Run, manifest: Manifest, ctx: StageContext, tally: Tally, started: float, error: str | None,
-            plan: cluster.EnginePlan, facts: dict[str, Any]) -> dict[str, Any]:
-    """Compact the ledger, read the counts back from it, write failed.parquet, the report, the packed dataset and
-    job.json. Every failure to write them is one ``JobError``."""
-    config, layout = run.config, run.layout
-    try:
-        run.check_lease()
-        storage.remove(layout.stop_marker(run.generation), config.storage_options)
-        index = ledger.scan(layout, config.storage_options)
-        unique = manifest.unique_keys()
-        outside = index.outside(unique)
-        run.check_lease()
-        pruned = ledger.compact(layout, index, config.storage_options, drop=outside if config.prune_stale else None)
-        if pruned:
-            index = ledger.scan(layout, config.storage_options)
-            outside = index.outside(unique)
-        counts = index.counts(unique)
-        states = index.states(manifest.keys)
-        # the rows to rerun: failed ones, and any the run never reached (a job that ended in an error)
-        run.check_lease()
-        failed_uri = records.write_failed_manifest(config, manifest.source_ctx,
-                                                   (states == ledger.STATUS_RANK[FAILED]) | (states == 0))
-        report = {"pages": [None], "contact_sheet": None}
-        if config.report and error is None:
-            from ddim_worker.report import write_report
-
-            sample = ledger.sample_rows(layout, index, config.storage_options,
-                                        sample_fraction(REPORT_ROWS, manifest.total), unique)
-            run.check_lease()
-            report = write_report(config.output, sample, config.storage_options)
-        dataset, not_packed = None, _why_not_packed(config, error, run.stopped_early)
-        if not_packed:
-            log.info("dataset: not packed (%s)", not_packed)
-        else:
-            dataset = pack_dataset(run, index, unique, card_facts(
-                config, model_revision=facts["hub_commit"], fingerprint=facts["fingerprint"], dtype=plan.dtype,
-                failed=counts[FAILED], skipped=counts[SKIPPED], command=records.command_line(config),
-                version=records.versions().get("ddim-edit", "")))
-    except OSError as exc:
-        raise JobError(f"cannot write the job's records under {config.output}: {type(exc).__name__}: {exc}") \
-            from None
-    except PackError as exc:
-        raise JobError(f"cannot pack the edited dataset under {layout.dataset_folder}: {exc}") from None
-    wall = time.monotonic() - started
-    computed = int(tally.computed.sum())
-    stale = int(outside.sum())
-    if stale:
-        log.warning("results hold %d rows of ids this run's manifest does not have (kept; --prune-stale deletes "
-                    "them)", stale)
-    summary = {
-        "state": "failed" if error else ("stopped" if run.stopped_early else
-                                         ("incomplete" if counts["missing"] else "finished")),
-        "error": error,
-        "counts": {OK: counts[OK], FAILED: counts[FAILED], SKIPPED: counts[SKIPPED]},  # the table's, over the manifest
-        # manifest rows with no result row (a job that failed before reaching them): a run with any exits non-zero
-        "missing": counts["missing"],
-        "total": manifest.total,
-        "done_before": facts["done_before"],  # ok in an earlier run: skipped, their results kept
-        "computed": computed,  # rows this run edited or failed (once each, whatever the attempts)
-        "recovered": tally.recovered,  # PNG written by a killed run before its results shard: recorded, not redone
-        "inversions": tally.inversions,
-        "cache_hits": tally.cache_hits,
-        "unet_passes": tally.unet_passes,
-        # UNet samples run (padding and CFG doubling included) next to what the work needs: unique inversions x
-        # (n - s) x (2 when guided) + rows x (n - s) x (2 when guided), cache hits excluded
-        "unet_samples": round(tally.unet_samples),
-        "ideal_unet_samples": tally.ideal_unet_samples,
-        "wall_seconds": round(wall, 3),
-        "rows_per_second": round(computed / wall, 4) if wall > 0 else None,
-        "stopped_early": run.stopped_early,
-        "attempts": run.attempts,  # > 1: Ray aborted the dataset (lost node) and the driver re-ran unfinished rows
-        "run": run.number,
-        "run_id": run.lease.record.run_id,
-        "generation": run.generation,
-        "results_rows_outside_manifest": stale,  # rows of ids the manifest no longer has (--prune-stale)
-        "results_rows_pruned": pruned,
-        # decided from the cluster this run found (never in ``config``: a rerun decides again)
-        "actors": plan.actors,
-        "max_actors": plan.max_actors,  # None: the pool grows with the cluster
-        "gpus_per_actor": plan.gpus_per_actor,
-        "batch_size": plan.batch_size,
-        "bytes_written": tally.bytes_written(dataset.bytes if dataset and not dataset.skipped else 0, computed),
-        "dataset": dataset.as_dict() if dataset else None,
-        "dataset_not_packed": not_packed,
-        "command": records.command_line(config),
-        "config": records.recorded_config(config),  # rerun: --config job.json
-        "model": config.model,
-        "model_revision": facts["hub_commit"],
-        "model_fingerprint": facts["fingerprint"],
-        "dtype": sorted(tally.dtypes)[0] if len(tally.dtypes) == 1 else (sorted(tally.dtypes) or plan.dtype),
-        "versions": records.versions(),
-        "outputs": {"images": layout.folder("edited"), "results": layout.results_folder, "latents": layout.latents,
-                    "failed_manifest": failed_uri, "report": report["pages"][0] if report["pages"] else None,
-                    "contact_sheet": report["contact_sheet"], "job": layout.job_record,
-                    "dataset": layout.dataset_folder if dataset else None},
-    }
-    try:
-        failpoint("finish_before_record")
-        run.check_lease()
-        records.write_job_record(config, summary)
-        run.recorded = True
-    except OSError as exc:
-        raise JobError(f"cannot write {layout.job_record}: {type(exc).__name__}: {exc}") from None
-    return summary
 
 
 def _why_not_packed(config: JobConfig, error: str | None, stopped_early: str | None) -> str | None:
@@ -620,14 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"ddim-edit: error: {exc}", file=sys.stderr)
         return 2
-    counts = summary["counts"]
-    missing = f", {summary['missing']} MISSING" if summary["missing"] else ""
-    print(f"ddim-edit: {summary['total']} rows: {counts['ok']} ok, {counts['failed']} failed, "
-          f"{counts['skipped']} skipped{missing}; {summary['computed']} computed in {summary['wall_seconds']:.1f}s "
-          f"({summary['rows_per_second'] or 0:.2f} rows/s), {summary['inversions']} inversions")
-    for name, uri in summary["outputs"].items():
-        if uri:
-            print(f"  {name:16s} {uri}")
+    print("\n".join(cli_lines(summary)))
     if summary["stopped_early"]:
         print(f"ddim-edit: {summary['stopped_early']}", file=sys.stderr)
         return 3

@@ -200,6 +200,72 @@ class PackResult:
                 "unchanged": self.skipped}
 
 
+@dataclass
+class _Survey:
+    """What step 1 learns per shard: where its packed rows start in the byte order, and the totals."""
+
+    items: list[dict[str, Any]]  # per shard: index, uri, positions
+    counts: dict[int, tuple[int, int]]  # shard index -> (rows, bytes)
+    sources: Counter
+    with_masks: bool
+
+    @property
+    def rows(self) -> int:
+        return sum(r for r, _ in self.counts.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.counts.values())
+
+
+def _survey(layout: OutputLayout, index: ledger.LedgerIndex, mask: np.ndarray, options: dict) -> _Survey:
+    """1. Per shard (Ray tasks): the rows it packs, their bytes, their sources, whether they have masks."""
+    items = [{"index": s, "uri": shard_uris(layout, [index.shards[s]])[0], "positions": positions.tolist()}
+             for s, (positions,) in ledger.by_shard(index.shard[mask], index.position[mask])]
+    per_shard = ledger.map_shards(_shard_task, items, storage_options=options)
+    counts = {int(i): (int(r), int(b)) for part in per_shard
+              for i, r, b in zip(part["index"], part["rows"], part["bytes"])}
+    sources: Counter = Counter()
+    for part in per_shard:
+        for text in part["sources"]:
+            sources.update(json.loads(text))
+    return _Survey(items, counts, sources, any(int(m) for part in per_shard for m in part["masks"]))
+
+
+def _file_plans(survey: _Survey, max_shard_size: int) -> list[dict[str, Any]]:
+    """2. The files: equal byte ranges of the rows in shard order, each under ``max_shard_size``."""
+    total = survey.bytes
+    files = max(1, math.ceil(total / max_shard_size))
+    starts, offset = {}, 0
+    for item in survey.items:
+        starts[item["index"]] = offset
+        offset += survey.counts[item["index"]][1]
+    bounds = [round(k * total / files) for k in range(files + 1)]
+    plans = []
+    for k in range(files):
+        lo, hi = bounds[k], bounds[k + 1] if k + 1 < files else total + 1
+        parts = [(item["uri"], starts[item["index"]], item["positions"]) for item in survey.items
+                 if starts[item["index"]] < hi and starts[item["index"]] + survey.counts[item["index"]][1] > lo]
+        plans.append({"name": data_file_name(k, files), "lo": lo, "hi": hi, "parts": json.dumps(parts)})
+    return plans
+
+
+def _write_files(plans: list[dict[str, Any]], folder: str, schema: pa.Schema, options: dict,
+                 planned_rows: int) -> tuple[int, int]:
+    """3. Every file, one Ray task each, into ``folder``; (rows, bytes) written."""
+    try:
+        written = map_chunks(_file_task, plans, ray_running(), per_task=1, folder=folder, schema=schema,
+                             storage_options=options)
+    except (OSError, PackError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a task's error, as Ray wraps it: one line
+        raise PackError(f"writing the data files failed: {root_cause(exc)}") from exc
+    rows = sum(int(r) for part in written for r in part["rows"])
+    if rows != planned_rows:
+        raise PackError(f"packed {rows} rows, planned {planned_rows}: the results changed while packing")
+    return rows, sum(int(b) for part in written for b in part["bytes"])
+
+
 def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict | None, max_shard_size: int,
          card: dict[str, Any], index: ledger.LedgerIndex | None = None,
          guard: Callable[[], None] | None = None) -> PackResult:
@@ -209,72 +275,32 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
     guard = guard or (lambda: None)
     index = index or ledger.scan(layout, options)
     mask = index.winner & (index.status == ledger.STATUS_RANK[OK]) & np.isin(index.key, manifest_keys)
-    state = hashlib.sha256(json.dumps([[s.name for s in index.shards], int(mask.sum()), max_shard_size,
-                                       manifest_keys_digest(manifest_keys)]).encode()).hexdigest()[:16]
+    version = hashlib.sha256(json.dumps([[s.name for s in index.shards], int(mask.sum()), max_shard_size,
+                                         manifest_keys_digest(manifest_keys)]).encode()).hexdigest()[:16]
     record_uri = storage.join_uri(layout.dataset_folder, ".pack.json")
     previous = _read_json(record_uri, options)
-    if previous and previous.get("state") == state and previous.get("card") == card.get("fingerprint") \
-            and previous.get("version") == state:
+    if previous and previous.get("version") == version and previous.get("card") == card.get("fingerprint"):
         return PackResult(previous["rows"], previous["files"], previous["bytes"], previous["data_files"],
                           storage.join_uri(layout.dataset_folder, "README.md"), skipped=True)
-
-    # 1. per shard: the rows it packs and their bytes
-    items = [{"index": s, "uri": shard_uris(layout, [index.shards[s]])[0], "positions": positions.tolist()}
-             for s, (positions,) in ledger.by_shard(index.shard[mask], index.position[mask])]
-    per_shard = ledger.map_shards(_shard_task, items, storage_options=options) \
-        if items else []
-    counts = {int(i): (int(r), int(b)) for part in per_shard for i, r, b in zip(part["index"], part["rows"],
-                                                                                  part["bytes"])}
-    sources: Counter = Counter()
-    for part in per_shard:
-        for text in part["sources"]:
-            sources.update(json.loads(text))
-    with_masks = any(int(m) for part in per_shard for m in part["masks"])
-    total_rows = sum(r for r, _ in counts.values())
-    total_bytes = sum(b for _, b in counts.values())
-
-    # 2. the files: equal byte ranges, each under max_shard_size
-    files = max(1, math.ceil(total_bytes / max_shard_size))
-    starts, offset = {}, 0
-    for item in items:
-        starts[item["index"]] = offset
-        offset += counts[item["index"]][1]
-    bounds = [round(k * total_bytes / files) for k in range(files + 1)]
-    plans = []
-    for k in range(files):
-        lo, hi = bounds[k], bounds[k + 1] if k + 1 < files else total_bytes + 1
-        parts = [(item["uri"], starts[item["index"]], item["positions"]) for item in items
-                 if starts[item["index"]] < hi and starts[item["index"]] + counts[item["index"]][1] > lo]
-        plans.append({"name": data_file_name(k, files), "lo": lo, "hi": hi, "parts": json.dumps(parts)})
-
-    # 3. write them on the cluster into this packing's own folder (never over the files the card names now)
-    schema = dataset_schema(_results_schema(layout, index, options), with_masks)
-    version = state
-    folder = layout.dataset_version(version)
-    try:
-        written = map_chunks(_file_task, plans, ray_running(), per_task=1, folder=folder, schema=schema,
-                                    storage_options=options)
-    except (OSError, PackError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a task's error, as Ray wraps it: one line
-        raise PackError(f"writing the data files failed: {root_cause(exc)}") from exc
-    rows = sum(int(r) for part in written for r in part["rows"])
-    size = sum(int(b) for part in written for b in part["bytes"])
-    if rows != total_rows:
-        raise PackError(f"packed {rows} rows, planned {total_rows}: the results changed while packing")
+    survey = _survey(layout, index, mask, options)
+    plans = _file_plans(survey, max_shard_size)
+    schema = dataset_schema(_results_schema(layout, index, options), survey.with_masks)
+    # into this packing's own folder: never over the files the card names now
+    rows, size = _write_files(plans, layout.dataset_version(version), schema, options, survey.rows)
     names = [f"data/{version}/{p['name']}" for p in plans]
 
     # 4. switch: the card names the new folder (one PUT); then the record; then earlier packings' files go
     guard()
     failpoint("pack_before_switch")
     card_uri = storage.join_uri(layout.dataset_folder, "README.md")
-    storage.write_bytes(card_uri, dataset_card(schema, rows, files, size, sources, card, version).encode(), options)
-    storage.write_bytes(record_uri, json.dumps({"state": state, "version": version, "card": card.get("fingerprint"),
-                                                "rows": rows, "files": files, "bytes": size,
-                                                "data_files": names}).encode(), options)
+    text = dataset_card(schema, rows, len(plans), size, survey.sources, card, version)
+    storage.write_bytes(card_uri, text.encode(), options)
+    storage.write_bytes(record_uri, json.dumps({"version": version, "card": card.get("fingerprint"), "rows": rows,
+                                                "files": len(plans), "bytes": size, "data_files": names}).encode(),
+                        options)
     guard()
     remove_other_packings(layout, version, options)
-    return PackResult(rows, files, size, names, card_uri)
+    return PackResult(rows, len(plans), size, names, card_uri)
 
 
 def remove_other_packings(layout: OutputLayout, version: str, options: dict) -> None:
@@ -291,7 +317,6 @@ def current_data_files(layout: OutputLayout, storage_options: dict | None = None
     """The data files of the dataset the card names now (what ``datasets`` loads), as URIs."""
     record = _read_json(storage.join_uri(layout.dataset_folder, ".pack.json"), storage_options or {}) or {}
     return [storage.join_uri(layout.dataset_folder, name) for name in record.get("data_files", [])]
-
 
 
 def card_facts(config: Any, *, model_revision: str | None, fingerprint: str | None, dtype: Any, failed: int,

@@ -87,9 +87,6 @@ def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path,
         import ray
     except ImportError:
         return {"skipped": "ray is not installed"}
-    from ddim_worker.job.config import JobConfig
-    from ddim_worker.job.driver import run_job
-
     root = work / "job"
     if root.exists():
         shutil.rmtree(root)
@@ -112,52 +109,57 @@ def run_jobs(cfg: BenchConfig, model: str, images: list[np.ndarray], work: Path,
                 # measured by jobs/grouping_benchmark.py)
                 calls_per_task=1, **job_fast_path)
 
-    def one(name: str, rows: list[dict], latent_cache: Path, batch_size: int) -> dict:
-        manifest = _write_manifest(rows, root / f"manifest-{name}.parquet")
-        layout = OutputLayout(str(root / f"out-{name}"))
-        summary = run_job(JobConfig.from_flat({**base, "manifest": str(manifest), "output": layout.root,
-                                               "latent_cache": str(latent_cache), "batch_size": batch_size}))
-        results = _read_results(layout)
-        steady, steady_mean = steady_rows_per_s(Path(layout.folder("edited")), batch_size)
-        record = {
-            "name": name, "rows": len(rows), "batch_size": batch_size,
-            "wall_seconds": summary["wall_seconds"], "rows_per_second": summary["rows_per_second"],
-            "steady_rows_per_s": steady, "steady_rows_per_s_all": steady_mean,
-            "startup_seconds": (summary["wall_seconds"] - len(rows) / steady_mean) if steady_mean else None,
-            "counts": summary["counts"], "computed": summary["computed"], "inversions": summary["inversions"],
-            "cache_hits": summary["cache_hits"], "unet_passes": summary["unet_passes"],
-            "results_rows_inverted": sum(1 for r in results if (r.get("inversion_passes") or 0) > 0),
-            "results_inversion_passes": sum(int(r.get("inversion_passes") or 0) for r in results),
-            "results_cache_hits": sum(1 for r in results if r.get("cache_hit")),
-        }
-        log.info("job %-8s %2d rows batch %d: %.1fs wall (%.3f rows/s with start-up), steady %s rows/s, "
-                 "%d inversions, %d cache hits", name, len(rows), batch_size, record["wall_seconds"],
-                 record["rows_per_second"] or 0, f"{steady:.3f}" if steady else "n/a", record["inversions"],
-                 record["cache_hits"])
-        return record
-
-    def manifest_rows(pairs: list[tuple[int, str]], prefix: str) -> list[dict]:
-        return [{"id": f"{prefix}{n}-img{i}", "image_url": f"images/img{i}.png", "source_prompt": SOURCE_PROMPT,
-                 "edit_prompt": prompt} for n, (i, prompt) in enumerate(pairs)]
-
     out: dict[str, Any] = {"fast_path_in_job": job_fast_path, "cpus_per_actor": cpus_per_actor,
                            "ray_cpus": cpus_per_actor + 2 if started_ray else None}
     try:
         shared_cache = root / "latents-shared"
         if "cold" in parts:
             pairs = [(i, EDIT_PROMPTS[i % len(EDIT_PROMPTS)]) for i in range(cfg.job_rows)]
-            out["cold"] = one("cold", manifest_rows(pairs, "c"), shared_cache, cfg.batch_size)
+            out["cold"] = _job_part(root, base, "cold", _manifest_rows(pairs, "c"), shared_cache, cfg.batch_size)
         if "warm" in parts:
             # two batches: the rerun is fast, and its ratio to cold is measured in-process too
             pairs = [(i, RERUN_PROMPTS[i % len(RERUN_PROMPTS)]) for i in range(min(cfg.job_rows, 2 * cfg.batch_size))]
-            out["warm"] = one("warm", manifest_rows(pairs, "w"), shared_cache, cfg.batch_size)
+            out["warm"] = _job_part(root, base, "warm", _manifest_rows(pairs, "w"), shared_cache, cfg.batch_size)
         if "grouped" in parts:
             # At the job's batch size when whole images fit in it (each batch then holds whole images: the driver
             # orders rows that share an inversion next to each other), else one image per batch.
             group_batch = cfg.batch_size if cfg.batch_size % cfg.group_prompts == 0 else cfg.group_prompts
-            out["grouped"] = one("grouped", manifest_rows(group_pairs(cfg), "g"), root / "latents-grouped",
-                                 group_batch)
+            out["grouped"] = _job_part(root, base, "grouped", _manifest_rows(group_pairs(cfg), "g"),
+                                       root / "latents-grouped", group_batch)
     finally:
         if started_ray:
             ray.shutdown()
     return out
+
+
+def _job_part(root: Path, base: dict, name: str, rows: list[dict], latent_cache: Path, batch_size: int) -> dict:
+    """One job of the benchmark through ``run_job``: its figures, and the counts its results table holds."""
+    from ddim_worker.job.config import JobConfig
+    from ddim_worker.job.driver import run_job
+
+    manifest = _write_manifest(rows, root / f"manifest-{name}.parquet")
+    layout = OutputLayout(str(root / f"out-{name}"))
+    summary = run_job(JobConfig.from_flat({**base, "manifest": str(manifest), "output": layout.root,
+                                           "latent_cache": str(latent_cache), "batch_size": batch_size}))
+    results = _read_results(layout)
+    steady, steady_mean = steady_rows_per_s(Path(layout.folder("edited")), batch_size)
+    record = {
+        "name": name, "rows": len(rows), "batch_size": batch_size,
+        "wall_seconds": summary["wall_seconds"], "rows_per_second": summary["rows_per_second"],
+        "steady_rows_per_s": steady, "steady_rows_per_s_all": steady_mean,
+        "startup_seconds": (summary["wall_seconds"] - len(rows) / steady_mean) if steady_mean else None,
+        "counts": summary["counts"], "computed": summary["computed"], "inversions": summary["inversions"],
+        "cache_hits": summary["cache_hits"], "unet_passes": summary["unet_passes"],
+        "results_rows_inverted": sum(1 for r in results if (r.get("inversion_passes") or 0) > 0),
+        "results_inversion_passes": sum(int(r.get("inversion_passes") or 0) for r in results),
+        "results_cache_hits": sum(1 for r in results if r.get("cache_hit")),
+    }
+    log.info("job %-8s %2d rows batch %d: %.1fs wall (%.3f rows/s with start-up), steady %s rows/s, "
+             "%d inversions, %d cache hits", name, len(rows), batch_size, record["wall_seconds"],
+             record["rows_per_second"] or 0, f"{steady:.3f}" if steady else "n/a", record["inversions"],
+             record["cache_hits"])
+    return record
+
+def _manifest_rows(pairs: list[tuple[int, str]], prefix: str) -> list[dict]:
+    return [{"id": f"{prefix}{n}-img{i}", "image_url": f"images/img{i}.png", "source_prompt": SOURCE_PROMPT,
+             "edit_prompt": prompt} for n, (i, prompt) in enumerate(pairs)]

@@ -81,6 +81,14 @@ def _pct(value: float | None) -> str:
 
 
 def render_markdown(report: dict) -> str:
+    """The benchmark's report as Markdown: settings, targets, the engine's table, grouping, the job, FLOPs."""
+    lines = _header_lines(report)
+    for section in (_target_lines, _engine_lines, _grouping_lines, _job_lines, _flops_lines):
+        lines += section(report)
+    return "\n".join(lines)
+
+
+def _header_lines(report: dict) -> list[str]:
     cfg = report["settings"]
     n, s = cfg["steps"], cfg["start_step"]
     lines = [
@@ -105,12 +113,24 @@ def render_markdown(report: dict) -> str:
         "| ratio | value | target | met |",
         "|---|---|---|---|",
     ]
+    return lines
+
+
+def _target_lines(report: dict) -> list[str]:
+    lines: list[str] = []
     names = {"engine_vs_textbook": "engine / textbook loop (edits/s)",
              "job_vs_engine": "Ray job (steady state) / engine in-process",
              "warm_vs_cold": "cache-hit rerun / cold (edits/s)",
              "grouped_vs_ungrouped": "4 x 4 grouped / ungrouped (edits/s)"}
     for key, t in report["targets"].items():
         lines.append(f"| {names[key]} | {_f(t['value'], 2)}x | >= {t['target']}x | {'yes' if t['met'] else 'NO'} |")
+    return lines
+
+
+def _engine_lines(report: dict) -> list[str]:
+    cfg = report["settings"]
+    n, s = cfg["steps"], cfg["start_step"]
+    lines: list[str] = []
     lines += [
         "",
         f"Engine (main): **{_f(report['edits_per_s'])} edits/s**, {_f(report['unet_passes_per_s'], 1)} UNet passes/s "
@@ -133,6 +153,11 @@ def render_markdown(report: dict) -> str:
             f"{_f(r['unet_passes_per_edit'], 1)} | "
             f"{_f(r.get('tflops'), 4)} | {_pct(r.get('mfu'))} | {_pct(r.get('mfu_vs_ceiling'))} | "
             f"{f'{mem / 2**30:.1f} GiB' if mem else 'n/a'} |")
+    return lines
+
+
+def _grouping_lines(report: dict) -> list[str]:
+    lines: list[str] = []
     g = report["grouping"]
     lines += [
         "",
@@ -142,6 +167,11 @@ def render_markdown(report: dict) -> str:
         f"(expected {g['expected_passes']['grouped']}); ungrouped {g['ungrouped']['inversions']} inversions, "
         f"{g['ungrouped']['unet_passes']} passes (expected {g['expected_passes']['ungrouped']}).",
     ]
+    return lines
+
+
+def _job_lines(report: dict) -> list[str]:
+    lines: list[str] = []
     job = report["job"]
     if "cold" in job:
         lines += [
@@ -170,6 +200,11 @@ def render_markdown(report: dict) -> str:
                       "(inversions in `job.json` and the results)."]
     else:
         lines += ["", f"Ray job: skipped ({job.get('skipped')})."]
+    return lines
+
+
+def _flops_lines(report: dict) -> list[str]:
+    lines: list[str] = []
     fl = report["flops"]
     off = report["offload"]
     lines += [
@@ -195,4 +230,4 @@ def render_markdown(report: dict) -> str:
                      f"{p['pageable_gb_per_s']:.1f} GB/s, pinned (pin + copy) {p['pinned_gb_per_s']:.1f} GB/s, "
                      f"pinned buffer reused {p['pinned_reused_gb_per_s']:.1f} GB/s.")
     lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in report["checks"].items()), ""]
-    return "\n".join(lines)
+    return lines

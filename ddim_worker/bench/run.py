@@ -144,19 +144,13 @@ def _job_part(cfg: BenchConfig, engine: EditEngine, model: str, rows: list[EditR
     return job
 
 
-def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Run every measurement and return the report (also written as JSON / Markdown by ``main``)."""
-    cfg = cfg.resolved()
+def _model_and_device(cfg: BenchConfig) -> dict[str, Any]:
+    """The model (built locally with random weights: the arch's shapes and FLOPs, loaded the real way), the engine,
+    the device, FLOPs per edit, peak and ceiling, and the main configuration's fast path."""
     device = torch.device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
-    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="ddim-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    run_started = time.perf_counter()
-    load_before = load_average()
-
-    # The model: built locally with random weights (same shapes and FLOPs as the arch), loaded the real way.
     started = time.perf_counter()
     model = cfg.model or str(make_model(cfg.model_folder(), cfg.arch))
     build_s = time.perf_counter() - started
@@ -165,15 +159,12 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     dname = dtype_name(dtype)
     log.info("device %s, dtype %s, model %s (%s, %d px), n=%d s=%d", device_name, dname, model, cfg.arch, cfg.size,
              cfg.steps, cfg.start_step)
-
     # FLOPs (before any compile), peak, ceiling.
     flops = fl.count_flops(engine.pipe, cfg.size)
     per_edit = fl.flops_per_edit(flops, cfg.steps, cfg.start_step)
     peak, peak_source = fl.peak_tflops(device, device_name, dname, cfg.threads, cfg.peak_tflops)
     matmul = fl.measure_matmul_tflops(device, dtype)
     ceiling, ceiling_source = fl.ceiling_tflops(device, device_name, dname, matmul, cfg.ceiling_tflops)
-    rec = Recorder(fl.Accounting(flops, per_edit, peak, ceiling))
-
     if cfg.compile:
         import torch._dynamo as dynamo
 
@@ -182,71 +173,42 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     main_fast = fastpath.apply_fast_path(engine.pipe, channels_last=cfg.channels_last, compile_unet=cfg.compile,
                                          attention=cfg.attention, compile_mode=cfg.compile_mode,
                                          compile_dynamic=None)
+    return dict(device=device, dtype=dtype, model=model, build_s=build_s, engine=engine, device_name=device_name,
+                device_info=device_info, dname=dname, flops=flops, per_edit=per_edit, peak=peak,
+                peak_source=peak_source, matmul=matmul, ceiling=ceiling, ceiling_source=ceiling_source,
+                main_fast=main_fast, rec=Recorder(fl.Accounting(flops, per_edit, peak, ceiling)))
+
+
+def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every measurement and return the report (also written as JSON / Markdown by ``main``)."""
+    cfg = cfg.resolved()
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="ddim-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    run_started = time.perf_counter()
+    load_before = load_average()
+    m = _model_and_device(cfg)
+    engine, rec, main_fast = m["engine"], m["rec"], m["main_fast"]
     images = make_images(max(cfg.rows, cfg.job_rows, cfg.group_images), cfg.size, cfg.seed)
     rows = make_rows(images[:cfg.rows], cfg)
 
     # 1. Main, cache-hit rerun and textbook loop side by side.
-    main, warm, textbook, main_outputs = _side_by_side(cfg, engine, model, rows, main_fast, rec)
+    m["main"], m["warm"], m["textbook"], main_outputs = _side_by_side(cfg, engine, m["model"], rows, main_fast, rec)
     # 2. One inversion per image.
-    grouped, ungrouped = _grouping(cfg, engine, images, rec)
+    m["grouped"], m["ungrouped"] = _grouping(cfg, engine, images, rec)
     # 3. Batch sizes.
-    auto_batch = _batch_sizes(cfg, engine, rows, dtype, main_fast, rec)
+    m["auto_batch"] = _batch_sizes(cfg, engine, rows, m["dtype"], main_fast, rec)
     # 4. Each fast-path switch flipped from the main configuration.
-    measure_variants(cfg, engine, rows[:cfg.variant_rows], model, dtype, main_fast, rec.measure)
+    measure_variants(cfg, engine, rows[:cfg.variant_rows], m["model"], m["dtype"], main_fast, rec.measure)
 
     offload = time_offload(engine, main_outputs, cfg.batch_size)
-    offload["engine_s_per_row"] = main["seconds_per_edit"]
+    offload["engine_s_per_row"] = m["main"]["seconds_per_edit"]
     offload["share_of_row"] = (offload["vae_decode_s_per_row"] + offload["png_encode_s_per_row"]) / (
-        main["seconds_per_edit"] + offload["png_encode_s_per_row"])
-    pinned = time_pinned(device, cfg.size, cfg.batch_size)
+        m["main"]["seconds_per_edit"] + offload["png_encode_s_per_row"])
+    m["offload"], m["pinned"] = offload, time_pinned(m["device"], cfg.size, cfg.batch_size)
     # 5. The Ray job.
-    job = _job_part(cfg, engine, model, rows, images, work, main, main_fast, rec)
+    m["job"] = _job_part(cfg, engine, m["model"], rows, images, work, m["main"], main_fast, rec)
 
-    n, s = cfg.steps, cfg.start_step
-    expected = 2 * (n - s)
-    report: dict[str, Any] = {
-        "device": device_name,
-        "device_info": device_info,
-        "dtype": dname,
-        "versions": versions(),
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("json_path", "markdown_path")},
-        "model": {"arch": cfg.arch, "path": model, "size": cfg.size, "build_seconds": round(build_s, 2),
-                  "unet_parameters": sum(p.numel() for p in engine.pipe.unet.parameters())},
-        "edits_per_s": main["edits_per_s"],
-        "unet_passes_per_s": main["unet_passes_per_s"],
-        "unet_samples_per_s": main["unet_samples_per_s"],
-        "unet_passes_per_edit": main["unet_passes_per_edit"],
-        "unet_passes_per_edit_expected": expected,
-        "unet_passes_per_edit_by_config": {r["name"]: r["unet_passes_per_edit"] for r in rec.engine_records},
-        "textbook_passes_per_edit": textbook["unet_passes_per_edit"],
-        "engine_vs_textbook": ratio(main["edits_per_s"], textbook["edits_per_s"]),
-        "job_vs_engine": job.get("job_vs_engine"),
-        "warm_vs_cold": ratio(warm["edits_per_s"], main["edits_per_s"]),
-        "grouped_vs_ungrouped": ratio(grouped["edits_per_s"], ungrouped["edits_per_s"]),
-        "tflops": main["tflops"],
-        "mfu": main["mfu"],
-        "mfu_vs_ceiling": main["mfu_vs_ceiling"],
-        "peak_tflops": peak,
-        "peak_source": peak_source,
-        "ceiling_tflops": ceiling,
-        "ceiling_source": ceiling_source,
-        "matmul_tflops": matmul,
-        "flops": {**flops, "per_edit": per_edit},
-        "compile_seconds": main["warmup_seconds"] if cfg.compile else None,
-        "auto_batch_size": auto_batch,
-        "engine": rec.engine_records,
-        "textbook": textbook,
-        "cache": {"cold": main, "warm": warm},
-        # measured: the first two batches of each order (grouped: 2 whole images; ungrouped: 2 rows per image)
-        "grouping": {"grouped": grouped, "ungrouped": ungrouped, "images": cfg.group_images,
-                     "prompts": cfg.group_prompts, "rows_measured": 2 * cfg.group_prompts,
-                     "expected_passes": {"grouped": 2 * (n - s) * (1 + cfg.group_prompts),
-                                         "ungrouped": 2 * cfg.group_prompts * expected}},
-        "offload": offload,
-        "pinned": pinned,
-        "job": job,
-        "wall_seconds": None,
-    }
+    report = _report(cfg, m)
     report["checks"] = checks(report, cfg)
     report["targets"] = targets(report)
     report["wall_seconds"] = round(time.perf_counter() - run_started, 1)
@@ -255,6 +217,56 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     if not cfg.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _report(cfg: BenchConfig, m: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures from the measurements ``m`` (``run_benchmark``'s)."""
+    main, warm, textbook, grouped, ungrouped = m["main"], m["warm"], m["textbook"], m["grouped"], m["ungrouped"]
+    n, s = cfg.steps, cfg.start_step
+    expected = 2 * (n - s)
+    return {
+        "device": m["device_name"],
+        "device_info": m["device_info"],
+        "dtype": m["dname"],
+        "versions": versions(),
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("json_path", "markdown_path")},
+        "model": {"arch": cfg.arch, "path": m["model"], "size": cfg.size, "build_seconds": round(m["build_s"], 2),
+                  "unet_parameters": sum(p.numel() for p in m["engine"].pipe.unet.parameters())},
+        "edits_per_s": main["edits_per_s"],
+        "unet_passes_per_s": main["unet_passes_per_s"],
+        "unet_samples_per_s": main["unet_samples_per_s"],
+        "unet_passes_per_edit": main["unet_passes_per_edit"],
+        "unet_passes_per_edit_expected": expected,
+        "unet_passes_per_edit_by_config": {r["name"]: r["unet_passes_per_edit"] for r in m["rec"].engine_records},
+        "textbook_passes_per_edit": textbook["unet_passes_per_edit"],
+        "engine_vs_textbook": ratio(main["edits_per_s"], textbook["edits_per_s"]),
+        "job_vs_engine": m["job"].get("job_vs_engine"),
+        "warm_vs_cold": ratio(warm["edits_per_s"], main["edits_per_s"]),
+        "grouped_vs_ungrouped": ratio(grouped["edits_per_s"], ungrouped["edits_per_s"]),
+        "tflops": main["tflops"],
+        "mfu": main["mfu"],
+        "mfu_vs_ceiling": main["mfu_vs_ceiling"],
+        "peak_tflops": m["peak"],
+        "peak_source": m["peak_source"],
+        "ceiling_tflops": m["ceiling"],
+        "ceiling_source": m["ceiling_source"],
+        "matmul_tflops": m["matmul"],
+        "flops": {**m["flops"], "per_edit": m["per_edit"]},
+        "compile_seconds": main["warmup_seconds"] if cfg.compile else None,
+        "auto_batch_size": m["auto_batch"],
+        "engine": m["rec"].engine_records,
+        "textbook": textbook,
+        "cache": {"cold": main, "warm": warm},
+        # measured: the first two batches of each order (grouped: 2 whole images; ungrouped: 2 rows per image)
+        "grouping": {"grouped": grouped, "ungrouped": ungrouped, "images": cfg.group_images,
+                     "prompts": cfg.group_prompts, "rows_measured": 2 * cfg.group_prompts,
+                     "expected_passes": {"grouped": 2 * (n - s) * (1 + cfg.group_prompts),
+                                         "ungrouped": 2 * cfg.group_prompts * expected}},
+        "offload": m["offload"],
+        "pinned": m["pinned"],
+        "job": m["job"],
+        "wall_seconds": None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,7 @@ class EditOutput:
     mask_passes: int = 0  # passes spent finding the row's mask (mask auto)
     attention_control: str = "none"  # none | word-swap | refine (Prompt-to-Prompt, chosen from the prompts)
     mask: np.ndarray | None = None  # (H, W) uint8, 255 where the edit changes the image (mask auto)
+    latent: torch.Tensor | None = None  # (C, h, w) float32: the edit's sampled x0 latent, before decoding
 
 
 @dataclass
@@ -417,7 +418,7 @@ class EditEngine:
                        w.cache_hit,
                        w.shared, source_passes=w.source_passes, mask_passes=w.mask_passes,
                        attention_control=controls[i].tokens.kind if controls[i] is not None else "none",
-                       mask=M.mask_image(w.mask) if w.mask is not None else None)
+                       mask=M.mask_image(w.mask) if w.mask is not None else None, latent=x0[i].float().cpu())
             for i, w in enumerate(work)
         ]
         # 7. Fidelity: each inversion resampled with its source prompt, compared with the input.

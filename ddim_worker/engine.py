@@ -27,6 +27,7 @@ from ddim_worker.attention_control import CallControl, RowControl, StepControl, 
 from ddim_worker.call_plan import RowNeeds, SamplingCall, chunks, plan_inversions, plan_sampling
 from ddim_worker.denoiser import Conditioning, GuidedUNet, pad_rows
 from ddim_worker.inversion import InversionMethod, parse_method
+from ddim_worker.inversion_key import InversionKey
 from ddim_worker import masks as M
 from ddim_worker.models import check_scheduler_config, choose_device, choose_dtype, load_pipeline, model_fingerprint
 from ddim_worker.sampler import Callback, Denoiser, Schedule, Trajectory
@@ -94,13 +95,10 @@ class EditRow:
         """The parsed inversion method (parsed once per distinct spelling)."""
         return parse_method(self.inversion)
 
-    def inversion_key(self) -> tuple:
-        """Rows with equal keys invert to the same trajectory, so a batch inverts them once."""
-        method = self.method
-        key = (_pixels_digest(self.image), self.source_prompt, self.negative_prompt, float(self.inversion_guidance),
-               int(self.num_steps), method.trajectory)
-        # "noise" draws seeded noise: rows share it only when their seeds agree too.
-        return key + (int(self.seed),) if method.name == "noise" else key
+    def inversion_key(self) -> InversionKey:
+        """Rows with equal keys invert to the same trajectory, so a batch inverts them once (``inversion_key``)."""
+        return InversionKey.of(_pixels_digest(self.image), self.source_prompt, self.negative_prompt, self.num_steps,
+                               self.inversion_guidance, self.inversion, self.seed)
 
 
 @dataclass
@@ -650,9 +648,9 @@ def _source_key(row: EditRow, control: RowControl | None, eta: float) -> tuple |
     if not (row.method.direct or (control is not None and control.active)):
         return None
     method = row.method
-    return (row.inversion_key(), float(row.guidance_scale), method.unconditional_prompt(row.source_prompt,
-                                                                                         row.negative_prompt),
-            method.direct, int(row.seed) if eta > 0 else None)
+    return row.inversion_key().source_key(row.guidance_scale, method.unconditional_prompt(row.source_prompt,
+                                                                                           row.negative_prompt),
+                                          method.direct, int(row.seed) if eta > 0 else None)
 
 
 def _to_cpu(trajectory: Trajectory, dtype: torch.dtype) -> Trajectory:

@@ -184,6 +184,12 @@ class EditEngine:
         fingerprint = model_fingerprint(model, storage_options, revision=revision)
         return cls(pipe, size=size, fingerprint=fingerprint, **kwargs)
 
+    @property
+    def unet_samples(self) -> int:
+        """UNet samples run so far (padding and the CFG doubling included), counted by the denoiser that ran them:
+        an injected denoiser's own counter where it keeps one, so a report never reads a bypassed adapter."""
+        return int(getattr(self.denoiser, "samples", self.guided_unet.samples))
+
     # -- schedule ------------------------------------------------------------------------------------------------
     def schedule(self, num_steps: int) -> Schedule:
         if num_steps not in self._schedules:

@@ -93,13 +93,13 @@ class EditActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         pending = [i for i in range(n) if (batch["status"][i] or PENDING) == PENDING]
-        started, samples = time.perf_counter(), self.engine.guided_unet.samples
+        started, samples = time.perf_counter(), self.engine.unet_samples
         with torch.inference_mode():
             outputs = self._edit_rows(batch, pending) if pending else {}
         per_row_seconds = (time.perf_counter() - started) / max(len(pending), 1)
         # UNet samples this call ran (padding and the CFG doubling included), shared out over its rows
         unet_samples = np.zeros(n)
-        unet_samples[pending] = (self.engine.guided_unet.samples - samples) / max(len(pending), 1)
+        unet_samples[pending] = (self.engine.unet_samples - samples) / max(len(pending), 1)
         size = self.engine.size
         edited = np.zeros((n, size, size, 3), dtype=np.uint8)
         blobs = np.array([b""] * n, dtype=object)

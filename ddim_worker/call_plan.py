@@ -17,7 +17,7 @@ calls and its bytes depend on the row alone, never on its neighbours.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -45,11 +45,14 @@ class SamplingCall:
     branches: tuple[Branch, ...]
     guided: bool
     pad_to: int | None  # rows per CFG half after padding (None: no padding)
+    # Inversions that run in this call's free rows, one row each, in step with the sampling: the row that leads each
+    # (its image, source prompt and inversion settings). They fill what would be padding (``plan_sampling``).
+    riders: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
         """Rows per CFG half, padding included."""
-        return max(self.pad_to or 0, len(self.branches))
+        return max(self.pad_to or 0, len(self.branches) + len(self.riders))
 
     @property
     def unet_rows(self) -> int:
@@ -64,6 +67,7 @@ class SamplingCall:
     def layout(self) -> list[str]:
         """The UNet batch, row by row: ``"uncond:edit 3"``, ``"text:source 0"``, ``"text:pad"``."""
         names = [f"{'source' if b.is_source else 'edit'} {b.row}" for b in self.branches]
+        names += [f"invert {i}" for i in self.riders]
         names += ["pad"] * (self.size - len(names))
         halves = ("uncond", "text") if self.guided else ("text",)
         return [f"{half}:{name}" for half in halves for name in names]
@@ -102,31 +106,69 @@ def _offset(piece: list[Branch], start: int) -> list[Branch]:
     return [Branch(b.row, b.is_source, None if b.source is None else b.source + start) for b in piece]
 
 
-def plan_sampling(needs: Sequence[RowNeeds], batch_size: int | None) -> list[SamplingCall]:
+def plan_sampling(needs: Sequence[RowNeeds], batch_size: int | None,
+                  riders: Mapping[int, tuple[bool, list[int]]] | None = None) -> list[SamplingCall]:
     """The sampling calls of a group of rows that share (n, s, eta).
 
     Guided and unguided rows go to calls of their own (in order of first appearance); units are placed first-fit,
     so calls stay full and, with a batch size, a unit is split only when it is larger than a call. A unit needs at
     least two rows per call (its source and one edit): at batch size 1 its calls are padded to 2.
+
+    ``riders``: inversions still to run, by leading row: (guided, the rows that wait on it). Each rides in a call of
+    its kind as one more row, inverting in step with the sampling, so it fills rows that would be padding; a call
+    holds a row only once the inversions it waits on have run in earlier calls (``_pack``).
     """
-    calls: list[tuple[tuple[bool, int | None], list[Branch]]] = []
+    calls: list[SamplingCall] = []
     kinds: dict[bool, list[int]] = {}
     for i, need in enumerate(needs):
         kinds.setdefault(need.guided, []).append(i)
-    for guided, index in kinds.items():
-        for unit in _units(needs, index):
+    for guided in {**kinds, **{g: [] for g, _ in (riders or {}).values()}}:
+        pieces: list[tuple[list[Branch], int | None]] = []
+        for unit in _units(needs, kinds.get(guided, [])):
             with_source = needs[unit[0]].source_key is not None
             pad_to = batch_size if batch_size is None or not with_source else max(batch_size, 2)
             capacity = pad_to if pad_to is not None else len(unit) + 1
-            for piece in _pieces(unit, with_source, capacity):
-                kind = (guided, pad_to)
-                home = next((branches for k, branches in calls
-                             if k == kind and (pad_to is None or len(branches) + len(piece) <= pad_to)), None)
-                if home is None:
-                    home = []
-                    calls.append((kind, home))
-                home.extend(_offset(piece, len(home)))
-    return [SamplingCall(tuple(branches), guided, pad_to) for (guided, pad_to), branches in calls]
+            pieces += [(piece, pad_to) for piece in _pieces(unit, with_source, capacity)]
+        mine = {leader: waiting for leader, (g, waiting) in (riders or {}).items() if g == guided}
+        calls += _pack(pieces, guided, mine, batch_size)
+    return calls
+
+
+def _pack(pieces: list[tuple[list[Branch], int | None]], guided: bool, riders: Mapping[int, list[int]],
+          batch_size: int | None) -> list[SamplingCall]:
+    """One kind's pieces into calls. Without riders: first-fit. With riders (all pieces padded to one size P): call
+    by call, the ready pieces smaller than P (first-fit, largest first) and then riders fill it; riders whose waiting
+    rows form small pieces go first, so those pieces become ready while riders are left to pair them with."""
+    calls: list[tuple[int | None, list[Branch], list[int]]] = []
+    waits = {row: leader for leader, rows in riders.items() for row in rows}
+    queue = sorted(riders, key=lambda leader: sum(len(p) for p, _ in pieces if any(b.row in riders[leader]
+                                                                                  for b in p)))
+    done: set[int] = set()
+    todo = list(pieces)
+    while queue:
+        pad_to = batch_size or len(queue)  # riders come only with a batch size of 2 or more
+        ready = [p for p in todo if all(waits.get(b.row) in done or b.row not in waits for b in p[0])]
+        home: list[Branch] = []
+        for piece in sorted((p for p in ready if len(p[0]) < pad_to), key=lambda p: -len(p[0])):
+            if len(home) + len(piece[0]) <= pad_to:
+                home.extend(_offset(piece[0], len(home)))
+                todo.remove(piece)
+        if not home and len(queue) < pad_to and ready:
+            piece = ready[0]  # too few riders left to fill a call: the last ones ride beside a whole unit's rest
+            todo.remove(piece)
+            calls.append((piece[1], _offset(piece[0], 0), []))
+            continue
+        ride, queue = queue[:pad_to - len(home)], queue[pad_to - len(home):]
+        done.update(ride)
+        calls.append((pad_to, home, ride))
+    for piece, pad_to in todo:
+        home = next((branches for p, branches, r in calls if p == pad_to and not r
+                     and (pad_to is None or len(branches) + len(piece) <= pad_to)), None)
+        if home is None:
+            home = []
+            calls.append((pad_to, home, []))
+        home.extend(_offset(piece, len(home)))
+    return [SamplingCall(tuple(branches), guided, pad_to, tuple(ride)) for pad_to, branches, ride in calls]
 
 
 def chunks(index: list[int], batch_size: int | None) -> list[list[int]]:

@@ -62,7 +62,9 @@ class GuidedUNet:
         self.samples = 0
         self.call_sizes: Counter[int] = Counter()
 
-    def __call__(self, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: int | torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """``t``: one timestep, or one per row (a call whose rows sit at different levels: inversions riding beside
+        sampling, ``call_plan``)."""
         rows = x.shape[0]
         if self.pad_to is not None and rows < self.pad_to:
             x, cond = pad_rows(x, self.pad_to), Conditioning(
@@ -77,7 +79,11 @@ class GuidedUNet:
             context = torch.cat([cond.uncond, cond.text]).to(dtype)
         else:
             model_input, context = x.to(dtype), cond.text.to(dtype)
-        timestep = torch.full((model_input.shape[0],), t, device=x.device, dtype=torch.long)
+        if isinstance(t, torch.Tensor):
+            per_row = pad_rows(t.to(x.device, torch.long).view(-1), x.shape[0])
+            timestep = torch.cat([per_row, per_row]) if guided else per_row
+        else:
+            timestep = torch.full((model_input.shape[0],), t, device=x.device, dtype=torch.long)
         kwargs: dict[str, Any] = {}
         if cond.control is not None:
             kwargs["cross_attention_kwargs"] = {"control": cond.control.over_unet_batch(

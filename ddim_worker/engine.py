@@ -14,7 +14,7 @@ import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from ddim_worker.attention_control import CallControl, RowControl, StepControl, 
 from ddim_worker.call_plan import RowNeeds, SamplingCall, chunks, plan_inversions, plan_sampling
 from ddim_worker.denoiser import Conditioning, GuidedUNet, pad_rows
 from ddim_worker.inversion import InversionMethod, parse_method
+from ddim_worker.inversion_key import InversionKey
 from ddim_worker import masks as M
 from ddim_worker.models import check_scheduler_config, choose_device, choose_dtype, load_pipeline, model_fingerprint
 from ddim_worker.sampler import Callback, Denoiser, Schedule, Trajectory
@@ -94,13 +95,10 @@ class EditRow:
         """The parsed inversion method (parsed once per distinct spelling)."""
         return parse_method(self.inversion)
 
-    def inversion_key(self) -> tuple:
-        """Rows with equal keys invert to the same trajectory, so a batch inverts them once."""
-        method = self.method
-        key = (_pixels_digest(self.image), self.source_prompt, self.negative_prompt, float(self.inversion_guidance),
-               int(self.num_steps), method.trajectory)
-        # "noise" draws seeded noise: rows share it only when their seeds agree too.
-        return key + (int(self.seed),) if method.name == "noise" else key
+    def inversion_key(self) -> InversionKey:
+        """Rows with equal keys invert to the same trajectory, so a batch inverts them once (``inversion_key``)."""
+        return InversionKey.of(_pixels_digest(self.image), self.source_prompt, self.negative_prompt, self.num_steps,
+                               self.inversion_guidance, self.inversion, self.seed)
 
 
 @dataclass
@@ -119,6 +117,7 @@ class EditOutput:
     mask_passes: int = 0  # passes spent finding the row's mask (mask auto)
     attention_control: str = "none"  # none | word-swap | refine (Prompt-to-Prompt, chosen from the prompts)
     mask: np.ndarray | None = None  # (H, W) uint8, 255 where the edit changes the image (mask auto)
+    latent: torch.Tensor | None = None  # (C, h, w) float32: the edit's sampled x0 latent, before decoding
 
 
 @dataclass
@@ -184,6 +183,12 @@ class EditEngine:
         pipe = load_pipeline(model, torch_device, torch_dtype, storage_options, revision=revision, variant=variant)
         fingerprint = model_fingerprint(model, storage_options, revision=revision)
         return cls(pipe, size=size, fingerprint=fingerprint, **kwargs)
+
+    @property
+    def unet_samples(self) -> int:
+        """UNet samples run so far (padding and the CFG doubling included), counted by the denoiser that ran them:
+        an injected denoiser's own counter where it keeps one, so a report never reads a bypassed adapter."""
+        return int(getattr(self.denoiser, "samples", self.guided_unet.samples))
 
     # -- schedule ------------------------------------------------------------------------------------------------
     def schedule(self, num_steps: int) -> Schedule:
@@ -393,8 +398,9 @@ class EditEngine:
         """Edit rows that share (n, s, eta): invert what is not stored, plan the sampling calls, sample, decode."""
         schedule = self.schedule(num_steps)
         work = [_RowWork() for _ in rows]
-        # 1. Stored trajectories that reach tau[s] need no inversion; the others are inverted once per distinct key.
-        self._invert_unique(rows, work, schedule, start_step)
+        # 1. Stored trajectories that reach tau[s] need no inversion; the others are inverted once per distinct key,
+        #    now, or riding in the sampling calls' free rows (``riders``: leading row -> (guided, its rows)).
+        riders = self._invert_unique(rows, work, schedule, start_step)
         # 2. null-text: per-step unconditional embeddings, optimised once per row and kept with the trajectory.
         uncond_steps = self._null_text(rows, work, schedule, start_step)
         # 3. Masks (mask auto): where the edit prompt changes the predictions, voted by the image's regions.
@@ -402,7 +408,7 @@ class EditEngine:
         # 4. Attention control per row (its token map), and the plan of the sampling calls.
         controls = [self.row_control(r) for r in rows]
         plan = plan_sampling([RowNeeds(float(r.guidance_scale) != 1.0, _source_key(r, c, eta))
-                              for r, c in zip(rows, controls)], self.batch_size)
+                              for r, c in zip(rows, controls)], self.batch_size, riders)
         # 5. Sample every call of the plan: edit branches beside their source branches, held to the trajectories.
         x0 = self._sample_plan(plan, rows, work, controls, uncond_steps, schedule, start_step, eta)
         # 6. Decode and report.
@@ -417,7 +423,7 @@ class EditEngine:
                        w.cache_hit,
                        w.shared, source_passes=w.source_passes, mask_passes=w.mask_passes,
                        attention_control=controls[i].tokens.kind if controls[i] is not None else "none",
-                       mask=M.mask_image(w.mask) if w.mask is not None else None)
+                       mask=M.mask_image(w.mask) if w.mask is not None else None, latent=x0[i].float().cpu())
             for i, w in enumerate(work)
         ]
         # 7. Fidelity: each inversion resampled with its source prompt, compared with the input.
@@ -425,7 +431,8 @@ class EditEngine:
             self._measure_fidelity(rows, work, outputs, uncond_steps, schedule, start_step, eta)
         return outputs
 
-    def _invert_unique(self, rows: list[EditRow], work: list[_RowWork], schedule: Schedule, start_step: int) -> None:
+    def _invert_unique(self, rows: list[EditRow], work: list[_RowWork], schedule: Schedule,
+                       start_step: int) -> dict[int, tuple[bool, list[int]]]:
         """Fill every row's trajectory up to tau[s]: stored ones as they are, the rest inverted once per distinct
         (image, source prompt, inversion settings); rows continuing a shallower stored trajectory start from its
         deepest level, the others from x0, in calls of their own."""
@@ -436,7 +443,10 @@ class EditEngine:
                 work[i].trajectory, work[i].cache_hit = row.cached, True
             else:
                 todo.setdefault(row.inversion_key(), []).append(i)
-        leaders = [members[0] for members in todo.values()]
+        riders = {members[0]: (float(rows[members[0]].inversion_guidance) != 1.0, members)
+                  for members in todo.values() if self._can_ride(rows, members)}
+        self._encode_riders(rows, work, riders)
+        leaders = [members[0] for members in todo.values() if members[0] not in riders]
         from_levels = [schedule.level_of(rows[i].cached.deepest) if rows[i].cached is not None
                        else schedule.num_steps for i in leaders]
         guided = [float(rows[i].inversion_guidance) != 1.0 for i in leaders]
@@ -445,10 +455,37 @@ class EditEngine:
             self._run_inversion(call.rows, call.from_level, parse_method(call.method), rows, work, schedule,
                                 start_step)
         for members in todo.values():
-            for i in members[1:]:
-                work[i].trajectory, work[i].shared = work[members[0]].trajectory, True
-                work[i].cache_hit = work[members[0]].cache_hit
-        self.stats.inversions += len(leaders)
+            if members[0] not in riders:
+                self._share(work, members)
+        self.stats.inversions += len(leaders) + len(riders)
+        return riders
+
+    def _can_ride(self, rows: list[EditRow], members: list[int]) -> bool:
+        """Whether an inversion can run in the sampling calls' free rows: from x0, one evaluation a step, with a batch
+        size (so there are free rows), and wanted by nothing before sampling (null-text, masks) but its own rows'
+        sampling, in calls of its own kind (guided alike)."""
+        lead = rows[members[0]]
+        guided = float(lead.inversion_guidance) != 1.0
+        return (self.batch_size is not None and self.batch_size >= 2 and lead.cached is None
+                and lead.method.name != "noise" and lead.method.refine == 0 and all(
+                    not rows[i].method.optimizes_null_text and rows[i].mask != "auto"
+                    and (float(rows[i].guidance_scale) != 1.0) == guided for i in members))
+
+    def _encode_riders(self, rows: list[EditRow], work: list[_RowWork], riders: dict[int, Any]) -> None:
+        """The riders' x0 latents, encoded together (a one-level trajectory each until they have ridden)."""
+        if not riders:
+            return
+        lead = list(riders)
+        x0 = self.encode_images(self.preprocess([rows[i].image for i in lead]), [rows[i].seed for i in lead])
+        for j, (i, (_, members)) in enumerate(riders.items()):
+            work[i].x0, work[i].members = x0[j:j + 1], members
+
+    @staticmethod
+    def _share(work: list[_RowWork], members: list[int]) -> None:
+        """The rows after the first of a shared inversion take its trajectory."""
+        for i in members[1:]:
+            work[i].trajectory, work[i].shared = work[members[0]].trajectory, True
+            work[i].cache_hit = work[members[0]].cache_hit
 
     def _run_inversion(self, members: Sequence[int], from_level: int, method: InversionMethod, rows: list[EditRow],
                        work: list[_RowWork], schedule: Schedule, start_step: int) -> None:
@@ -567,7 +604,8 @@ class EditEngine:
         charged: set[int] = set()
         for call in plan:
             branches = call.branches
-            start = torch.cat([work[b.row].trajectory.at(target) for b in branches]).to(self.device, torch.float32)
+            start = torch.cat([work[b.row].trajectory.at(target) for b in branches] or [torch.empty(0, 0)])
+            start = start.to(self.device, torch.float32)
             prompts = [rows[b.row].source_prompt if b.is_source or use_source_prompt else rows[b.row].edit_prompt
                        for b in branches]
             # negative-prompt inversion samples with the source prompt as the unconditional branch.
@@ -578,9 +616,14 @@ class EditEngine:
                                    [None if b.is_source else controls[b.row] for b in branches],
                                    schedule.num_steps - start_step)
             guide = self._guide(call, rows, work, schedule, start_step, use_masks=not use_source_prompt)
-            out = self.sample(start, prompts, uncond, [rows[b.row].guidance_scale for b in branches],
-                              schedule.num_steps, start_step, [rows[b.row].seed for b in branches], eta, steps,
-                              control=control, callback=guide if guide.active else None)
+            args = (start, prompts, uncond, [rows[b.row].guidance_scale for b in branches], schedule.num_steps,
+                    start_step, [rows[b.row].seed for b in branches], eta, steps)
+            if call.riders:
+                out = self._ride(call, rows, work, *args, control=control, callback=guide if guide.active else None)
+                if not branches:
+                    continue
+            else:
+                out = self.sample(*args, control=control, callback=guide if guide.active else None)
             if x0 is None:
                 x0 = torch.empty((len(rows), *out.shape[1:]), dtype=out.dtype, device=out.device)
             for j, b in enumerate(branches):
@@ -591,6 +634,49 @@ class EditEngine:
                     work[b.row].source_passes += schedule.num_steps - start_step
         assert x0 is not None, "a group has at least one row"
         return x0
+
+    @torch.inference_mode()
+    def _ride(self, call: SamplingCall, rows: list[EditRow], work: list[_RowWork], x: torch.Tensor,
+              prompts: Sequence[str], negative_prompts: Sequence[str], guidance: Sequence[float], num_steps: int,
+              start_step: int, seeds: Sequence[int], eta: float, uncond_steps: dict[int, torch.Tensor],
+              control: CallControl | None, callback: Callback | None) -> torch.Tensor:
+        """``sample`` of the call's branches with its riders inverting in the same UNet calls (one timestep per row):
+        step k samples level s + k and inverts level n - k; each row's maths is its own, so the branches' bytes are
+        what ``sample`` gives and the riders' are what ``invert`` gives, in calls of the same shape."""
+        schedule, n, nb = self.schedule(num_steps), num_steps, x.shape[0]
+        lead = list(call.riders)
+        cond = self.conditioning(list(prompts) + [rows[i].source_prompt for i in lead],
+                                 list(negative_prompts) + [rows[i].negative_prompt for i in lead],
+                                 list(guidance) + [rows[i].inversion_guidance for i in lead])
+        z = torch.cat([work[i].x0 for i in lead]).to(self.device, torch.float32)
+        levels = [z]
+        generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds] if eta > 0 else []
+        for k in range(n - start_step):
+            i = start_step + k
+            uncond = cond.uncond
+            if uncond_steps:
+                uncond = uncond.clone()
+                for row, embeds in uncond_steps.items():
+                    uncond[row] = embeds[k].to(uncond)
+            at = Conditioning(cond.text, uncond, cond.guidance, control.at(k) if control is not None else None)
+            t = torch.tensor([schedule.timesteps[i]] * nb + [schedule.timesteps[n - 1 - k]] * len(lead))
+            eps = self.denoiser(torch.cat([x, z]) if nb else z, t, at)
+            if nb:
+                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(self.device) \
+                    if eta > 0 else None
+                x = sch.ddim_step(x, eps[:nb], schedule.alphas[i], schedule.alphas[i + 1], eta=eta, noise=noise)
+                if callback is not None:
+                    replaced = callback({"x": x, "i": i, "t": schedule.timesteps[i], "eps": eps[:nb],
+                                         "direction": "sample"})
+                    x = x if replaced is None else replaced
+            z = sch.inversion_step(z, eps[nb:], schedule.alphas[n - k], schedule.alphas[n - 1 - k])
+            levels.append(z)
+        labels = [schedule.label(level) for level in range(n, start_step - 1, -1)]
+        new = Trajectory(labels, torch.stack(levels).to(self.dtype).to(torch.float32))
+        for j, i in enumerate(lead):
+            work[i].trajectory, work[i].inversion_passes, work[i].x0 = new.rows([j]), n - start_step, None
+            self._share(work, work[i].members)
+        return x
 
     def _guide(self, call: SamplingCall, rows: list[EditRow], work: list[_RowWork], schedule: Schedule,
                start_step: int, use_masks: bool = True) -> TrajectoryGuide:
@@ -641,6 +727,8 @@ class _RowWork:
     mask: np.ndarray | None = None  # (H, W) bool: where its edit changes the image (mask auto)
     latent_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1]: the mask's cover of each latent cell
     input_pixels: np.ndarray | None = None  # (H, W, 3) uint8: the input as the engine saw it
+    x0: torch.Tensor | None = None  # (1, C, h, w): a riding inversion's start, until it has ridden
+    members: list[int] = field(default_factory=list)  # a riding inversion's rows (itself first)
 
 
 def _source_key(row: EditRow, control: RowControl | None, eta: float) -> tuple | None:
@@ -649,9 +737,9 @@ def _source_key(row: EditRow, control: RowControl | None, eta: float) -> tuple |
     if not (row.method.direct or (control is not None and control.active)):
         return None
     method = row.method
-    return (row.inversion_key(), float(row.guidance_scale), method.unconditional_prompt(row.source_prompt,
-                                                                                         row.negative_prompt),
-            method.direct, int(row.seed) if eta > 0 else None)
+    return row.inversion_key().source_key(row.guidance_scale, method.unconditional_prompt(row.source_prompt,
+                                                                                           row.negative_prompt),
+                                          method.direct, int(row.seed) if eta > 0 else None)
 
 
 def _to_cpu(trajectory: Trajectory, dtype: torch.dtype) -> Trajectory:

@@ -30,7 +30,6 @@ from ddim_worker.images import (
     preprocess,
     read_png_text,
 )
-from ddim_worker.inversion import parse_method
 from ddim_worker.manifest import ManifestFiles, id_hash
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import FAILED, OK, PENDING, RESULT_SETTING_FIELDS, RowError, results_columns, text_or_none
@@ -114,18 +113,12 @@ def _fetcher(ctx: StageContext) -> Fetcher:
 
 
 def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict, dtype: str | None = None) -> latent_cache.CacheKey:
-    method = parse_method(str(row["inversion"])).cache_key(float(row["guidance_scale"]))
-    return latent_cache.CacheKey(
-        image_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
-        source_prompt=row["source_prompt"],
-        negative_prompt=row["negative_prompt"] or "",
-        model_fingerprint=ctx.model_fingerprint,
-        num_steps=int(row["num_steps"]),
-        inversion_guidance=float(row["inversion_guidance"]),
-        size=ctx.size,
-        dtype=dtype or ctx.dtype,
-        method=method,
-    )
+    """The row's latent-cache key, derived from its one inversion key (``inversion_key.InversionKey``)."""
+    from ddim_worker.inversion_key import InversionKey
+
+    key = InversionKey.of(hashlib.sha256(pixels.tobytes()).hexdigest(), row["source_prompt"], row["negative_prompt"],
+                          row["num_steps"], row["inversion_guidance"], row["inversion"], row.get("seed"))
+    return key.cache_key(ctx.model_fingerprint, ctx.size, dtype or ctx.dtype, float(row["guidance_scale"]))
 
 
 def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:

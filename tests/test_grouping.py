@@ -74,3 +74,26 @@ def test_the_job_reports_unet_samples_next_to_the_ideal(tiny_model_path, tmp_pat
     one_partial_call = 2 * 4 * (6 - 2)
     assert ideal <= summary["unet_samples"] <= 1.1 * ideal + one_partial_call, summary
     assert json.loads((tmp_path / "out" / "job.json").read_text())["unet_samples"] == summary["unet_samples"]
+
+
+def test_ddim_and_direct_rows_of_one_image_share_one_inversion_in_a_job(tiny_model_path, tmp_path):
+    """ddim and direct invert alike: one inversion key, so the job sorts an image's rows of both methods together
+    (the manifest lists them apart), they meet in one engine batch of 2 rows and are inverted once there: no row is a
+    latent-cache (or actor-memory) hit, and job.json counts one inversion per image."""
+    from ddim_worker.job.source import inversion_order
+    from ddim_worker.settings import DEFAULTS
+
+    images = 4
+    for i in range(images):
+        (tmp_path / f"p{i}.png").write_bytes(picture(800 + i))
+    rows = [{"id": f"r{i}-{method}", "image_url": f"p{i}.png", "source_prompt": "a cat", "edit_prompt": "a dog",
+             "inversion": method} for method in ("ddim", "direct") for i in range(images)]
+    assert inversion_order({**DEFAULTS.as_dict(), **rows[0]}, None) == \
+        inversion_order({**DEFAULTS.as_dict(), **rows[images]}, None)
+    summary = run(write_manifest(rows, str(tmp_path / "m.parquet")), str(tmp_path / "out"), tiny_model_path,
+                  report=False, batch_size=2, calls_per_task=1)
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert summary["computed"] == 2 * images and job["inversions"] == images, job
+    from tests.jobkit import result_rows
+
+    assert not any(r["cache_hit"] for r in result_rows(str(tmp_path / "out")))

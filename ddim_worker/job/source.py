@@ -290,11 +290,17 @@ ROW_FIELDS = ("id", "image_url", "source_prompt", "edit_prompt", *SETTING_NAMES,
 
 
 def inversion_order(values: Mapping[str, Any], image_digest: str | None) -> str:
-    """Rows with equal keys share an inversion (image, source prompt, inversion settings): sorting by it puts them
-    next to each other, so they land in one engine batch and are inverted once."""
-    return "\x1f".join(str(v) for v in (values.get("image_url") or image_digest or "", values.get("source_prompt"),
-                                         values.get("negative_prompt"), values.get("num_steps"),
-                                         values.get("inversion_guidance"), values.get("inversion")))
+    """Rows with equal keys share an inversion: sorting by the text of their one inversion key
+    (``inversion_key.InversionKey``; ddim and direct alike) puts them next to each other, so they land in one engine
+    batch and are inverted once. A row whose settings do not parse (it fails) sorts by its raw values."""
+    from ddim_worker.inversion_key import SEPARATOR, InversionKey
+
+    fields = (values.get("image_url") or image_digest or "", values.get("source_prompt"), values.get("negative_prompt"),
+              values.get("num_steps"), values.get("inversion_guidance"), values.get("inversion"), values.get("seed"))
+    try:
+        return InversionKey.of(*fields).sort_text()
+    except (TypeError, ValueError):
+        return SEPARATOR.join(str(v) for v in fields)
 
 
 #: Rows sorted together by inversion key: a row group is read in slices of this many rows, so a task's memory stays

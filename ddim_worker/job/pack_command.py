@@ -14,9 +14,9 @@ from typing import Any
 
 from ddim_worker import storage
 from ddim_worker.job import engine_pool, ledger
-from ddim_worker.job.config import JobConfig
+from ddim_worker.job.config import DEFAULT_MAX_SHARD_SIZE, JobConfig
 from ddim_worker.job.driver import JobError, index_manifest, take_lease
-from ddim_worker.job.pack import DEFAULT_MAX_SHARD_SIZE, PackError, card_facts, pack, parse_size
+from ddim_worker.job.pack import PackError, card_facts, pack, parse_size
 from ddim_worker.job.source import SourceContext, plan_source
 from ddim_worker.manifest import ManifestError, parse_column_map
 from ddim_worker.outputs import OutputLayout

@@ -260,18 +260,8 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
     total_bytes = sum(b for _, b in counts.values())
 
     # 2. the files: equal byte ranges, each under max_shard_size
-    files = max(1, math.ceil(total_bytes / max_shard_size))
-    starts, offset = {}, 0
-    for item in items:
-        starts[item["index"]] = offset
-        offset += counts[item["index"]][1]
-    bounds = [round(k * total_bytes / files) for k in range(files + 1)]
-    plans = []
-    for k in range(files):
-        lo, hi = bounds[k], bounds[k + 1] if k + 1 < files else total_bytes + 1
-        parts = [(item["uri"], starts[item["index"]], item["positions"]) for item in items
-                 if starts[item["index"]] < hi and starts[item["index"]] + counts[item["index"]][1] > lo]
-        plans.append({"name": data_file_name(k, files), "lo": lo, "hi": hi, "parts": json.dumps(parts)})
+    plans = _plan_files(items, counts, total_bytes, max_shard_size)
+    files = len(plans)
 
     # 3. write them on the cluster into this packing's own folder (never over the files the card names now)
     schema = dataset_schema(_results_schema(layout, index, options), with_masks)
@@ -301,6 +291,24 @@ def pack(layout: OutputLayout, manifest_keys: np.ndarray, storage_options: dict 
     guard()
     remove_other_packings(layout, version, options)
     return PackResult(rows, files, size, names, card_uri)
+
+
+def _plan_files(items: list[dict], counts: dict[int, tuple[int, int]], total_bytes: int,
+                max_shard_size: int) -> list[dict[str, Any]]:
+    """``M = ceil(total / max_shard_size)`` equal byte ranges, one per file, each with the shards overlapping it."""
+    files = max(1, math.ceil(total_bytes / max_shard_size))
+    starts, offset = {}, 0
+    for item in items:
+        starts[item["index"]] = offset
+        offset += counts[item["index"]][1]
+    bounds = [round(k * total_bytes / files) for k in range(files + 1)]
+    plans = []
+    for k in range(files):
+        lo, hi = bounds[k], bounds[k + 1] if k + 1 < files else total_bytes + 1
+        parts = [(item["uri"], starts[item["index"]], item["positions"]) for item in items
+                 if starts[item["index"]] < hi and starts[item["index"]] + counts[item["index"]][1] > lo]
+        plans.append({"name": data_file_name(k, files), "lo": lo, "hi": hi, "parts": json.dumps(parts)})
+    return plans
 
 
 def remove_other_packings(layout: OutputLayout, version: str, options: dict) -> None:

@@ -170,10 +170,11 @@ def row_settings(record: Mapping[str, Any], defaults: EditSettings,
     return settings
 
 
-#: The settings a content-hash id covers. Those added later (``eta``, attention control, masks) join only when a row
-#: gives them, so ids from before they were columns stay the same (a rerun resumes instead of redoing every row).
+#: The settings a content-hash id always covers (the negative prompt is covered as a prompt). Every later setting
+#: (``eta``, attention control, masks, and any declared after them) joins only when a row gives it, so ids from
+#: before it was a column stay the same (a rerun resumes instead of redoing every row).
 _ID_SETTINGS = ("num_steps", "start_step", "guidance_scale", "inversion_guidance", "seed", "inversion")
-ID_SETTINGS_WHEN_GIVEN = ("eta", "cross_replace", "self_replace", "edit_word_weight", "mask")
+ID_SETTINGS_WHEN_GIVEN = tuple(n for n in SETTING_NAMES if n not in _ID_SETTINGS and n != "negative_prompt")
 
 
 def image_reference(record: dict[str, Any]) -> None:

@@ -8,18 +8,26 @@ that fails gets ``status = failed`` with a stable ``error_code``, and its neighb
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from ddim_worker import latent_cache, metrics, storage
-from ddim_worker.fetch import Fetcher, ensure_worker_logging, shared_fetcher
+from ddim_worker.columns import (
+    ENGINE,
+    PREPARE,
+    RESULT_SETTING_FIELDS,
+    WRITE,
+    RowSchema,
+    current,
+    results_columns,
+    setting_value,
+)
 from ddim_worker.failpoints import failpoint
+from ddim_worker.fetch import Fetcher, ensure_worker_logging, shared_fetcher
 from ddim_worker.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
@@ -32,8 +40,7 @@ from ddim_worker.images import (
 )
 from ddim_worker.manifest import ManifestFiles, id_hash
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, OK, PENDING, RESULT_SETTING_FIELDS, RowError, results_columns, text_or_none
-from ddim_worker.settings import EditSettings, field_kind
+from ddim_worker.rows import FAILED, OK, PENDING, RowError, text_or_none
 from ddim_worker.url_policy import FetchError, FetchPolicy
 
 
@@ -61,6 +68,7 @@ class StageContext:
     image_sample: float = 1.0  # the fraction of ids (by hash) whose input and edited images are kept for the report
     stop_marker: str | None = None  # once this object exists (the driver stopped early), no more shards are written
     run_id: str | None = None  # the run's lease: a task writes results only while ``lease.json`` names this run
+    schema: RowSchema = field(default_factory=current)  # the row schema the driver planned with, for every task
 
     def may_write_results(self) -> bool:
         """Whether this run may still write results shards: not stopped early, and still the lease's holder (a run
@@ -86,13 +94,8 @@ def in_sample(row_id: str, fraction: float) -> bool:
     return fraction >= 1.0 or id_hash(str(row_id)) < fraction * 2**64
 
 
-#: Text columns that may be empty in a whole block: "" there, never None, so every block has the same Arrow type
-#: (a block of Nones would be typed null or float, and Ray cannot concatenate it with a block of strings).
-TEXT_COLUMNS = ("status", "error_code", "error", "cache_uri", "output_uri", "input_uri", "reconstruction_uri",
-                "latent_uri", "mask_uri")
-
-
 def text_column(values: list) -> np.ndarray:
+    """A text column in flight: "" for missing values, never None (see ``columns.Column.empty``)."""
     return np.array([text_or_none(v) or "" for v in values], dtype=object)
 
 
@@ -101,7 +104,7 @@ def _fail(out: dict[str, list], i: int, code: str, message: str) -> None:
 
 
 def _embedded(row: dict) -> bytes | None:
-    data = row.get("image_bytes")
+    data = row.get("embedded_image")
     return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) and len(data) else None
 
 
@@ -129,7 +132,7 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     """
     ensure_worker_logging()
     n = len(batch["id"])
-    names = [k for k in batch if k != "image_bytes"]
+    names = [k for k in batch if k != "embedded_image"]
     out: dict[str, list] = {
         "status": list(batch["status"]), "error_code": list(batch["error_code"]), "error": list(batch["error"]),
         "cache_uri": [None] * n, "cache_blob": [b""] * n, "prepare_seconds": [0.0] * n, "recovered": [False] * n,
@@ -177,8 +180,8 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
             _fail(out, i, "fetch_failed", f"{type(exc).__name__}: {exc}")
         out["prepare_seconds"][i] = fetch_seconds + time.perf_counter() - started
     result = {name: batch[name] for name in names}
-    result.update({k: text_column(v) if k in TEXT_COLUMNS or k == "recovered_dtype" else np.array(v, dtype=object)
-                   for k, v in out.items()})
+    text = ctx.schema.text_columns
+    result.update({k: text_column(v) if k in text else np.array(v, dtype=object) for k, v in out.items()})
     result["prepare_seconds"] = np.array(out["prepare_seconds"], dtype=np.float64)
     result["recovered"] = np.array(out["recovered"], dtype=bool)
     result["pixels"] = pixels
@@ -254,16 +257,8 @@ def recovered_outputs(row: dict, ctx: StageContext, dtype: str) -> tuple[dict[st
     return uris, figures
 
 
-SETTING_KINDS = {f.name: field_kind(f) for f in dataclasses.fields(EditSettings)}
-
 #: The settings a PNG's ``ddim_edit:settings`` text lists (the prompts have chunks of their own).
 SETTINGS_IN_PNG = tuple(name for name in RESULT_SETTING_FIELDS if name != "negative_prompt")
-
-
-def _setting(name: str, value: Any) -> Any:
-    """A setting as its declared type: Ray's batches turn an int column with nulls (failed rows) into floats."""
-    kind = SETTING_KINDS[name]
-    return kind(value.item() if hasattr(value, "item") else value)
 
 
 def png_text(row: dict, ctx: StageContext, dtype: str | None = None) -> dict[str, str]:
@@ -273,7 +268,7 @@ def png_text(row: dict, ctx: StageContext, dtype: str | None = None) -> dict[str
         "ddim_edit:source_prompt": str(row["source_prompt"]),
         "ddim_edit:edit_prompt": str(row["edit_prompt"]),
         "ddim_edit:negative_prompt": str(row["negative_prompt"] or ""),
-        "ddim_edit:settings": " ".join([*(f"{name}={_setting(name, row[name])}" for name in SETTINGS_IN_PNG),
+        "ddim_edit:settings": " ".join([*(f"{name}={setting_value(name, row[name])}" for name in SETTINGS_IN_PNG),
                                         f"size={ctx.size}", f"dtype={dtype or ctx.dtype}"]),
         "ddim_edit:model": f"{ctx.model} ({ctx.model_fingerprint})",
         "ddim_edit:input": str(row.get("input_digest") or ""),
@@ -288,97 +283,119 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
     bytes go on to the results shard when it embeds them (``--embed-images``, or ``--no-save-images``: the packed
     dataset then takes them from there).
     """
-    n = len(batch["id"])
-    status, code, error = list(batch["status"]), list(batch["error_code"]), list(batch["error"])
-    uris: dict[str, list] = {name: [None] * n for name in ("output_uri", "input_uri", "reconstruction_uri",
-                                                            "latent_uri", "mask_uri")}
-    sizes = {name: np.zeros(n, np.int64) for name in ("image_bytes", "input_bytes", "latent_bytes")}
-    pngs = [b""] * n
-    write_seconds = np.zeros(n)
-    # a recovered row's dtype is its PNG's, its fidelity what its files say, its attention control unknown
-    dtypes = list(batch["engine_dtype"]) if "engine_dtype" in batch else [ctx.dtype] * n
-    fidelity = {name: np.array(batch[name], np.float64) if name in batch else np.full(n, np.nan)
-                for name in ("psnr", "ssim")}
-    controls = list(batch["attention_control"]) if "attention_control" in batch else [None] * n
-    for i in range(n):
+    writes = _Writes(batch, ctx)
+    for i in range(writes.n):
         started = time.perf_counter()
         row = {name: batch[name][i] for name in batch}
-        rid = str(row["id"])
-        if status[i] == OK and row.get("recovered"):
-            uris["output_uri"][i] = ctx.image_uri(rid)
-            png = storage.read_bytes(uris["output_uri"][i], ctx.storage_options) if ctx.embed_images else b""
-            pngs[i], sizes["image_bytes"][i] = png, len(png)
-            dtypes[i] = text_or_none(row.get("recovered_dtype")) or ctx.dtype
-            found, figures = recovered_outputs(row, ctx, dtypes[i])
-            for column, uri in found.items():
-                uris[column][i] = uri
-            for name, value in figures.items():
-                fidelity[name][i] = value
-            controls[i] = None
+        if writes.status[i] == OK and row.get("recovered"):
+            writes.recovered(i, row)
             continue
-        if (status[i] or PENDING) != PENDING:
-            continue
-        dtype = str(row.get("engine_dtype") or ctx.dtype)
+        if (writes.status[i] or PENDING) == PENDING:
+            writes.write(i, row)
+            writes.write_seconds[i] = time.perf_counter() - started
+    return writes.columns()
+
+
+class _Writes:
+    """What the write stage records of a batch: its own columns (uris and bytes of what it wrote, the PNG), and what
+    it corrects of the engine's for a recovered row (its dtype is its PNG's, its fidelity what its files say, its
+    attention control unknown)."""
+
+    def __init__(self, batch: dict[str, np.ndarray], ctx: StageContext):
+        self.batch, self.ctx, self.n = batch, ctx, len(batch["id"])
+        n = self.n
+        self.status, self.code, self.error = (list(batch[k]) for k in ("status", "error_code", "error"))
+        outputs = ctx.schema.where(stage=WRITE, results=True)
+        self.uris: dict[str, list] = {c.name: [None] * n for c in outputs if pa.types.is_string(c.type)}
+        self.sizes = {c.name: np.zeros(n, np.int64) for c in outputs if pa.types.is_integer(c.type)}
+        self.pngs = [b""] * n
+        self.write_seconds = np.zeros(n)
+        self.dtypes = list(batch["engine_dtype"]) if "engine_dtype" in batch else [ctx.dtype] * n
+        self.fidelity = {name: np.array(batch[name], np.float64) if name in batch else np.full(n, np.nan)
+                         for name in ("psnr", "ssim")}
+        self.controls = list(batch["attention_control"]) if "attention_control" in batch else [None] * n
+
+    def recovered(self, i: int, row: dict) -> None:
+        """A row recorded from the PNG a killed run left: its files are found, nothing is written."""
+        ctx, rid = self.ctx, str(row["id"])
+        self.uris["output_uri"][i] = ctx.image_uri(rid)
+        png = storage.read_bytes(self.uris["output_uri"][i], ctx.storage_options) if ctx.embed_images else b""
+        self.pngs[i], self.sizes["image_bytes"][i] = png, len(png)
+        self.dtypes[i] = text_or_none(row.get("recovered_dtype")) or ctx.dtype
+        found, figures = recovered_outputs(row, ctx, self.dtypes[i])
+        for column, uri in found.items():
+            self.uris[column][i] = uri
+        for name, value in figures.items():
+            self.fidelity[name][i] = value
+        self.controls[i] = None
+
+    def write(self, i: int, row: dict) -> None:
+        """An edited row's files; a failed write fails this row only."""
         try:
-            blob = row.get("trajectory_blob")
-            if ctx.layout.caches_latents and blob is not None and len(blob):
-                uris["latent_uri"][i] = latent_cache.cache_uri(ctx.layout.latents,
-                                                               cache_key(ctx, np.asarray(row["pixels"]), row, dtype))
-                storage.write_bytes(uris["latent_uri"][i], bytes(blob), ctx.storage_options)
-                sizes["latent_bytes"][i] = len(blob)
-            elif ctx.layout.caches_latents and row.get("cache_uri"):
-                uris["latent_uri"][i] = str(row["cache_uri"])
-            sampled = ctx.in_image_sample(rid)
-            for kind, key, column in (("input", "pixels", "input_uri"), ("reconstruction", "reconstruction",
-                                                                         "reconstruction_uri")):
-                if row.get(key) is not None and (kind == "reconstruction" or ctx.save_inputs or sampled):
-                    data = encode_png(np.asarray(row[key]))
-                    uris[column][i] = ctx.layout.image(kind, rid)
-                    storage.write_bytes(uris[column][i], data, ctx.storage_options)
-                    sizes["input_bytes"][i] += len(data)
-            if row.get("has_mask"):  # what the edit changed (mask auto), for dataset builders
-                uris["mask_uri"][i] = ctx.layout.image("mask", rid)
-                data = encode_mask_png(np.asarray(row["mask_pixels"]))
-                storage.write_bytes(uris["mask_uri"][i], data, ctx.storage_options)
-                sizes["input_bytes"][i] += len(data)
-            png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
-            sizes["image_bytes"][i] = len(png)
-            if ctx.save_images or sampled:
-                uris["output_uri"][i] = ctx.image_uri(rid)
-                storage.write_bytes(uris["output_uri"][i], png, ctx.storage_options)
-                failpoint("image_written")
-            status[i] = OK
-            if ctx.embed_images:
-                pngs[i] = png
+            self._write(i, row, str(row.get("engine_dtype") or self.ctx.dtype))
+            self.status[i] = OK
         except Exception as exc:  # noqa: BLE001 - a failed write fails this row only
-            status[i], code[i], error[i] = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
-            for column in uris:
-                uris[column][i] = None
-        write_seconds[i] = time.perf_counter() - started
-    keep = [k for k in batch if k not in ("pixels", "edited", "reconstruction", "mask_pixels", "trajectory_blob",
-                                          "cache_blob", "recovered_dtype")]
-    result = {k: batch[k] for k in keep}
-    result.update(engine_dtype=np.array(dtypes, dtype=object), attention_control=text_column(controls), **fidelity)
-    result.update(status=text_column(status), error_code=text_column(code), error=text_column(error),
-                  **{column: text_column(values) for column, values in uris.items()}, **sizes,
-                  png=np.array([p or b"" for p in pngs], dtype=object), write_seconds=write_seconds)
-    return result
+            self.status[i], self.code[i], self.error[i] = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
+            for column in self.uris:
+                self.uris[column][i] = None
 
+    def _write(self, i: int, row: dict, dtype: str) -> None:
+        ctx, rid, uris, sizes = self.ctx, str(row["id"]), self.uris, self.sizes
+        blob = row.get("trajectory_blob")
+        if ctx.layout.caches_latents and blob is not None and len(blob):
+            uris["latent_uri"][i] = latent_cache.cache_uri(ctx.layout.latents,
+                                                           cache_key(ctx, np.asarray(row["pixels"]), row, dtype))
+            storage.write_bytes(uris["latent_uri"][i], bytes(blob), ctx.storage_options)
+            sizes["latent_bytes"][i] = len(blob)
+        elif ctx.layout.caches_latents and row.get("cache_uri"):
+            uris["latent_uri"][i] = str(row["cache_uri"])
+        sampled = ctx.in_image_sample(rid)
+        for kind, key, column in (("input", "pixels", "input_uri"),
+                                  ("reconstruction", "reconstruction", "reconstruction_uri")):
+            if row.get(key) is not None and (kind == "reconstruction" or ctx.save_inputs or sampled):
+                self._put(i, column, ctx.layout.image(kind, rid), encode_png(np.asarray(row[key])))
+        if row.get("has_mask"):  # what the edit changed (mask auto), for dataset builders
+            self._put(i, "mask_uri", ctx.layout.image("mask", rid), encode_mask_png(np.asarray(row["mask_pixels"])))
+        png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
+        sizes["image_bytes"][i] = len(png)
+        if ctx.save_images or sampled:
+            uris["output_uri"][i] = ctx.image_uri(rid)
+            storage.write_bytes(uris["output_uri"][i], png, ctx.storage_options)
+            failpoint("image_written")
+        if ctx.embed_images:
+            self.pngs[i] = png
 
-#: What the driver gets back per finished row: enough to count and to know which rows are done, nothing more.
-SUMMARY_FIELDS = ("manifest_row", "status", "error_code", "inversion_passes", "unet_passes", "unet_samples",
-                  "ideal_unet_samples", "cache_hit", "dtype", "recovered", "image_bytes", "input_bytes",
-                  "latent_bytes")
+    def _put(self, i: int, column: str, uri: str, data: bytes) -> None:
+        """A side image (input, reconstruction, mask): written, its uri recorded, its bytes counted."""
+        self.uris[column][i] = uri
+        storage.write_bytes(uri, data, self.ctx.storage_options)
+        self.sizes["input_bytes"][i] += len(data)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The batch without its payloads, with what was written."""
+        dropped = {*self.ctx.schema.payloads(PREPARE, ENGINE), "recovered_dtype"}
+        result = {k: v for k, v in self.batch.items() if k not in dropped}
+        result.update(engine_dtype=np.array(self.dtypes, dtype=object), attention_control=text_column(self.controls),
+                      **self.fidelity)
+        result.update(status=text_column(self.status), error_code=text_column(self.code),
+                      error=text_column(self.error), **{c: text_column(v) for c, v in self.uris.items()},
+                      **self.sizes, png=np.array([p or b"" for p in self.pngs], dtype=object),
+                      write_seconds=self.write_seconds)
+        return result
 
 
 def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
     """Write these finished rows as a results shard (ok rows and rows to retry apart) and summarise them."""
-    from ddim_worker.job.shards import EDITED_IMAGE, keys_digest, table_keys, write_shard
+    from ddim_worker.job.shards import (
+        EDITED_IMAGE,
+        keys_digest,
+        table_keys,
+        write_shard,
+    )
     from ddim_worker.job.source import carried_table
 
     n = len(batch["id"])
-    rows = results_columns(batch, n, ctx.dtype)
-    rows["generation"] = [ctx.generation] * n
+    rows = results_columns(batch, n, ctx.dtype, ctx.schema, ctx.generation)
     table = pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in ctx.results_schema
                       if f.name in rows})
     carried = carried_table(list(batch["carried"]), ctx.carried)
@@ -389,17 +406,18 @@ def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
                   for p, s, rid in zip(batch["png"], rows["status"], rows["id"])]
         table = table.append_column(EDITED_IMAGE, pa.array(images, type=EDITED_IMAGE.type))
     table = table.cast(ctx.results_schema)
+    summary_fields = ctx.schema.summary_fields
     # While the shard is written a token says so: a driver that stops early waits for tokens, not a fixed time.
     token = ctx.layout.inflight(ctx.generation, keys_digest(table_keys(table)))
     storage.write_bytes(token, b"", ctx.storage_options)
     try:
         if not ctx.may_write_results():
-            return {name: np.zeros(0, dtype=object) for name in SUMMARY_FIELDS}  # the driver records them as not run
+            return {name: np.zeros(0, dtype=object) for name in summary_fields}  # the driver records them as not run
         written = write_shard(ctx.layout, table, ctx.generation, ctx.storage_options)
         failpoint("results_written")
     finally:
         storage.remove(token, ctx.storage_options)
-    summary = {name: np.array(rows[name], dtype=object) for name in SUMMARY_FIELDS if name in rows}
+    summary = {name: np.array(rows[name], dtype=object) for name in summary_fields if name in rows}
     summary["recovered"] = np.array(rows["recovered"], dtype=bool)
     summary["results_bytes"] = np.full(n, sum(size for _, size in written) / max(n, 1))
     return summary

@@ -218,7 +218,7 @@ def test_a_recovered_row_takes_its_pngs_dtype_and_finds_its_files_without_ray(tm
     from ddim_worker import latent_cache, storage
     from ddim_worker.images import encode_mask_png, encode_png
     from ddim_worker.outputs import OutputLayout
-    from ddim_worker.rows import results_columns
+    from ddim_worker.columns import results_columns
     from ddim_worker.settings import EditSettings
     from ddim_worker.stages import StageContext, cache_key, png_text, prepare_batch, write_images
 

@@ -20,7 +20,7 @@ from ddim_worker.job.driver import JobError
 from ddim_worker.job.lease import EXPIRES_S, Lease, LeaseHeld, LeaseRecord, check_free
 from ddim_worker.manifest import id_hash
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import RESULTS_SCHEMA
+from ddim_worker.columns import RESULTS_SCHEMA
 from tests.jobkit import picture, png_path, result_rows, results, run, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ddim_worker import report
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import results_table
+from ddim_worker.columns import results_table
 
 XSS = '<script>alert("x")</script> & "quotes"'
 ERR_C = "read timed out after 5.0s <img src=x onerror=alert(1)>"

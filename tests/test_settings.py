@@ -15,7 +15,8 @@ import yaml
 from ddim_worker.job.args import build_parser, parse_args, resolve
 from ddim_worker.job.config import DEFAULT_MODEL, JobConfig, all_fields
 from ddim_worker.manifest import OUR_COLUMNS, row_settings
-from ddim_worker.rows import RESULTS_SCHEMA, RowError
+from ddim_worker.columns import RESULTS_SCHEMA
+from ddim_worker.rows import RowError
 from ddim_worker.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError, from_values
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from ddim_worker import storage
 from ddim_worker.images import encode_png
 from ddim_worker.job import ledger, shards
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import RESULTS_SCHEMA
+from ddim_worker.columns import RESULTS_SCHEMA
 from ddim_worker.synthetic import picture_array
 
 SHARD_ROWS = 256  # JobConfig.results_shard_rows' default

@@ -32,7 +32,7 @@ from ddim_worker.job import shards
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.records import recorded_config
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import RESULTS_SCHEMA
+from ddim_worker.columns import RESULTS_SCHEMA
 from ddim_worker.synthetic import picture_bytes
 
 SHARD_ROWS = 256

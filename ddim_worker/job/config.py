@@ -28,6 +28,7 @@ from ddim_worker.url_policy import FetchPolicy
 #: The maintained copy of Stable Diffusion 1.5 on the Hugging Face Hub (the original repository was removed in 2024).
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
+
 _FETCH = FetchPolicy()  # the fetch limits' defaults live with the policy that enforces them
 
 #: The nested settings objects and the names of their fields in the flat form.
@@ -80,8 +81,9 @@ class JobConfig:
     report: bool = option(True, "write report.html and contact-sheet.png at the end", group="job")
     pack: bool = option(True, "pack the edited dataset into OUTPUT/dataset at the end of a finished run (parquet "
                               "shards + dataset card; `ddim-edit pack OUTPUT` does it later)", group="storage")
-    max_shard_size: str = option(DEFAULT_MAX_SHARD_SIZE, "largest packed dataset file: 100KB, 500MB, 2GB or a number of bytes (as "
-                                          "datasets' max_shard_size)", group="storage", metavar="SIZE")
+    max_shard_size: str = option(DEFAULT_MAX_SHARD_SIZE, "largest packed dataset file: 100KB, 500MB, 2GB or a "
+                                                         "number of bytes (as datasets' max_shard_size)",
+                                 group="storage", metavar="SIZE")
     save_images: bool = option(True, "write images/<p>/<id>.png for every row (off: only the packed dataset and the "
                                      "report's sample hold the edited images)", group="storage")
     save_inputs: bool = option(False, "write inputs/<p>/<id>.png, the preprocessed input, for every row (off: only "

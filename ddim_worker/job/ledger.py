@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
+from ddim_worker.columns import current
 from ddim_worker.failpoints import failpoint
 from ddim_worker.job.shards import (
     EDITED_IMAGE,
@@ -46,7 +47,7 @@ from ddim_worker.job.shards import (
 from ddim_worker.job.tasks import map_chunks, objects
 from ddim_worker.job.source import DoneSet, digest_number
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, OK, RESULTS_SCHEMA, SKIPPED
+from ddim_worker.rows import FAILED, OK, SKIPPED
 
 log = logging.getLogger("ddim_edit.job")
 
@@ -297,7 +298,7 @@ def read_table(layout: OutputLayout, storage_options: dict | None = None, keys: 
         tables.append(table)
         parts.append(part)
     if not tables:
-        return RESULTS_SCHEMA.empty_table()
+        return current().results_schema.empty_table()
     index = LedgerIndex.build(shards, parts)
     mask = index.winner if keys is None else index.winner & np.isin(index.key, keys)
     table = pa.concat_tables(tables, promote_options="default").filter(pa.array(mask))

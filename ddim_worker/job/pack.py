@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
+from ddim_worker.columns import RESULT_SETTING_FIELDS, RowSchema, current
 from ddim_worker.errors import root_cause
 from ddim_worker.failpoints import failpoint
 from ddim_worker.job import ledger
@@ -47,19 +48,25 @@ from ddim_worker.job import ledger
 from ddim_worker.job.tasks import map_chunks, ray_running
 from ddim_worker.job.shards import EDITED_IMAGE, generation_order, hf_features, shard_uris
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import OK, RESULT_SETTING_FIELDS, RESULTS_SCHEMA
+from ddim_worker.rows import OK
 
 #: Largest row group: the Hub's dataset viewer reads row groups whole and wants them at most a few hundred MB.
 ROW_GROUP_BYTES = 100 * 10**6
 
-#: Our columns in the packed dataset, after ``edited_image``: what a user trains or filters on.
-DATASET_COLUMNS = ("id", "image_url", "source_prompt", "edit_prompt", *RESULT_SETTING_FIELDS)
-
 #: The region each edit changed (``--mask auto``), as an image column of the dataset when any packed row has one.
 EDIT_MASK = pa.field("edit_mask", EDITED_IMAGE.type)
 
-#: Columns of the results that are the job's bookkeeping, not the dataset's (the manifest's own columns follow ours).
-LEDGER_COLUMNS = frozenset(RESULTS_SCHEMA.names) | {EDITED_IMAGE.name, EDIT_MASK.name}
+
+def dataset_columns(schema: RowSchema | None = None) -> tuple[str, ...]:
+    """Our columns in the packed dataset, after ``edited_image``: what a user trains or filters on (``dataset=True``
+    in the row schema)."""
+    return (schema or current()).dataset_columns
+
+
+def ledger_columns(schema: RowSchema | None = None) -> frozenset[str]:
+    """Columns of the results that are ours (the job's bookkeeping, or dataset columns placed as ours), so not the
+    manifest's own columns, which follow ours in the dataset."""
+    return frozenset((schema or current()).results_schema.names) | {EDITED_IMAGE.name, EDIT_MASK.name}
 
 
 class PackError(RuntimeError):
@@ -89,7 +96,8 @@ def row_bytes(table: pa.Table) -> np.ndarray:
     else:
         embedded = [0] * n
     recorded = table.column("image_bytes").to_pylist() if "image_bytes" in table.column_names else [0] * n
-    kept = [c for c in table.column_names if c in DATASET_COLUMNS or c not in LEDGER_COLUMNS]  # what the file holds
+    ours, ledger_only = dataset_columns(), ledger_columns()
+    kept = [c for c in table.column_names if c in ours or c not in ledger_only]  # what the file holds
     other = table.select(kept).nbytes // max(n, 1)
     return np.array([max(e, r or 0) + other for e, r in zip(embedded, recorded)], np.int64)
 
@@ -122,8 +130,9 @@ def _source_kind(url: str | None) -> str:
 def dataset_schema(results: pa.Schema, masks: bool = False) -> pa.Schema:
     """``edited_image`` (and ``edit_mask`` when rows have masks), our columns, then the manifest's own columns
     (every results column that is not ours)."""
-    carried = [f for f in results if f.name not in LEDGER_COLUMNS]
-    ours = [RESULTS_SCHEMA.field(name) for name in DATASET_COLUMNS]
+    rows = current()
+    carried = [f for f in results if f.name not in ledger_columns(rows)]
+    ours = [rows.results_schema.field(name) for name in dataset_columns(rows)]
     schema = pa.schema([EDITED_IMAGE, *([EDIT_MASK] if masks else []), *ours, *carried])
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": hf_features(schema)}})})
 
@@ -340,7 +349,7 @@ def manifest_keys_digest(keys: np.ndarray) -> str:
 def _results_schema(layout: OutputLayout, index: ledger.LedgerIndex, options: dict) -> pa.Schema:
     """The schema of the results (the newest shard's): the manifest's own columns with their types."""
     if not index.shards:
-        return RESULTS_SCHEMA
+        return current().results_schema
     newest = max(index.shards, key=lambda s: (generation_order(s.generation), s.compaction, s.name))
     with storage.open_read(shard_uris(layout, [newest])[0], options) as handle:
         return pq.read_schema(handle)  # the footer only, not the shard's images
@@ -404,7 +413,7 @@ def dataset_card(schema: pa.Schema, rows: int, files: int, size: int, sources: C
     }
     settings = "\n".join(f"| {_code(k, True)} | {_code(v, True)} |" for k, v in card.get("settings", {}).items())
     source_lines = "\n".join(f"- {n:,} rows: {kind}" for kind, n in sorted(sources.items())) or "- none"
-    own = [f.name for f in schema if f.name not in LEDGER_COLUMNS]
+    own = [f.name for f in schema if f.name not in ledger_columns()]
     body = f"""
 # Edited images: {card.get("title", "a ddim-edit run")}
 

@@ -61,7 +61,7 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
                                "device": "auto", "storage_options": config.storage_options,
                                "num_threads": max(int(engine_cpus), 1),
                                "measure_fidelity": config.measure_fidelity, "revision": config.revision,
-                               "cache_latents": ctx.layout.caches_latents,
+                               "cache_latents": ctx.layout.caches_latents, "schema": ctx.schema,
                                "variant": config.variant},
         batch_size=rows_per_call,
         batch_format="numpy",

@@ -24,9 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ddim_worker import storage
+from ddim_worker.columns import current
 from ddim_worker.manifest import ledger_key
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import OK, RESULTS_SCHEMA
+from ddim_worker.rows import OK
 
 OK_KIND, RETRY_KIND = "ok", "retry"
 
@@ -89,8 +90,9 @@ def next_compaction(shards: Iterable[Shard]) -> int:
 
 
 def results_schema(carried: pa.Schema, embed_images: bool) -> pa.Schema:
-    """Our columns, the manifest's own columns, and ``edited_image`` with ``--embed-images``."""
-    fields = list(RESULTS_SCHEMA) + list(carried)
+    """Our columns (the row schema in force, ``columns.current``), the manifest's own columns, and ``edited_image``
+    with ``--embed-images``."""
+    fields = list(current().results_schema) + list(carried)
     if embed_images:
         fields.append(EDITED_IMAGE)
     schema = pa.schema(fields)

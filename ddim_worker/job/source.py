@@ -23,7 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ddim_worker.columns import SOURCE, current
 from ddim_worker.manifest import (
+    OUR_COLUMNS,
     ManifestError,
     ManifestFiles,
     find_manifest_files,
@@ -34,8 +36,8 @@ from ddim_worker.manifest import (
     row_id,
     row_settings,
 )
-from ddim_worker.rows import FAILED, PENDING, RESULTS_SCHEMA, SKIPPED, RowError, is_missing, text_or_none
-from ddim_worker.settings import SETTING_NAMES, EditSettings
+from ddim_worker.rows import FAILED, PENDING, SKIPPED, RowError, is_missing, text_or_none
+from ddim_worker.settings import EditSettings
 
 #: Footers read at once when a manifest has many files (object stores answer in parallel).
 FOOTER_THREADS = 16
@@ -132,7 +134,7 @@ def plan_source(uri: str, mapping: Mapping[str, str], storage_options: dict | No
     columns = resolve_columns(schema.names, mapping)
     check_same_schema(files.files, schemas)
     ours = set(columns.values())
-    taken = set(RESULTS_SCHEMA.names) | {"edited_image"}
+    taken = set(current().results_schema.names) | {"edited_image"}
     carried = {name: (f"manifest_{name}" if name in taken else name) for name in schema.names if name not in ours}
     carried_schema = pa.schema([pa.field(carried[name], schema.field(name).type) for name in carried])
     groups, total = [], 0
@@ -262,10 +264,8 @@ def index_groups(batch: dict[str, np.ndarray], ctx: SourceContext) -> dict[str, 
     return {"manifest_row": np.array(rows, np.int64), "id_hash": np.array(hashes, np.uint64)}
 
 
-#: What a row's id depends on: the given id, or its content (see ``manifest.row_id``).
-ID_INPUTS = ("id", "image_url", "image", "source_prompt", "edit_prompt", "negative_prompt", "num_steps",
-             "start_step", "guidance_scale", "inversion_guidance", "eta", "seed", "inversion", "cross_replace",
-             "self_replace", "edit_word_weight", "mask")
+#: What a row's id depends on: the given id, or its content (see ``manifest.row_id``): every column of ours.
+ID_INPUTS = OUR_COLUMNS
 
 
 def _index_hash(record: dict[str, Any]) -> int:
@@ -285,8 +285,9 @@ def _resolve(value: Any) -> Any:
     return value
 
 
-#: Our columns of a row in flight, in the order the stages and the results use.
-ROW_FIELDS = ("id", "image_url", "source_prompt", "edit_prompt", *SETTING_NAMES, "manifest_row", "input_digest")
+#: Our columns of a row in flight that come from the manifest row (``columns``: the source stage's results columns).
+ROW_FIELDS = tuple(c.name for c in current().where(stage=SOURCE, results=True)
+                   if c.name not in ("status", "error_code", "error"))
 
 
 def inversion_order(values: Mapping[str, Any], image_digest: str | None) -> str:
@@ -332,7 +333,7 @@ def _rows_to_do(table: pa.Table, first_row: int, ctx: SourceContext, done: Any,
             continue
         record = {name: row.values.get(name) for name in ROW_FIELDS}
         record.update(id=row.id, manifest_row=row.manifest_row, status=PENDING, error_code="", error="",
-                      image_bytes=row.image_bytes or b"", carried=pickle.dumps(row.carried, protocol=5))
+                      embedded_image=row.image_bytes or b"", carried=pickle.dumps(row.carried, protocol=5))
         if row.error is not None:
             record.update(status=FAILED, error_code=row.error.code, error=row.error.message)
         else:

@@ -45,6 +45,20 @@ def ray_session() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """The session's Ray (its GCS address) for subprocess drivers: ``RAY_ADDRESS=<this>`` in their environment makes
+    ``jobs/edit.py`` join it instead of starting a local Ray of its own (a second or two instead of ten or more).
+
+    Only for drivers whose faults are the driver's own: workers keep the environment the session's Ray started with,
+    so a failpoint (``DDIM_EDIT_FAILPOINTS``) set for the subprocess reaches its driver and none of its workers, and
+    a driver that starts its own Ray takes its workers down with it, where the session's outlive it briefly.
+    """
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A real S3 server on 127.0.0.1 for the session: SeaweedFS, or moto's server if SeaweedFS is unusable.
 

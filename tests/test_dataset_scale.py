@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -148,30 +147,6 @@ def test_manifest_folder_skips_spark_leftovers_hidden_files_and_fifos(tmp_path):
         "part-00000.parquet", "year=2024/part-00001.parquet"]
     assert source.total_rows == 5
     assert any("part-00009.parquet: not a regular file" in w for w in warnings), warnings
-
-
-def test_gpus_actors_and_dtype_decided_where_the_gpus_are(tiny_model_path, tmp_path):
-    """A CPU head and a worker with GPUs: without --actors the pool takes every GPU, the engine actors get them by
-    default, and the dtype they ran (fp32: the GPUs here are only Ray resources) is what the results, the PNG and
-    job.json say. The figures are runtime facts: job.json's config holds none, so a rerun from it on a one-GPU
-    cluster uses one actor."""
-    rows = []
-    for i in range(4):
-        (tmp_path / f"a{i}.png").write_bytes(picture(3 + i))
-        rows.append({"id": f"a{i}", "image_url": f"a{i}.png", "source_prompt": "a", "edit_prompt": "b"})
-    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
-    report, log = run_script("gpu_worker_cluster.py", manifest, str(tmp_path / "out"), str(tiny_model_path))
-    assert report["error"] is None, report["error"] + log[-3000:]
-    two, one = report["two_gpus"], report["one_gpu"]
-    assert (two["actors"], two["max_actors"], two["gpus_per_actor"]) == (2, None, 1.0)
-    assert two["config"]["actors"] is None and two["config"]["gpus_per_actor"] is None
-    assert (one["actors"], one["gpus_per_actor"], one["computed"]) == (1, 1.0, 4)
-    record = json.loads((tmp_path / "out" / "job.json").read_text())
-    assert record["actors"] == 1 and record["config"]["actors"] is None and record["dtype"] == "float32"
-    row = results(str(tmp_path / "out"))["a0"]
-    assert row["status"] == "ok" and row["dtype"] == "float32"
-    assert "dtype=float32" in read_png_text(png_path(tmp_path / "out", "a0").read_bytes())[
-        "ddim_edit:settings"]
 
 
 def test_a_two_cpu_node_does_not_stall(tiny_model_path, tmp_path):

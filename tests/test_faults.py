@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ddim_worker.job.driver import JobError
-from tests.jobkit import picture, result_rows, results, run, run_script, write_manifest
+from tests.jobkit import picture, result_rows, results, run, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,40 +73,6 @@ def test_killed_engine_actor_costs_a_retry_not_the_job(tiny_model_path, tmp_path
     assert _pngs(tmp_path / "out" / "images") == _pngs(tmp_path / "clean" / "images")
     assert not _partial_files(tmp_path / "out")
     print(f"actor kill: pid {killed[0]} killed after {killed[1]} images; job finished in {elapsed:.1f}s")
-
-
-def test_lost_worker_node_is_survived_by_rerunning_unfinished_rows(tiny_model_path, tmp_path):
-    manifest = _manifest(tmp_path, 8)
-    report, log = run_script("node_loss.py", manifest, str(tmp_path / "out"), str(tiny_model_path))
-    assert report["error"] is None, report["error"] + log[-3000:]
-    assert report["removed_after_images"] is not None, "the worker node was not removed mid-job"
-    table = results(str(tmp_path / "out"))
-    assert sorted(table) == [f"f{i}" for i in range(8)] and all(r["status"] == "ok" for r in table.values())
-    assert report["summary"]["counts"] == {"ok": 8, "failed": 0, "skipped": 0}
-    if report["summary"]["attempts"] > 1:  # Ray aborted the dataset: the driver said so and re-ran the rest
-        assert "re-running the" in log
-    print(f"node loss: removed after {report['removed_after_images']} images; finished in "
-          f"{report['seconds']:.1f}s after {report['summary']['attempts']} dataset attempt(s)")
-
-
-def test_a_node_that_cannot_load_the_model_does_not_end_the_job(s3_server, tiny_model_path, tmp_path):
-    """Two engine nodes, one of which cannot hold the model's copy: its actors die at start-up again and again while
-    the other node's actor edits every row."""
-    from ddim_worker import storage
-
-    opts = s3_server.storage_options
-    bucket = s3_server.make_bucket("bad-node")
-    for path in tiny_model_path.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(f"{bucket}/model/{path.relative_to(tiny_model_path)}", path.read_bytes(), opts)
-    manifest = _manifest(tmp_path, 10)
-    report, log = run_script("bad_node.py", manifest, str(tmp_path / "out"), f"{bucket}/model", json.dumps(opts),
-                             str(tmp_path / "cache"))
-    assert report["error"] is None, report["error"] + log[-3000:]
-    summary = report["summary"]
-    assert summary["counts"] == {"ok": 10, "failed": 0, "skipped": 0} and summary["state"] == "finished"
-    assert "cannot load model" in log  # the bad node's actors did try, and failed
-    print(f"bad node: 10 rows ok in {report['seconds']:.1f}s, {summary['attempts']} attempt(s)")
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -127,23 +127,49 @@ def test_unknown_or_missing_columns_are_one_clear_error(tiny_model_path, tmp_pat
         run(manifest, str(tmp_path / "out"), tiny_model_path, columns="image_url=LINK")
 
 
-def test_per_row_overrides_are_honoured(tiny_model_path, tmp_path):
-    (tmp_path / "a.png").write_bytes(picture(60))
+@pytest.fixture(scope="module")
+def default_job(tiny_model_path, tmp_path_factory):
+    """One job with the default options, read by the tests below: a row with the job's settings, a row with its own
+    (per-row columns), and a row whose image is missing. Returns (output folder, manifest columns)."""
+    folder = tmp_path_factory.mktemp("default-job")
+    (folder / "a.png").write_bytes(picture(60))
+    (folder / "ok.png").write_bytes(picture(3))
     rows = [
         {"id": "defaults", "image_url": "a.png", "source_prompt": "a cat", "edit_prompt": "a dog",
          "num_steps": None, "start_step": None, "guidance_scale": None, "seed": None},
         {"id": "custom", "image_url": "a.png", "source_prompt": "a cat", "edit_prompt": "a dog",
          "num_steps": 8, "start_step": 5, "guidance_scale": 1.0, "seed": 42},
+        {"id": "good", "image_url": "ok.png", "source_prompt": "a", "edit_prompt": "b"},
+        {"id": "missing", "image_url": "nope.png", "source_prompt": "a", "edit_prompt": "b"},
     ]
-    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
-    run(manifest, str(tmp_path / "out"), tiny_model_path)
-    table = results(str(tmp_path / "out"))
+    manifest = write_manifest(rows, str(folder / "m.parquet"))
+    run(manifest, str(folder / "out"), tiny_model_path)
+    return folder / "out", pq.read_schema(manifest).names
+
+
+def test_per_row_overrides_are_honoured(default_job):
+    out, _ = default_job
+    table = results(str(out))
     d, c = table["defaults"], table["custom"]
     assert (d["num_steps"], d["start_step"], d["guidance_scale"], d["seed"]) == (6, 2, 3.5, 0)
     assert (c["num_steps"], c["start_step"], c["guidance_scale"], c["seed"]) == (8, 5, 1.0, 42)
     assert d["unet_passes"] == 2 * (6 - 2) and c["unet_passes"] == 2 * (8 - 5)
-    text = read_png_text(png_path(tmp_path / "out", "custom").read_bytes())
+    text = read_png_text(png_path(out, "custom").read_bytes())
     assert "num_steps=8 start_step=5 guidance_scale=1.0" in text["ddim_edit:settings"]
+
+
+def test_results_and_failed_manifest_for_bad_rows(default_job):
+    out, columns = default_job
+    table = results(str(out))
+    assert table["good"]["status"] == "ok"
+    assert (table["missing"]["status"], table["missing"]["error_code"]) == ("failed", "not_found")
+    assert {r["status"] for r in table.values()} == {"ok", "failed"} and len(table) == 4
+    failed = pq.read_table(out / "failed.parquet")
+    # the manifest's own columns, untouched (its per-row settings included), and nothing of the results
+    assert columns == ["id", "image_url", "source_prompt", "edit_prompt", "num_steps", "start_step",
+                       "guidance_scale", "seed"]
+    assert failed.column_names == columns
+    assert failed.column("id").to_pylist() == ["missing"]
 
 
 def test_latent_cache_is_reused_by_a_later_job(tiny_model_path, tmp_path):
@@ -253,20 +279,6 @@ def test_wrong_model_path_fails_fast(tmp_path):
                               str(tmp_path / "m.parquet"))
     with pytest.raises(JobError, match="model folder .*does not exist"):
         run(manifest, str(tmp_path / "out"), tmp_path / "no-such-model")
-
-
-def test_results_and_failed_manifest_for_bad_rows(tiny_model_path, tmp_path):
-    (tmp_path / "ok.png").write_bytes(picture(3))
-    rows = [{"id": "good", "image_url": "ok.png", "source_prompt": "a", "edit_prompt": "b"},
-            {"id": "missing", "image_url": "nope.png", "source_prompt": "a", "edit_prompt": "b"}]
-    manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
-    run(manifest, str(tmp_path / "out"), tiny_model_path)
-    table = results(str(tmp_path / "out"))
-    assert table["good"]["status"] == "ok"
-    assert (table["missing"]["status"], table["missing"]["error_code"]) == ("failed", "not_found")
-    failed = pq.read_table(tmp_path / "out" / "failed.parquet")
-    assert failed.column_names == ["id", "image_url", "source_prompt", "edit_prompt"]
-    assert failed.column("id").to_pylist() == ["missing"]
 
 
 def test_fidelity_columns_inputs_and_report(tiny_model_path, tmp_path):

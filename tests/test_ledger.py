@@ -235,22 +235,22 @@ def _slow_job(manifest: str, out: Path, model: Path) -> list[str]:
             "--no-report"]
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_a_second_run_on_a_held_output_exits_2_and_writes_nothing(tiny_model_path, tmp_path):
+def test_a_second_run_on_a_held_output_exits_2_and_writes_nothing(tiny_model_path, tmp_path, ray_address):
     rows = []
     for i in range(6):
         (tmp_path / f"l{i}.png").write_bytes(picture(300 + i))
         rows.append({"id": f"l{i}", "image_url": f"l{i}.png", "source_prompt": "a", "edit_prompt": f"b {i}"})
     manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
     out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_address}  # the drivers join the session's Ray: no Ray start of their own
     first = subprocess.Popen(_slow_job(manifest, out, tiny_model_path), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
     while not (out / "job.json").exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     holder = json.loads((out / "lease.json").read_text())["run_id"]
     second = subprocess.run(_slow_job(manifest, out, tiny_model_path), capture_output=True, text=True,
-                            timeout=120, stdin=subprocess.DEVNULL)
+                            timeout=120, stdin=subprocess.DEVNULL, env=env)
     assert first.poll() is None, "the first run ended before the second could be refused"
     assert second.returncode == 2
     errors = [line for line in second.stderr.splitlines() if line.startswith("ddim-edit: error:")]

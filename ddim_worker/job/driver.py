@@ -117,7 +117,9 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     lease = take_lease(config, layout)
     try:
         return _run_job(Run(config, layout, lease))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception):
+        # Whatever broke while the lease was lost (the interrupt itself, a store that went away mid-write) is the
+        # lost lease: one line, exit 2, nothing more written.
         if (reason := lease.lost_reason()) is not None:
             raise LeaseLost(f"this run stopped writing to {config.output}: {reason}") from None
         raise
@@ -135,7 +137,7 @@ def _run_job(run: Run) -> dict[str, Any]:
     except LeaseLost:
         raise  # the output is another run's now: write nothing more
     except Exception as exc:
-        if not run.recorded:
+        if not run.recorded and not run.lease.lost:
             try:
                 records.mark_failed(run.config, run.lease.record.run_id, run.number,
                                     str(exc) if isinstance(exc, JobError) else root_cause(exc))
@@ -242,10 +244,13 @@ def _writing_records(run: Run, what: str) -> Iterator[None]:
     run.check_lease()
     try:
         yield
-    except OSError as exc:
-        raise JobError(f"cannot write {what} under {run.config.output}: {type(exc).__name__}: {exc}") from None
+    except JobError:
+        raise
     except PackError as exc:
         raise JobError(f"cannot pack the edited dataset under {run.layout.dataset_folder}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, and the store clients' own errors (botocore's are not OSError)
+        run.check_lease()  # a store gone away may be why: then this run has lost the output, and says that
+        raise JobError(f"cannot write {what} under {run.config.output}: {type(exc).__name__}: {exc}") from None
 
 
 def _settle(run: Run) -> None:

@@ -116,11 +116,9 @@ class RowWork:
     """What a group has worked out for one row so far."""
 
     trajectory: Trajectory | None = None
-    inversion_passes: int = 0  # denoiser evaluations spent on its trajectory (0 when stored or shared)
+    null_text_passes: int = 0  # null-text's optimiser evaluations for it (the plan charges the rest)
     cache_hit: bool = False
     shared: bool = False  # its trajectory is an identical earlier row's
-    source_passes: int = 0  # passes of the source branch it leads
-    mask_passes: int = 0  # predictions spent finding its mask (and its image's source prediction, if it leads)
     mask: np.ndarray | None = None  # (H, W) bool: where its edit changes the image (mask auto)
     latent_mask: torch.Tensor | None = None  # (1, h, w) in [0, 1]: the mask's cover of each latent cell
     input_pixels: np.ndarray | None = None  # (H, W, 3) uint8: the input as the engine saw it

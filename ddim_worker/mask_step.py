@@ -11,7 +11,6 @@ import torch
 from ddim_worker import masks as M
 from ddim_worker import sampler
 from ddim_worker import schedule as sch
-from ddim_worker.call_plan import RowNeeds, plan_sampling
 
 if TYPE_CHECKING:
     from ddim_worker.group_run import GroupRun
@@ -21,26 +20,18 @@ def find_masks(run: GroupRun) -> None:
     """Masks for the rows with mask auto (``masks``): ``masks.DRAWS`` seeded noisings of the image's latent,
     predicted unguided under the edit prompt beside the source prompt (planned like sampling: one source branch
     per image, shared by its edits); the predictions' difference, in latents and decoded, then the image's
-    regions vote."""
+    regions vote. The calls are the plan's (``GroupPlan.mask_calls``)."""
     rows, work, model = run.rows, run.work, run.model
-    index = [i for i, r in enumerate(rows) if r.mask == "auto"]
+    index = run.plan.mask_rows
     if not index:
         return
-    plan = plan_sampling([RowNeeds(False, rows[i].inversion_key()) for i in index], run.batch_size)
     latent_change: dict[int, torch.Tensor] = {}
     pixel_change: dict[int, np.ndarray] = {}
-    charged: set[int] = set()
-    for call in plan:
+    for call in run.plan.mask_calls:
         branches = [(index[b.row], b) for b in call.branches]
         for i, latent, pixel in _call_changes(run, branches):
             latent_change[i] = latent_change[i] + latent if i in latent_change else latent
             pixel_change[i] = pixel_change[i] + pixel if i in pixel_change else pixel
-        for i, b in branches:
-            if not b.is_source:
-                work[i].mask_passes += M.DRAWS
-            elif i not in charged:  # one source prediction per image and noising
-                charged.add(i)
-                work[i].mask_passes += M.DRAWS
     pixels = model.input_pixels([rows[i].image for i in index])
     for k, i in enumerate(index):
         work[i].input_pixels = pixels[k]

@@ -30,7 +30,6 @@ def sample_plan(run: GroupRun, plan: list[SamplingCall], controls: list[RowContr
     rows, work, schedule, start_step = run.rows, run.work, run.schedule, run.start_step
     target = schedule.label(start_step)
     x0: torch.Tensor | None = None
-    charged: set[int] = set()
     for call in plan:
         branches = call.branches
         start = torch.cat([work[b.row].trajectory.at(target) for b in branches] or [torch.empty(0, 0)])
@@ -58,9 +57,6 @@ def sample_plan(run: GroupRun, plan: list[SamplingCall], controls: list[RowContr
         for j, b in enumerate(branches):
             if not b.is_source:
                 x0[b.row] = out[j]
-            elif b.row not in charged:  # one source branch per image: a split unit's copies are not ideal work
-                charged.add(b.row)
-                work[b.row].source_passes += run.sampled_steps
     assert x0 is not None, "a group has at least one row"
     return x0
 
@@ -79,7 +75,7 @@ def _ride(run: GroupRun, call: SamplingCall, x: torch.Tensor, prompts: list[str]
     x, new = loops.sample_with_riders(model, x, z, cond, num_steps, start_step, seeds, eta, uncond_steps, control,
                                       callback)
     for j, i in enumerate(lead):
-        work[i].trajectory, work[i].inversion_passes, work[i].x0 = new.rows([j]), num_steps - start_step, None
+        work[i].trajectory, work[i].x0 = new.rows([j]), None
         share(work, work[i].members)
     return x
 

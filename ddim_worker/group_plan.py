@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ddim_worker import masks as M
-from ddim_worker.attention_control import RowControl
+from ddim_worker.attention_control import CallControl, RowControl, step_control
 from ddim_worker.call_plan import (InversionCall, RowNeeds, SamplingCall, chunks, plan_inversions,
                                    plan_sampling)
 from ddim_worker.edit_types import EditRow, source_key
@@ -30,6 +30,26 @@ class RowCharges:
 
 
 @dataclass(frozen=True)
+class CallStep:
+    """One sampling call as the executor runs it: the call's layout (branches, riders, padding) and everything its
+    rows read: prompts, guidance, seeds, null-text rows, attention control, and what the trajectory guide holds."""
+
+    call: SamplingCall
+    prompts: tuple[str, ...]  # the edit prompt, or the source prompt on source branches (and reconstructions)
+    negative_prompts: tuple[str, ...]  # the unconditional prompt (negative-prompt inversion: the source prompt)
+    guidance: tuple[float, ...]
+    seeds: tuple[int, ...]
+    null_text: tuple[tuple[int, int], ...]  # (branch, row): the row's per-step null-text embeddings as uncond
+    control: CallControl | None  # Prompt-to-Prompt over the call's branches
+    pinned: tuple[int, ...] = ()  # direct inversion's source branches, held on their trajectory
+    corrected: tuple[tuple[int, int], ...] = ()  # (edit branch, its pinned source): the source's correction added
+    masked: tuple[int, ...] = ()  # edit branches blended back to the trajectory outside their mask
+    rider_prompts: tuple[str, ...] = ()  # the riders' source prompts, negative prompts and inversion guidance
+    rider_negative_prompts: tuple[str, ...] = ()
+    rider_guidance: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class GroupPlan:
     """One group's work: rows that share (n, s, eta)."""
 
@@ -45,6 +65,8 @@ class GroupPlan:
     mask_rows: tuple[int, ...]  # rows with mask auto; the mask calls' branch rows index into it
     mask_calls: tuple[SamplingCall, ...]
     sampling: tuple[SamplingCall, ...]
+    steps: tuple[CallStep, ...] = ()  # the sampling calls with what their rows read
+    fidelity: tuple[CallStep, ...] = ()  # measure_fidelity's calls: each inversion resampled with its source prompt
     charges: tuple[RowCharges, ...] = ()
 
     @property
@@ -98,7 +120,32 @@ def plan_group(rows: Sequence[EditRow], schedule: Schedule, start_step: int, eta
     plan = GroupPlan(schedule.num_steps, start_step, stored, tuple(tuple(m) for m in todo.values()),
                      tuple(inversions), riders, key, null_text, null_rows, mask_rows, tuple(mask_calls),
                      tuple(sampling))
-    return replace(plan, charges=_charges(plan, len(rows)))
+    fidelity = plan_sampling([RowNeeds(r.guided) for r in rows], batch_size)
+    return replace(plan, steps=tuple(call_step(rows, c, controls, plan.sampled_steps, null_rows) for c in sampling),
+                   fidelity=tuple(call_step(rows, c, controls, plan.sampled_steps, null_rows, reconstruct=True)
+                                  for c in fidelity),
+                   charges=_charges(plan, len(rows)))
+
+
+def call_step(rows: Sequence[EditRow], call: SamplingCall, controls: Sequence[RowControl | None],
+              sampled_steps: int, null_rows: Sequence[int], reconstruct: bool = False) -> CallStep:
+    """What one call's rows read; ``reconstruct``: every branch samples its source prompt, unmasked, uncontrolled."""
+    branches = [(b, rows[b.row]) for b in call.branches]
+    pinned = tuple(j for j, (b, r) in enumerate(branches) if b.is_source and r.method.direct)
+    control = None if reconstruct else step_control([b.source for b, _ in branches],
+                                                    [None if b.is_source else controls[b.row] for b, _ in branches],
+                                                    sampled_steps)
+    lead = [rows[i] for i in call.riders]
+    return CallStep(
+        call, tuple(r.source_prompt if b.is_source or reconstruct else r.edit_prompt for b, r in branches),
+        tuple(r.method.unconditional_prompt(r.source_prompt, r.negative_prompt) for _, r in branches),
+        tuple(r.guidance_scale for _, r in branches), tuple(r.seed for _, r in branches),
+        tuple((j, b.row) for j, (b, _) in enumerate(branches) if b.row in null_rows), control, pinned,
+        tuple((j, b.source) for j, (b, r) in enumerate(branches)
+              if not b.is_source and b.source in pinned and r.method.direct),
+        () if reconstruct else tuple(j for j, (b, r) in enumerate(branches) if not b.is_source and r.mask == "auto"),
+        tuple(r.source_prompt for r in lead), tuple(r.negative_prompt for r in lead),
+        tuple(r.inversion_guidance for r in lead))
 
 
 def _charges(plan: GroupPlan, n_rows: int) -> tuple[RowCharges, ...]:

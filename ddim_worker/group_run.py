@@ -63,7 +63,7 @@ def edit_group(model: ModelAdapter, rows: list[EditRow], num_steps: int, start_s
     # 3. Masks (mask auto): where the edit prompt changes the predictions, voted by the image's regions.
     mask_step.find_masks(run)
     # 4. Sample every call of the plan: edit branches beside their source branches, held to the trajectories.
-    x0 = sampling_steps.sample_plan(run, list(plan.sampling), controls, uncond_steps)
+    x0 = sampling_steps.sample_plan(run, plan.steps, uncond_steps)
     # 5. Decode and report.
     outputs = _outputs(run, x0, controls)
     # 6. Fidelity: each inversion resampled with its source prompt, compared with the input.

@@ -63,3 +63,7 @@ def test_the_plan_is_pure_and_charges_each_row():
                                                                                          (1, False)]]
     assert plan.charges == (RowCharges(inversion=3, source=3), RowCharges())
     assert not plan.null_text and not plan.mask_calls
+    [step] = plan.steps  # what the call's rows read, in branch order
+    assert step.prompts == ("a cat", "a dog", "a fox") and step.pinned == (0,) and step.corrected == ((1, 0), (2, 0))
+    assert step.control is None and not step.masked and not step.null_text
+    assert all(p == ("a cat",) * len(p) for p in [s.prompts for s in plan.fidelity])

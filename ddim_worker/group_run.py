@@ -8,48 +8,20 @@ Steps: 0. the plan; 1. trajectories (``inversion_steps``); 2. null-text embeddin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ddim_worker import masks as M
 from ddim_worker.attention_control import RowControl
-from ddim_worker.edit_types import EditOutput, EditRow, RowWork, to_cpu
-from ddim_worker.group_plan import GroupPlan, plan_group
+from ddim_worker import inversion_steps, mask_step, sampling_steps
+from ddim_worker.edit_types import EditOutput, EditRow, to_cpu
+from ddim_worker.group_plan import plan_group
+from ddim_worker.group_state import GroupRun
 from ddim_worker.model_adapter import ModelAdapter
-from ddim_worker.sampler import Schedule
-
-
-@dataclass
-class GroupRun:
-    """One group's rows and what the steps have worked out for them."""
-
-    model: ModelAdapter
-    rows: list[EditRow]
-    schedule: Schedule
-    start_step: int
-    eta: float
-    plan: GroupPlan
-    work: list[RowWork] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.work:
-            self.work = [RowWork() for _ in self.rows]
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.model.batch_size
-
-    @property
-    def sampled_steps(self) -> int:
-        return self.schedule.num_steps - self.start_step
 
 
 def edit_group(model: ModelAdapter, rows: list[EditRow], num_steps: int, start_step: int, eta: float,
                measure_fidelity: bool = False) -> list[EditOutput]:
     """Edit rows that share (n, s, eta): invert what is not stored, plan the sampling calls, sample, decode."""
-    from ddim_worker import inversion_steps, mask_step, sampling_steps
-
     # 0. The plan: attention control per row (its token map), then every call of the group and each row's charges.
     schedule = model.schedule(num_steps)
     controls = [model.row_control(r) for r in rows]

@@ -16,7 +16,7 @@ from ddim_worker.inversion import InversionMethod, parse_method
 from ddim_worker.sampler import Trajectory
 
 if TYPE_CHECKING:
-    from ddim_worker.group_run import GroupRun
+    from ddim_worker.group_state import GroupRun
 
 def invert_unique(run: GroupRun) -> None:
     """Fill every row's trajectory up to tau[s] as the plan says: stored ones as they are, the plan's inversion

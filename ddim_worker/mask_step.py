@@ -13,7 +13,7 @@ from ddim_worker import sampler
 from ddim_worker import schedule as sch
 
 if TYPE_CHECKING:
-    from ddim_worker.group_run import GroupRun
+    from ddim_worker.group_state import GroupRun
 
 
 def find_masks(run: GroupRun) -> None:

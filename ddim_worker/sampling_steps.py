@@ -18,7 +18,7 @@ from ddim_worker.inversion_steps import share
 from ddim_worker.trajectory_guides import TrajectoryGuide
 
 if TYPE_CHECKING:
-    from ddim_worker.group_run import GroupRun
+    from ddim_worker.group_state import GroupRun
 
 
 def sample_plan(run: GroupRun, steps: Sequence[CallStep], uncond_steps: dict[int, torch.Tensor]) -> torch.Tensor:

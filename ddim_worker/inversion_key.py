@@ -8,12 +8,37 @@ together, are inverted once and share one cache entry and one source branch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ddim_worker.inversion import parse_method
-from ddim_worker.latent_cache import CacheKey
+
+#: The latent cache's format: 2, levels stored in the engine's dtype (bf16 on a GPU: half the bytes of fp32), under
+#: 3-hex-digit prefix folders. Part of every entry's digest, so entries of another format are never read.
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything an inversion trajectory depends on."""
+
+    image_sha256: str  # of the preprocessed pixels, so two URLs of the same picture share an entry
+    source_prompt: str
+    negative_prompt: str
+    model_fingerprint: str
+    num_steps: int
+    inversion_guidance: float
+    size: int
+    dtype: str
+    method: str
+
+    def digest(self) -> str:
+        payload = json.dumps({"v": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:40]
+
 
 #: Field separator of the sort text: never in a URL or digest, unlikely in a prompt.
 SEPARATOR = "\x1f"

@@ -6,41 +6,19 @@ a deeper start step continues from the deepest stored level and the object is re
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ddim_worker import storage
+from ddim_worker.inversion_key import FORMAT_VERSION, CacheKey  # noqa: F401 - the key is defined with the inversion key
 from ddim_worker.sampler import Trajectory
 
-#: 2: levels stored in the engine's dtype (bf16 on a GPU: half the bytes of fp32), under 3-hex-digit prefix folders.
-FORMAT_VERSION = 2
 
 #: Hex digits of an entry's digest that name its folder: 4,096 folders, about 250 entries each per million images.
 PREFIX_DIGITS = 3
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    """Everything an inversion trajectory depends on."""
-
-    image_sha256: str  # of the preprocessed pixels, so two URLs of the same picture share an entry
-    source_prompt: str
-    negative_prompt: str
-    model_fingerprint: str
-    num_steps: int
-    inversion_guidance: float
-    size: int
-    dtype: str
-    method: str
-
-    def digest(self) -> str:
-        payload = json.dumps({"v": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
 
 def cache_uri(cache_root: str, key: CacheKey) -> str:

@@ -193,7 +193,7 @@ def test_direct_shares_ddims_cached_trajectory_and_ids_stay_stable():
     from ddim_worker.inversion import parse_method
     from ddim_worker.manifest import row_id
     from ddim_worker.outputs import OutputLayout
-    from ddim_worker.stages import StageContext, cache_key
+    from ddim_worker.job.stages import StageContext, cache_key
 
     assert parse_method("direct").cache_key(3.5) == parse_method("ddim").cache_key(3.5) == "ddim"
     ctx = StageContext(OutputLayout("out"), None, "m", "fingerprint", "float32", 64)

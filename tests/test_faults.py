@@ -186,7 +186,7 @@ def test_a_recovered_row_takes_its_pngs_dtype_and_finds_its_files_without_ray(tm
     from ddim_worker.outputs import OutputLayout
     from ddim_worker.columns import results_columns
     from ddim_worker.settings import EditSettings
-    from ddim_worker.stages import StageContext, cache_key, png_text, prepare_batch, write_images
+    from ddim_worker.job.stages import StageContext, cache_key, png_text, prepare_batch, write_images
 
     ctx = StageContext(layout=OutputLayout(str(tmp_path / "out")), manifest=None, model="tiny",
                        model_fingerprint="fp0", dtype="float32", size=16)

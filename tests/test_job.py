@@ -17,7 +17,7 @@ from ddim_worker import fastpath, storage
 from ddim_worker.engine import EditEngine, EditRow
 from ddim_worker.images import decode_image, encode_png, read_png_text
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.stages import StageContext, png_text
+from ddim_worker.job.stages import StageContext, png_text
 from tests.jobkit import FAST, picture, png_path, results, run, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -47,7 +47,7 @@ from ddim_worker.manifest import ManifestError, ledger_key, parse_column_map
 from ddim_worker.models import ModelLoadError, check_model, model_fingerprint
 from ddim_worker.outputs import STOP_MARKER_PREFIX, OutputLayout
 from ddim_worker.rows import FAILED, OK, SKIPPED
-from ddim_worker.stages import StageContext
+from ddim_worker.job.stages import StageContext
 
 __all__ = ["JobError", "LeaseLost", "run_job", "main", "take_lease", "index_manifest", "take_run_number"]
 

@@ -12,7 +12,7 @@ from ddim_worker.job.cluster import EnginePlan
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.source import SourceContext, read_rows
 from ddim_worker.job.tasks import descriptor_dataset
-from ddim_worker.stages import StageContext, prepare_batch, write_images, write_results
+from ddim_worker.job.stages import StageContext, prepare_batch, write_images, write_results
 
 #: CPU slots the stages around the engine ask for, one task each: an engine actor never takes these.
 OTHER_STAGES_CPUS = 2.0
@@ -27,7 +27,7 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
 
     from ray.data import DataContext
 
-    from ddim_worker.actor import EditActor
+    from ddim_worker.job.actor import EditActor
 
     context = DataContext.get_current()
     context.enable_progress_bars = True  # a dataset keeps the context it was made with: this one shows progress

@@ -19,7 +19,7 @@ from ddim_worker.job.pack import PackResult
 from ddim_worker.job.source import SourceContext
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.rows import FAILED, OK
-from ddim_worker.stages import StageContext
+from ddim_worker.job.stages import StageContext
 
 log = logging.getLogger("ddim_edit.job")
 

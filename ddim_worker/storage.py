@@ -262,13 +262,7 @@ def list_names(
     Reads the store itself, not a cached listing, so objects written by other workers are seen. Temp files of
     in-flight local writes and ``check_writable`` probes are left out. ``suffix`` keeps only names ending in it.
     """
-    fs, path = filesystem(prefix_uri, storage_options)
-    path = path.rstrip("/") or path
-    _invalidate(fs, path)
-    try:
-        entries = fs.ls(path, detail=True, refresh=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    fs, path, entries = _listing(prefix_uri, storage_options)
     names: list[str] = []
     own = fs._strip_protocol(path).rstrip("/")
     for entry in entries:
@@ -288,14 +282,20 @@ def list_names(
 
 def list_folders(prefix_uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Sorted basenames of the folders (common prefixes) directly under ``prefix_uri``; ``[]`` if it is missing."""
+    _, _, entries = _listing(prefix_uri, storage_options)
+    return sorted(posixpath.basename(str(e["name"]).rstrip("/")) for e in entries if e.get("type") == "directory")
+
+
+def _listing(prefix_uri: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str,
+                                                                                list[dict[str, Any]]]:
+    """(filesystem, path, entries directly under ``prefix_uri``) from the store itself, never a cached listing."""
     fs, path = filesystem(prefix_uri, storage_options)
     path = path.rstrip("/") or path
     _invalidate(fs, path)
     try:
-        entries = fs.ls(path, detail=True, refresh=True)
+        return fs, path, fs.ls(path, detail=True, refresh=True)
     except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(posixpath.basename(str(e["name"]).rstrip("/")) for e in entries if e.get("type") == "directory")
+        return fs, path, []
 
 
 def remove_tree(uri: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -436,15 +436,7 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | No
                 handle.flush()
                 os.fsync(handle.fileno())
             return hashlib.sha256(data).hexdigest()
-    try:
-        out = fs.pipe_file(path, bytes(data), mode="create")
-    except Exception as exc:
-        if _is_precondition_failure(exc):
-            raise PreconditionFailed(f"{uri} exists") from None
-        raise
-    finally:
-        _invalidate(fs, path)
-    return str((out or {}).get("ETag") or version_of(uri, storage_options)[0])
+    return _conditional_put(fs, path, uri, data, storage_options, f"{uri} exists", mode="create")
 
 
 def replace_if(uri: str, data: bytes, version: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -462,13 +454,21 @@ def replace_if(uri: str, data: bytes, version: str, storage_options: dict[str, A
             with _local_atomic(path) as handle:
                 handle.write(data)
             return hashlib.sha256(data).hexdigest()
+    return _conditional_put(fs, path, uri, data, storage_options, f"{uri} was changed or removed by another writer",
+                            IfMatch=version)
+
+
+def _conditional_put(fs: fsspec.AbstractFileSystem, path: str, uri: str, data: bytes,
+                     storage_options: dict[str, Any] | None, refused: str, **condition: Any) -> str:
+    """One PUT under ``condition`` (``mode="create"``: If-None-Match; ``IfMatch=etag``); the new ETag, or
+    ``PreconditionFailed(refused)`` when the store refuses it."""
     try:
-        out = fs.pipe_file(path, bytes(data), IfMatch=version)
+        out = fs.pipe_file(path, bytes(data), **condition)
     except FileNotFoundError:
-        raise PreconditionFailed(f"{uri} is gone") from None
+        raise PreconditionFailed(refused) from None
     except Exception as exc:
         if _is_precondition_failure(exc):
-            raise PreconditionFailed(f"{uri} was changed by another writer") from None
+            raise PreconditionFailed(refused) from None
         raise
     finally:
         _invalidate(fs, path)

@@ -239,11 +239,14 @@ def make_session(policy: FetchPolicy) -> requests.Session:
     ``trust_env`` is off, so nothing from the worker's environment changes where a request goes or what it says:
     an ``HTTP(S)_PROXY`` / ``ALL_PROXY`` proxy would make the connection itself, to an address of its choosing,
     past the pinning to the addresses ``check_http_url`` approved (an SSRF hole); ``~/.netrc`` (or ``$NETRC``)
-    credentials would be sent as ``Authorization`` to whatever host a manifest names; ``REQUESTS_CA_BUNDLE`` is
-    not read either (certifi's bundle is used).
+    credentials would be sent as ``Authorization`` to whatever host a manifest names. A CA bundle named by
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` (a company CA) is still honoured: it only adds trust, it sends nothing.
     """
     s = requests.Session()
     s.trust_env = False
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        s.verify = bundle
     adapter = PinnedAdapter(pool_connections=32, pool_maxsize=max(1, policy.concurrency), max_retries=0)
     s.mount("http://", adapter)
     s.mount("https://", adapter)

@@ -8,6 +8,7 @@ in ``tests/support/`` (plain modules, usable without pytest); these fixtures onl
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from tests.support.env import prepare_environment
 from tests.support.http_server import HttpServer, running_http_server
 from tests.support.ray_local import local_ray
-from tests.support.s3_server import NoS3Server, S3Server, start_s3_server
+from tests.support.s3_server import STORE_BUCKET, NoS3Server, S3Server, start_s3_server
 
 # RAY_* variables, NO_PROXY/no_proxy (loopback) and PYTHONPATH + sys.path (the checkout) at import time,
 # before Ray starts, so the raylet and every worker process inherit them.
@@ -97,3 +98,18 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ddim_worker.tiny_model import make_model
 
     return make_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server: S3Server) -> str:
+    """``s3://store-tests``: the bucket of the storage and lease tests (each test takes a fresh prefix in it)."""
+    return s3_server.make_bucket(STORE_BUCKET)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict | None]:
+    """(base URI, storage_options) of an empty location: a temp folder, or a fresh prefix in ``s3_bucket``."""
+    if request.param == "local":
+        return str(tmp_path / "store"), None
+    s3_server = request.getfixturevalue("s3_server")
+    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}", s3_server.storage_options

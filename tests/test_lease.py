@@ -15,22 +15,6 @@ from ddim_worker.job import lease as lease_module
 from ddim_worker.job.lease import Lease, LeaseHeld, check_free, holder
 from tests.support.tcp_proxy import TcpProxy
 
-BUCKET = "lease-tests"
-
-
-@pytest.fixture(scope="module")
-def s3_bucket(s3_server) -> str:
-    return s3_server.make_bucket(BUCKET)
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> tuple[str, dict | None]:
-    """(base URI, storage_options) of an empty location: a temp folder, or a fresh prefix in the test bucket."""
-    if request.param == "local":
-        return str(tmp_path / "store"), None
-    s3_server = request.getfixturevalue("s3_server")
-    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}", s3_server.storage_options
-
 
 @pytest.fixture
 def fast_lease(monkeypatch):

@@ -13,25 +13,12 @@ from pathlib import Path
 
 import pytest
 
+
 from ddim_worker import storage
 from ddim_worker.storage import StorageError
+from tests.support.s3_server import STORE_BUCKET
 
-BUCKET = "storage-tests"
-
-
-@pytest.fixture(scope="module")
-def s3_bucket(s3_server) -> str:
-    return s3_server.make_bucket(BUCKET)
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> tuple[str, dict | None]:
-    """(base URI, storage_options) of an empty location: a temp folder, or a fresh prefix in the test bucket."""
-    if request.param == "local":
-        return str(tmp_path / "store"), None
-    s3_server = request.getfixturevalue("s3_server")
-    bucket_uri = request.getfixturevalue("s3_bucket")
-    return f"{bucket_uri}/{uuid.uuid4().hex}", s3_server.storage_options
+BUCKET = STORE_BUCKET
 
 
 def _keys(s3_server, prefix: str) -> list[str]:

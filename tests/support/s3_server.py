@@ -25,6 +25,10 @@ from typing import Any
 from tests.support.env import prepare_environment
 
 
+#: The bucket the storage and lease tests share (``conftest.s3_bucket``).
+STORE_BUCKET = "store-tests"
+
+
 class NoS3Server(RuntimeError):
     """Neither SeaweedFS nor moto's server could be used."""
 

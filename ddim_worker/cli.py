@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddim_worker.settings import EditSettings, EngineSettings, SettingError
+from ddim_worker.core.settings import EditSettings, EngineSettings, SettingError
 
 
 def version() -> str:
@@ -61,9 +61,10 @@ def _pick(kind: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from ddim_worker.engine import EditEngine, EditRow
-    from ddim_worker.images import ImageError, decode_image, encode_png
-    from ddim_worker.models import ModelLoadError
+    from ddim_worker.core.engine import EditEngine, EditRow
+    from ddim_worker.core.images import ImageError, decode_image, encode_png
+    from ddim_worker.model_source import local_model_path
+    from ddim_worker.core.models import ModelLoadError
 
     try:
         settings, engine_settings = _pick(EditSettings, args), _pick(EngineSettings, args)
@@ -76,7 +77,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(f"ddim-edit edit: error: cannot read {args.image}: {exc}", file=sys.stderr)
         return 2
     try:
-        engine = EditEngine.from_pretrained(args.model, device=args.device, dtype=engine_settings.dtype,
+        engine = EditEngine.from_pretrained(local_model_path(args.model), device=args.device, dtype=engine_settings.dtype,
                                             size=engine_settings.size, revision=args.revision, variant=args.variant)
     except ModelLoadError as exc:
         print(f"ddim-edit edit: error: {exc}", file=sys.stderr)

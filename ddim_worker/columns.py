@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ddim_worker.rows import FAILED, OK, coerce_value, is_missing
-from ddim_worker.settings import SETTING_NAMES, EditSettings, field_kind
+from ddim_worker.core.settings import SETTING_NAMES, EditSettings, field_kind
 
 # The stages, in the order a row goes through them.
 SOURCE, PREPARE, ENGINE, WRITE, RESULTS = "source", "prepare", "engine", "write", "results"

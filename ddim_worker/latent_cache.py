@@ -13,8 +13,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ddim_worker import storage
-from ddim_worker.inversion_key import FORMAT_VERSION, CacheKey  # noqa: F401 - the key is defined with the inversion key
-from ddim_worker.sampler import Trajectory
+from ddim_worker.core.inversion_key import FORMAT_VERSION, CacheKey  # noqa: F401 - the key is defined with the inversion key
+from ddim_worker.core.sampler import Trajectory
 
 
 #: Hex digits of an entry's digest that name its folder: 4,096 folders, about 250 entries each per million images.

@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 
 from ddim_worker.rows import RowError, is_missing
-from ddim_worker.settings import SETTING_NAMES, EditSettings, SettingError, from_values
+from ddim_worker.core.settings import SETTING_NAMES, EditSettings, SettingError, from_values
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def embedded_bytes(value: Any) -> tuple[bytes | None, str | None]:
 def row_settings(record: Mapping[str, Any], defaults: EditSettings,
                  max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> dict[str, Any]:
     """The settings and prompts one row runs with (its own where given, the job's where null), validated by the
-    one validator of :mod:`ddim_worker.settings`; raises RowError (``bad_setting``, ``bad_prompt``)."""
+    one validator of :mod:`ddim_worker.core.settings`; raises RowError (``bad_setting``, ``bad_prompt``)."""
     try:
         settings = from_values(record, defaults).as_dict()
     except SettingError as exc:

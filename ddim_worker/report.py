@@ -44,7 +44,7 @@ import pyarrow as pa
 from ddim_worker import storage
 from ddim_worker.outputs import CONTACT_SHEET_NAME, IMAGE_FOLDERS, REPORT_NAME, OutputLayout, report_page_name
 from ddim_worker.rows import FAILED, OK, SKIPPED
-from ddim_worker.settings import SETTING_NAMES
+from ddim_worker.core.settings import SETTING_NAMES
 
 __all__ = [
     "TILE",

@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from ddim_worker.settings import DEFAULTS
+from ddim_worker.core.settings import DEFAULTS
 from ddim_worker.synthetic import pictures
 
 METHODS = ("ddim", "negative-prompt", "fixed-point:1", "fixed-point:3", "null-text:10", "noise")
@@ -32,7 +32,7 @@ SETTINGS = {"num_steps": 20, "start_step": 4, "guidance_scale": DEFAULTS.guidanc
 
 
 def quality_table(engine, methods=METHODS, settings=SETTINGS, count: int = 4) -> list[dict]:
-    from ddim_worker.engine import EditRow
+    from ddim_worker.core.engine import EditRow
 
     images = pictures(count, engine.size, seed=1)  # deterministic: the same pictures on every run
     table = []
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from ddim_worker.engine import EditEngine
+    from ddim_worker.core.engine import EditEngine
     from ddim_worker.tiny_model import ARCHS, make_model
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ddim_worker.call_plan import RowNeeds, plan_inversions, plan_sampling
+from ddim_worker.core.call_plan import RowNeeds, plan_inversions, plan_sampling
 
 
 def test_plain_rows_fill_calls_in_order_guided_and_unguided_apart():

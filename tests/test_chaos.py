@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ddim_worker.images import read_png_text
+from ddim_worker.core.images import read_png_text
 from tests.jobkit import picture, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ddim_worker import storage
-from ddim_worker.images import read_png_text
+from ddim_worker.core.images import read_png_text
 from tests.jobkit import picture, png_path, results, run_script, write_manifest
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ddim_worker.images import read_png_text
+from ddim_worker.core.images import read_png_text
 from ddim_worker.job.source import find_duplicates, id_hash, plan_source
 from tests.jobkit import picture, png_path, result_rows, results, run, run_script, write_manifest
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_worker.engine import EditEngine, EditRow
+from ddim_worker.core.engine import EditEngine, EditRow
 from ddim_worker.shapes import scenes as S
 from tests.support import plain_reference
 
@@ -161,7 +161,7 @@ def test_a_masked_background_edit_keeps_the_shape_to_the_pixel(engine):
     rows = [_row(sc, sc.with_(background=[b for b in S.BACKGROUNDS if b != sc.background][0]).caption, mask="auto")
             for sc in scenes] + [_row(scenes[0], mask="auto")]  # the first image also gets a colour edit
     outs = engine.edit(rows)
-    from ddim_worker import masks
+    from ddim_worker.core import masks
 
     ious = []
     for row, out, sc in zip(rows, outs, scenes):
@@ -178,7 +178,7 @@ def test_a_masked_background_edit_keeps_the_shape_to_the_pixel(engine):
 
 
 def test_masks_need_a_trajectory_and_settings_are_checked_by_the_one_validator():
-    from ddim_worker.settings import EditSettings, SettingError
+    from ddim_worker.core.settings import EditSettings, SettingError
 
     with pytest.raises(SettingError, match="mask auto blends back to the inverted trajectory"):
         EditSettings(mask="auto", inversion="noise")
@@ -190,7 +190,7 @@ def test_masks_need_a_trajectory_and_settings_are_checked_by_the_one_validator()
 
 
 def test_direct_shares_ddims_cached_trajectory_and_ids_stay_stable():
-    from ddim_worker.inversion import parse_method
+    from ddim_worker.core.inversion import parse_method
     from ddim_worker.manifest import row_id
     from ddim_worker.outputs import OutputLayout
     from ddim_worker.job.stages import StageContext, cache_key
@@ -213,7 +213,7 @@ def test_direct_shares_ddims_cached_trajectory_and_ids_stay_stable():
 
 def test_control_flags_alone_take_the_recommended_values():
     from ddim_worker.job.args import parse_args
-    from ddim_worker.settings import CONTROL_WHEN_NAMED
+    from ddim_worker.core.settings import CONTROL_WHEN_NAMED
 
     config = parse_args(["m.parquet", "--output", "o", "--cross-replace", "--self-replace", "--mask",
                          "--inversion", "direct"])
@@ -229,14 +229,14 @@ def test_the_job_records_control_and_masks_everywhere(shapes_model, tmp_path):
     """Through the Ray job: flags and per-row columns reach the engine; results, PNG metadata and job.json record
     the settings; masks are written beside the images; an image with three edit prompts costs one inversion and one
     source branch, so job.json's UNet samples are the ideal."""
-    from ddim_worker.images import read_png_text
+    from ddim_worker.core.images import read_png_text
     from tests.jobkit import png_path, results, run, write_manifest
 
     rng = np.random.default_rng(5)
     scenes = [S.random_scene(rng, renderer="pil") for _ in range(4)]
     rows = []
     for i, sc in enumerate(scenes):
-        (tmp_path / f"s{i}.png").write_bytes(__import__("ddim_worker.images", fromlist=["x"]).encode_png(
+        (tmp_path / f"s{i}.png").write_bytes(__import__("ddim_worker.core.images", fromlist=["x"]).encode_png(
             S.render(sc)))
         others = [c for c in S.COLOURS if c != sc.colour][:3]
         rows += [{"id": f"s{i}-{c}", "image_url": f"s{i}.png", "source_prompt": sc.caption,

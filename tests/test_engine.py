@@ -10,8 +10,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ddim_worker.engine import EditEngine, EditRow, PromptTruncatedWarning
-from ddim_worker.images import encode_png
+from ddim_worker.core.engine import EditEngine, EditRow, PromptTruncatedWarning
+from ddim_worker.core.images import encode_png
 
 
 @pytest.fixture(scope="module")

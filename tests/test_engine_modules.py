@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_worker.engine import EditEngine, EditRow
-from ddim_worker.group_plan import RowCharges, plan_group
-from ddim_worker.sampler import Schedule
+from ddim_worker.core.engine import EditEngine, EditRow
+from ddim_worker.core.group_plan import RowCharges, plan_group
+from ddim_worker.core.sampler import Schedule
 
 ENGINE_MODULES = ("engine", "edit_types", "model_adapter", "loops", "group_plan", "group_run", "inversion_steps",
                   "mask_step", "sampling_steps")

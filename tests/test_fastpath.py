@@ -1,4 +1,4 @@
-"""ddim_worker.fastpath: every switch on and off on the tiny pipeline, batch size from free memory, pinned copies."""
+"""ddim_worker.core.fastpath: every switch on and off on the tiny pipeline, batch size from free memory, pinned copies."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_worker import fastpath
-from ddim_worker.engine import EditEngine, EditRow
+from ddim_worker.core import fastpath
+from ddim_worker.core.engine import EditEngine, EditRow
 
 GiB = 2**30
 

@@ -182,10 +182,10 @@ def test_a_recovered_row_takes_its_pngs_dtype_and_finds_its_files_without_ray(tm
     import numpy as np
 
     from ddim_worker import latent_cache, storage
-    from ddim_worker.images import encode_mask_png, encode_png
+    from ddim_worker.core.images import encode_mask_png, encode_png
     from ddim_worker.outputs import OutputLayout
     from ddim_worker.columns import results_columns
-    from ddim_worker.settings import EditSettings
+    from ddim_worker.core.settings import EditSettings
     from ddim_worker.job.stages import StageContext, cache_key, png_text, prepare_batch, write_images
 
     ctx = StageContext(layout=OutputLayout(str(tmp_path / "out")), manifest=None, model="tiny",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ddim_worker.engine import EditEngine, EditRow
+from ddim_worker.core.engine import EditEngine, EditRow
 from tests.jobkit import picture, run, write_manifest
 
 N, S, B = 6, 2, 4  # steps, start step, engine batch size
@@ -81,7 +81,7 @@ def test_ddim_and_direct_rows_of_one_image_share_one_inversion_in_a_job(tiny_mod
     (the manifest lists them apart), they meet in one engine batch of 2 rows and are inverted once there: no row is a
     latent-cache (or actor-memory) hit, and job.json counts one inversion per image."""
     from ddim_worker.job.source import inversion_order
-    from ddim_worker.settings import DEFAULTS
+    from ddim_worker.core.settings import DEFAULTS
 
     images = 4
     for i in range(images):

@@ -1,4 +1,4 @@
-"""Tests for ddim_worker.images: every image is built here with Pillow; nothing is read from disk or the network."""
+"""Tests for ddim_worker.core.images: every image is built here with Pillow; nothing is read from disk or the network."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ddim_worker.images import (
+from ddim_worker.core.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     decode_image,

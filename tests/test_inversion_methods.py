@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_worker import sampler
-from ddim_worker.engine import EditEngine, EditRow
-from ddim_worker.inversion import parse_method
-from ddim_worker.null_text import optimize_null_text
-from ddim_worker.sampler import Schedule
+from ddim_worker.core import sampler
+from ddim_worker.core.engine import EditEngine, EditRow
+from ddim_worker.core.inversion import parse_method
+from ddim_worker.core.null_text import optimize_null_text
+from ddim_worker.core.sampler import Schedule
 from ddim_worker.tiny_model import SD15_SCHEDULER_CONFIG
 from tests.test_engine import test_image
 

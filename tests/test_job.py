@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_worker import fastpath, storage
-from ddim_worker.engine import EditEngine, EditRow
-from ddim_worker.images import decode_image, encode_png, read_png_text
+from ddim_worker.core import fastpath
+
+from ddim_worker import storage
+from ddim_worker.core.engine import EditEngine, EditRow
+from ddim_worker.core.images import decode_image, encode_png, read_png_text
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.job.stages import StageContext, png_text
 from tests.jobkit import FAST, picture, png_path, results, run, write_manifest
@@ -323,7 +325,7 @@ def test_gpu_batch_size_from_free_memory(ray_session):
     so and keeps the default."""
     from ddim_worker.job import cluster
     from ddim_worker.job.config import JobConfig
-    from ddim_worker.settings import DEFAULT_BATCH_SIZE
+    from ddim_worker.core.settings import DEFAULT_BATCH_SIZE
 
     config = JobConfig(manifest="unused", output="unused", gpus_per_actor=1.0)
     messages: list[str] = []

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ddim_worker.images import read_png_text
+from ddim_worker.core.images import read_png_text
 from ddim_worker.job import ledger, shards
 from ddim_worker.job.driver import JobError
 from ddim_worker.job.lease import EXPIRES_S, Lease, LeaseHeld, LeaseRecord, check_free
@@ -398,7 +398,7 @@ def test_nulls_in_every_form_are_missing_and_never_text():
 def test_a_hash_shared_by_two_ids_is_caught_by_comparing_the_ids(tmp_path):
     """Two different ids whose 64-bit hashes met would be taken for one repeated id: the full ids are compared."""
     from ddim_worker.job.source import SourceContext, _rows_to_do, plan_source
-    from ddim_worker.settings import DEFAULTS
+    from ddim_worker.core.settings import DEFAULTS
 
     rows = [{"id": i, "image_url": "x.png", "source_prompt": "a", "edit_prompt": "b"} for i in ("first", "second")]
     manifest = write_manifest(rows, str(tmp_path / "m.parquet"))

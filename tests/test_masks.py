@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_worker import masks as M
-from ddim_worker.regions import colour_clusters, components, image_regions, otsu_threshold
-from ddim_worker.trajectory_guides import TrajectoryGuide, guide_step
+from ddim_worker.core import masks as M
+from ddim_worker.core.regions import colour_clusters, components, image_regions, otsu_threshold
+from ddim_worker.core.trajectory_guides import TrajectoryGuide, guide_step
 
 
 def _scene() -> np.ndarray:

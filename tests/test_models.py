@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_worker import models
-from ddim_worker.denoiser import GuidedUNet
-from ddim_worker.engine import EditEngine, EditRow
-from ddim_worker.models import UnsupportedModelError, check_model, check_scheduler_config, model_fingerprint
+from ddim_worker import model_source
+from ddim_worker.core.denoiser import GuidedUNet
+from ddim_worker.core.engine import EditEngine, EditRow
+from ddim_worker.model_source import check_model, model_fingerprint
+from ddim_worker.core.models import UnsupportedModelError, check_scheduler_config
 from tests.jobkit import FAST, picture, results, run, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,13 +96,13 @@ def test_model_copy_from_s3_is_locked_per_node(tiny_model_path, s3_server, tmp_p
     uri = f"{bucket}/tiny"
     fs, root = fsspec.core.url_to_fs(uri, **s3_server.storage_options)
     fs.put(str(tiny_model_path) + "/", root, recursive=True)
-    monkeypatch.setattr(models, "MODEL_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(model_source, "MODEL_CACHE_DIR", tmp_path / "cache")
     barrier, found, errors = threading.Barrier(3), [], []
 
     def load() -> None:
         barrier.wait()
         try:
-            found.append(models.local_model_path(uri, s3_server.storage_options))
+            found.append(model_source.local_model_path(uri, s3_server.storage_options))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

@@ -10,7 +10,7 @@ import pytest
 
 from ddim_worker import columns
 from ddim_worker.columns import ENGINE, RESULTS, Column
-from ddim_worker.settings import SETTING_NAMES, EditSettings
+from ddim_worker.core.settings import SETTING_NAMES, EditSettings
 from tests.jobkit import picture, result_rows, run, write_manifest
 
 
@@ -79,8 +79,8 @@ def test_a_column_declared_once_reaches_the_results_and_the_dataset(tiny_model_p
 
 def test_engine_rows_take_every_setting_with_its_default():
     """``EditRow`` declares the settings again for the engine (its own fields): every one, with the same default."""
-    from ddim_worker.engine import EditRow
-    from ddim_worker.settings import DEFAULTS
+    from ddim_worker.core.engine import EditRow
+    from ddim_worker.core.settings import DEFAULTS
 
     fields = {f.name: f.default for f in dataclasses.fields(EditRow)}
     assert {name: fields.get(name) for name in SETTING_NAMES} == DEFAULTS.as_dict()

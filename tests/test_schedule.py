@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from ddim_worker import sampler
-from ddim_worker import schedule as sch
-from ddim_worker.sampler import Schedule
+from ddim_worker.core import sampler
+from ddim_worker.core import schedule as sch
+from ddim_worker.core.sampler import Schedule
 from ddim_worker.tiny_model import SD15_SCHEDULER_CONFIG
 
 SPACINGS = [

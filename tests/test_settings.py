@@ -17,7 +17,7 @@ from ddim_worker.job.config import DEFAULT_MODEL, JobConfig, all_fields
 from ddim_worker.manifest import OUR_COLUMNS, row_settings
 from ddim_worker.columns import RESULTS_SCHEMA
 from ddim_worker.rows import RowError
-from ddim_worker.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError, from_values
+from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError, from_values
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_job_config_flat_round_trip():
 def test_run_from_config_file_flag_wins_and_rerun_from_job_json(tiny_model_path, tmp_path, ray_session):
     """The acceptance example: a config file with num_steps 6 and start_step 2, and --num-steps 5 on the command
     line, runs with 5 and 2; results, PNG metadata and job.json say so, and job.json reruns the same job."""
-    from ddim_worker.images import read_png_text
+    from ddim_worker.core.images import read_png_text
     from ddim_worker.job.driver import main
     from tests.jobkit import picture, png_path, results, write_manifest
 

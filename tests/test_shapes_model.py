@@ -26,7 +26,7 @@ def shapes_model(tmp_path_factory):
 def engine(shapes_model):
     import torch
 
-    from ddim_worker.engine import EditEngine
+    from ddim_worker.core.engine import EditEngine
 
     # One thread: this model's calls are tiny, and on a busy 2-core machine two threads thrash (10-50x slower).
     threads = torch.get_num_threads()
@@ -49,7 +49,7 @@ def scenes():
 
 
 def _rows(scenes, settings, inversion="ddim", same_prompt=False, **overrides):
-    from ddim_worker.engine import EditRow
+    from ddim_worker.core.engine import EditRow
 
     pairs, sources = scenes
     kw = dict(num_steps=settings["num_steps"], start_step=settings["start_step"],

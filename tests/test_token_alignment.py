@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ddim_worker.shapes.arch import make_tokenizer
-from ddim_worker.token_alignment import REFINE, WORD_SWAP, align_tokens, global_alignment
+from ddim_worker.core.token_alignment import REFINE, WORD_SWAP, align_tokens, global_alignment
 
 # Token ids as the shapes tokenizer gives them would be opaque; letters stand for tokens here.
 BOS, EOS = 0, 9

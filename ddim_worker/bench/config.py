@@ -1,6 +1,6 @@
 """The benchmark's settings: ``BenchConfig``, its per-device defaults, the acceptance targets and the command line.
 
-The edit settings (n, s, guidance, seed) and the engine's attention kernel default to ``ddim_worker.settings``'s
+The edit settings (n, s, guidance, seed) and the engine's attention kernel default to ``ddim_worker.core.settings``'s
 (the textbook's); only the benchmark's own knobs (rows, batch sizes, what to run) are set here.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ddim_worker
-from ddim_worker import fastpath
-from ddim_worker.models import choose_device
-from ddim_worker.settings import DEFAULTS, ENGINE_DEFAULTS, EditSettings
+from ddim_worker.core import fastpath
+from ddim_worker.core.models import choose_device
+from ddim_worker.core.settings import DEFAULTS, ENGINE_DEFAULTS, EditSettings
 from ddim_worker.tiny_model import ARCHS
 
 #: The folder that holds the ``ddim_worker`` package: the checkout when run from source. The Ray job's workers get it

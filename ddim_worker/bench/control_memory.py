@@ -48,10 +48,10 @@ def peak_above(fn: Any) -> tuple[int, float]:
 def measure(size: int = 512, branches: tuple[int, ...] = (2, 4), threads: int = 2) -> dict:
     import torch
 
-    from ddim_worker.attention_control import RowControl, step_control
-    from ddim_worker.engine import EditEngine
+    from ddim_worker.core.attention_control import RowControl, step_control
+    from ddim_worker.core.engine import EditEngine
     from ddim_worker.tiny_model import build_pipeline
-    from ddim_worker.token_alignment import align_tokens
+    from ddim_worker.core.token_alignment import align_tokens
 
     torch.set_num_threads(threads)
     engine = EditEngine(build_pipeline("sd15"), size=size)  # fp32 on CPU, the engine's plain SDPA attention

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ddim_worker.bench.config import BenchConfig
-from ddim_worker.engine import EditRow
+from ddim_worker.core.engine import EditRow
 from ddim_worker.synthetic import pictures
 
 #: The prompts of the benchmark's rows. Words the tiny tokenizer knows whole, like the textbook's examples.

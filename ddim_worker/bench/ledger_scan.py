@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ddim_worker import storage
-from ddim_worker.images import encode_png
+from ddim_worker.core.images import encode_png
 from ddim_worker.job import ledger, shards
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.columns import RESULTS_SCHEMA

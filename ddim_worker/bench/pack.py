@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ddim_worker.bench.procfs import MB, has_children, load_average, read_status
-from ddim_worker.images import encode_png
+from ddim_worker.core.images import encode_png
 from ddim_worker.job import shards
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.records import recorded_config

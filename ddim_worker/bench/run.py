@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddim_worker import fastpath
+from ddim_worker.core import fastpath
 from ddim_worker.bench import flops as fl
 from ddim_worker.bench.config import BenchConfig, parse_args
 from ddim_worker.bench.inputs import RERUN_PROMPTS, group_rows, make_images, make_rows
@@ -25,9 +25,9 @@ from ddim_worker.bench.report import checks, ratio, render_markdown, targets, ve
 from ddim_worker.bench.textbook import TextbookEditor
 from ddim_worker.bench.timers import EngineTimer, TextbookTimer, dtype_name, time_edits, time_offload, time_pinned
 from ddim_worker.bench.variants import measure_variants
-from ddim_worker.denoiser import GuidedUNet
-from ddim_worker.engine import EditEngine, EditOutput, EditRow
-from ddim_worker.models import choose_dtype, load_pipeline
+from ddim_worker.core.denoiser import GuidedUNet
+from ddim_worker.core.engine import EditEngine, EditOutput, EditRow
+from ddim_worker.core.models import choose_dtype, load_pipeline
 from ddim_worker.tiny_model import make_model
 
 log = logging.getLogger("ddim_edit.benchmark")

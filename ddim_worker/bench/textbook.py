@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddim_worker.settings import DEFAULTS
+from ddim_worker.core.settings import DEFAULTS
 
 #: The textbook's guidance scales while sampling and while inverting: the edit defaults are the textbook's
-#: (``ddim_worker.settings``), so they are read from there.
+#: (``ddim_worker.core.settings``), so they are read from there.
 TEXTBOOK_GUIDANCE = DEFAULTS.guidance_scale
 TEXTBOOK_INVERSION_GUIDANCE = DEFAULTS.inversion_guidance
 

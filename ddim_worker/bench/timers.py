@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from ddim_worker import fastpath
+from ddim_worker.core import fastpath
 from ddim_worker.bench.textbook import TextbookEditor
-from ddim_worker.denoiser import GuidedUNet
-from ddim_worker.engine import EditEngine, EditOutput, EditRow
+from ddim_worker.core.denoiser import GuidedUNet
+from ddim_worker.core.engine import EditEngine, EditOutput, EditRow
 
 log = logging.getLogger("ddim_edit.benchmark")
 
@@ -199,7 +199,7 @@ class TextbookTimer:
 def time_offload(engine: EditEngine, outputs: list[EditOutput], batch_size: int) -> dict:
     """What the job takes off the engine's critical path: PNG encoding (the job's write stage, overlapped with the
     next batch by Ray Data) and what it could: the VAE decode (still inside ``engine.edit``)."""
-    from ddim_worker.images import encode_png
+    from ddim_worker.core.images import encode_png
 
     side = engine.size // engine.pipe.vae_scale_factor
     latents = torch.zeros(batch_size, 4, side, side, device=engine.device)

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from ddim_worker import fastpath
+from ddim_worker.core import fastpath
 from ddim_worker.bench.config import BenchConfig
 from ddim_worker.bench.timers import dtype_name
-from ddim_worker.denoiser import Conditioning, GuidedUNet
-from ddim_worker.engine import EditEngine, EditRow
+from ddim_worker.core.denoiser import Conditioning, GuidedUNet
+from ddim_worker.core.engine import EditEngine, EditRow
 
 
 class TwoCallCFG(GuidedUNet):

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from ddim_worker.columns import RowSchema, current, output_columns, setting_values
-from ddim_worker.engine import EditEngine, EditRow
+from ddim_worker.core.engine import EditEngine, EditRow
 from ddim_worker.failpoints import failpoint
-from ddim_worker.fastpath import apply_fast_path
+from ddim_worker.core.fastpath import apply_fast_path
 from ddim_worker.fetch import ensure_worker_logging
-from ddim_worker.inversion import parse_method
+from ddim_worker.core.inversion import parse_method
 from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
+from ddim_worker.model_source import local_model_path
 from ddim_worker.rows import FAILED, PENDING
-from ddim_worker.settings import SETTING_NAMES, EngineSettings
+from ddim_worker.core.settings import SETTING_NAMES, EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class EditActor:
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
         # A fixed engine batch size makes every row's output independent of its neighbours (see EditEngine).
-        self.engine = EditEngine.from_pretrained(model, device=device, dtype=engine.dtype, size=engine.size,
-                                                 storage_options=storage_options, batch_size=batch_size,
+        self.engine = EditEngine.from_pretrained(local_model_path(model, storage_options), device=device,
+                                                 dtype=engine.dtype, size=engine.size, batch_size=batch_size,
                                                  revision=revision, variant=variant)
         # The same switches the benchmark measures; with a fixed batch size a compiled UNet sees one shape.
         apply_fast_path(self.engine.pipe, attention=engine.attention, channels_last=engine.channels_last,

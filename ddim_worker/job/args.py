@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ddim_worker.job.config import JobConfig, all_fields
-from ddim_worker.settings import SettingError, field_kind
+from ddim_worker.core.settings import SettingError, field_kind
 
 #: ``--help`` groups, in order, with a line each.
 GROUPS = {

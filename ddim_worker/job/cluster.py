@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ddim_worker.job.config import JobConfig
-from ddim_worker.settings import DEFAULT_BATCH_SIZE
+from ddim_worker.core.settings import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger("ddim_edit.job")
 
@@ -121,7 +121,7 @@ def plan_engine(config: JobConfig) -> EnginePlan:
 def _cpu_dtype(config: JobConfig) -> str:
     import torch
 
-    from ddim_worker.models import choose_dtype
+    from ddim_worker.core.models import choose_dtype
 
     return str(choose_dtype(config.engine.dtype, torch.device("cpu"))).removeprefix("torch.")
 
@@ -135,8 +135,8 @@ class EngineDevice:
 
 
 def _describe_device(dtype: str) -> EngineDevice:
-    from ddim_worker import fastpath
-    from ddim_worker.models import choose_device, choose_dtype
+    from ddim_worker.core import fastpath
+    from ddim_worker.core.models import choose_device, choose_dtype
 
     device = choose_device("auto")
     resolved = str(choose_dtype(dtype, device)).removeprefix("torch.")
@@ -167,7 +167,7 @@ def batch_size_for(config: JobConfig, gpus_per_actor: float, device: EngineDevic
         return DEFAULT_BATCH_SIZE["cpu"]
     import torch
 
-    from ddim_worker import fastpath
+    from ddim_worker.core import fastpath
 
     if device is None or not device.free_bytes:
         log.warning("the engine GPU reported no free memory (no CUDA in the worker?); batch size %d",

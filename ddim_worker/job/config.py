@@ -11,10 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ddim_worker.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from ddim_worker.core.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from ddim_worker.job.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ddim_worker.manifest import DEFAULT_MAX_PROMPT_CHARS
-from ddim_worker.settings import (
+from ddim_worker.core.settings import (
     EditSettings,
     EngineSettings,
     SettingError,

@@ -44,7 +44,8 @@ from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
 from ddim_worker.job.summary import build_summary, cli_lines
 from ddim_worker.manifest import ManifestError, ledger_key, parse_column_map
-from ddim_worker.models import ModelLoadError, check_model, model_fingerprint
+from ddim_worker.model_source import check_model, model_fingerprint
+from ddim_worker.core.models import ModelLoadError
 from ddim_worker.outputs import STOP_MARKER_PREFIX, OutputLayout
 from ddim_worker.rows import FAILED, OK, SKIPPED
 from ddim_worker.job.stages import StageContext

@@ -37,7 +37,7 @@ from ddim_worker.manifest import (
     row_settings,
 )
 from ddim_worker.rows import FAILED, PENDING, SKIPPED, RowError, is_missing, text_or_none
-from ddim_worker.settings import EditSettings
+from ddim_worker.core.settings import EditSettings
 
 #: Footers read at once when a manifest has many files (object stores answer in parallel).
 FOOTER_THREADS = 16
@@ -294,7 +294,7 @@ def inversion_order(values: Mapping[str, Any], image_digest: str | None) -> str:
     """Rows with equal keys share an inversion: sorting by the text of their one inversion key
     (``inversion_key.InversionKey``; ddim and direct alike) puts them next to each other, so they land in one engine
     batch and are inverted once. A row whose settings do not parse (it fails) sorts by its raw values."""
-    from ddim_worker.inversion_key import SEPARATOR, InversionKey
+    from ddim_worker.core.inversion_key import SEPARATOR, InversionKey
 
     fields = (values.get("image_url") or image_digest or "", values.get("source_prompt"), values.get("negative_prompt"),
               values.get("num_steps"), values.get("inversion_guidance"), values.get("inversion"), values.get("seed"))

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ddim_worker import latent_cache, metrics, storage
+from ddim_worker import latent_cache, storage
+
+from ddim_worker.core import metrics
 from ddim_worker.columns import (
     ENGINE,
     PREPARE,
@@ -28,7 +30,7 @@ from ddim_worker.columns import (
 )
 from ddim_worker.failpoints import failpoint
 from ddim_worker.fetch import Fetcher, ensure_worker_logging, shared_fetcher
-from ddim_worker.images import (
+from ddim_worker.core.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     ImageError,
@@ -117,7 +119,7 @@ def _fetcher(ctx: StageContext) -> Fetcher:
 
 def cache_key(ctx: StageContext, pixels: np.ndarray, row: dict, dtype: str | None = None) -> latent_cache.CacheKey:
     """The row's latent-cache key, derived from its one inversion key (``inversion_key.InversionKey``)."""
-    from ddim_worker.inversion_key import InversionKey
+    from ddim_worker.core.inversion_key import InversionKey
 
     key = InversionKey.of(hashlib.sha256(pixels.tobytes()).hexdigest(), row["source_prompt"], row["negative_prompt"],
                           row["num_steps"], row["inversion_guidance"], row["inversion"], row.get("seed"))

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ddim_worker.shapes import scenes as S
-from ddim_worker.settings import DEFAULTS
+from ddim_worker.core.settings import DEFAULTS
 
 HELD_OUT_SEED = 424_242
 METHODS = ("ddim", "negative-prompt", "fixed-point:3", "null-text:10", "noise")
@@ -53,7 +53,7 @@ def judge(image: np.ndarray, source: np.ndarray, scene: S.Scene, target_colour: 
 
 def edit_table(engine, count: int = 24, methods=METHODS, start_steps=(10, 20), guidances=(3.5, 7.5),
                num_steps: int = DEFAULTS.num_steps, measure_fidelity: bool = True, batch: int = 24) -> list[dict]:
-    from ddim_worker.engine import EditRow
+    from ddim_worker.core.engine import EditRow
 
     pairs = colour_edits(held_out(count))
     sources = [S.render(sc) for sc, _ in pairs]
@@ -86,7 +86,7 @@ def edit_table(engine, count: int = 24, methods=METHODS, start_steps=(10, 20), g
 
 def reconstruction_check(engine, count: int = 24, start_step: int = 20, num_steps: int = DEFAULTS.num_steps) -> dict:
     """Edit prompt == source prompt through DDIM: colour kept and PSNR against the input."""
-    from ddim_worker.engine import EditRow
+    from ddim_worker.core.engine import EditRow
 
     scenes = held_out(count, HELD_OUT_SEED + 7)
     sources = [S.render(sc) for sc in scenes]
@@ -134,7 +134,7 @@ def t2i_check(engine, per_caption: int = 1, num_steps: int = DEFAULTS.num_steps,
 #: The ways of keeping what an edit should not change, as per-row settings (the benchmark's second table). The
 #: control fractions are the recommended ones (``settings.CONTROL_WHEN_NAMED``), and "p2p 0.8/0.4" the paper's.
 def control_methods() -> dict[str, dict]:
-    from ddim_worker.settings import CONTROL_WHEN_NAMED
+    from ddim_worker.core.settings import CONTROL_WHEN_NAMED
 
     control = dict(CONTROL_WHEN_NAMED)
     return {
@@ -153,7 +153,7 @@ def kinds_table(engine, kinds=("colour", "shape", "background"), methods: dict[s
     """Every edit kind x method on ``count`` held-out scenes (the same scenes for every method), at the model's
     recommended steps, start step and guidance: the kind's figures (``edit_kinds.judge``), UNet passes (the edit's
     own, its share of the source branch, the mask's) and seconds per edit."""
-    from ddim_worker.engine import EditRow
+    from ddim_worker.core.engine import EditRow
     from ddim_worker.shapes.edit_kinds import edits, judge, mask_iou, summarise
     from ddim_worker.shapes.model import edit_settings
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from ddim_worker.engine import EditEngine
+    from ddim_worker.core.engine import EditEngine
 
     torch.set_num_threads(args.threads)
     engine = EditEngine.from_pretrained(args.model, device="cpu", dtype="fp32", size=64)

@@ -42,7 +42,7 @@ def largest_blob(seg: np.ndarray) -> np.ndarray:
     """The largest 4-connected area of ``seg`` (the shape; specks elsewhere dropped)."""
     import torch
 
-    from ddim_worker.regions import components
+    from ddim_worker.core.regions import components
 
     ids = components(torch.from_numpy(seg.astype(np.int64))).numpy()
     if not seg.any():

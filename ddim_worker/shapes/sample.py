@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ddim_worker.settings import DEFAULTS
+from ddim_worker.core.settings import DEFAULTS
 
 
 def text_to_image(engine, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = DEFAULTS.num_steps,
@@ -27,7 +27,7 @@ def run_sample(model: str, prompt: str, num_images: int, out: str, seed: int = 0
                dtype: str = "fp32") -> list[Path]:
     from PIL import Image
 
-    from ddim_worker.engine import EditEngine
+    from ddim_worker.core.engine import EditEngine
 
     engine = EditEngine.from_pretrained(model, device=device, dtype=dtype, size=size)
     images = text_to_image(engine, [prompt] * num_images, [seed + i for i in range(num_images)], num_steps,

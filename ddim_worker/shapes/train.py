@@ -159,7 +159,7 @@ def cache_latents(work: Path, count: int, seed: int, batch: int = 128) -> None:
 
 def train_unet(work: Path, steps: int, batch: int, lr: float, seed: int, ema_decay: float = 0.999,
                p_uncond: float = 0.1, save_every: int = 250) -> None:
-    from ddim_worker.schedule import make_alphas_cumprod
+    from ddim_worker.core.schedule import make_alphas_cumprod
     from ddim_worker.tiny_model import SD15_SCHEDULER_CONFIG
 
     data = torch.load(work / "latents.pt")

@@ -65,7 +65,7 @@ def scene_images() -> list[np.ndarray]:
 
 def cases(images: list[np.ndarray]) -> dict[str, list]:
     """Named lists of rows, each list edited in one ``engine.edit`` call."""
-    from ddim_worker.engine import EditRow
+    from ddim_worker.core.engine import EditRow
 
     src = ["a red circle on a white background", "a blue square on a gray background"]
 
@@ -95,7 +95,7 @@ def digests(outputs: list) -> list[dict[str, str]]:
 
 def run_outputs(model: Path, batch_size: int | None = BATCH) -> dict[str, list]:
     """Every case's outputs, one ``engine.edit`` call per case."""
-    from ddim_worker.engine import EditEngine
+    from ddim_worker.core.engine import EditEngine
 
     engine = EditEngine.from_pretrained(str(model), size=64, batch_size=batch_size)
     return {name: engine.edit(rows) for name, rows in cases(scene_images()).items()}

@@ -2,7 +2,7 @@
 
 ``EditRow`` (one edit: image, prompts, settings), ``EditOutput`` (its result), ``RowWork`` (what a group has worked
 out for a row so far), the settings check ``validate_settings`` and the keys that decide what rows share.
-``ddim_worker.engine`` re-exports the public names.
+``ddim_worker.core.engine`` re-exports the public names.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddim_worker import masks as M
-from ddim_worker.attention_control import RowControl
-from ddim_worker.inversion import InversionMethod, parse_method
-from ddim_worker.inversion_key import InversionKey
-from ddim_worker.sampler import Trajectory
-from ddim_worker.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError
+from ddim_worker.core import masks as M
+from ddim_worker.core.attention_control import RowControl
+from ddim_worker.core.inversion import InversionMethod, parse_method
+from ddim_worker.core.inversion_key import InversionKey
+from ddim_worker.core.sampler import Trajectory
+from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError
 
 
 class PromptTruncatedWarning(UserWarning):

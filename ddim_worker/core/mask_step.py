@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ddim_worker import masks as M
-from ddim_worker import sampler
-from ddim_worker import schedule as sch
+from ddim_worker.core import masks as M
+from ddim_worker.core import sampler
+from ddim_worker.core import schedule as sch
 
 if TYPE_CHECKING:
-    from ddim_worker.group_state import GroupRun
+    from ddim_worker.core.group_state import GroupRun
 
 
 def find_masks(run: GroupRun) -> None:

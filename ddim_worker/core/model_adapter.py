@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddim_worker.attention_control import RowControl
-from ddim_worker.denoiser import Conditioning, GuidedUNet, pad_rows
-from ddim_worker.edit_types import EditRow, PromptTruncatedWarning, Stats
-from ddim_worker.models import check_scheduler_config
-from ddim_worker.sampler import Denoiser, Schedule
-from ddim_worker.settings import ENGINE_DEFAULTS
-from ddim_worker.token_alignment import align_tokens
+from ddim_worker.core.attention_control import RowControl
+from ddim_worker.core.denoiser import Conditioning, GuidedUNet, pad_rows
+from ddim_worker.core.edit_types import EditRow, PromptTruncatedWarning, Stats
+from ddim_worker.core.models import check_scheduler_config
+from ddim_worker.core.sampler import Denoiser, Schedule
+from ddim_worker.core.settings import ENGINE_DEFAULTS
+from ddim_worker.core.token_alignment import align_tokens
 
 #: Distinct prompt strings kept encoded; a job reuses a few source prompts many times, so this rarely evicts.
 PROMPT_CACHE_SIZE = 4096
@@ -137,7 +137,7 @@ class ModelAdapter:
     # -- images --------------------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """(B, 3, size, size) in [-1, 1]: RGB, shorter side resized to ``size``, centre-cropped."""
-        from ddim_worker.images import preprocess as resize_and_crop
+        from ddim_worker.core.images import preprocess as resize_and_crop
 
         arrays = []
         for i, image in enumerate(images):
@@ -156,7 +156,7 @@ class ModelAdapter:
                 raise ValueError(f"image {i} is empty ({image.width}x{image.height})")
             if image.mode not in CONVERTIBLE_MODES:
                 raise ValueError(f"image {i} has unsupported mode {image.mode!r}; decode it with "
-                                 "ddim_worker.images.decode_image, which converts 16-bit and float images")
+                                 "ddim_worker.core.images.decode_image, which converts 16-bit and float images")
             arrays.append(resize_and_crop(image.convert("RGB"), self.size))
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         # contiguous (NCHW): a permuted view would run channels-last kernels on some calls and not on others

@@ -1,20 +1,14 @@
-"""Loading a Stable Diffusion 1.x pipeline once: device, dtype, remote model folders, and a model fingerprint."""
+"""Loading a Stable Diffusion 1.x pipeline from a local folder or Hub id: device, dtype, the scheduler check, a
+model fingerprint. (Models in object stores are copied to a local folder first: ``model_source``.)"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
-
-#: Where models given as object-store URLs (``s3://bucket/sd15``) are copied before ``from_pretrained``.
-MODEL_CACHE_DIR = Path(os.environ.get("DDIM_EDIT_MODEL_CACHE", Path.home() / ".cache" / "ddim-edit" / "models"))
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -65,43 +59,8 @@ def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _is_remote(model: str) -> bool:
-    return "://" in model and not model.startswith("file://")
-
-
-def local_model_path(model: str, storage_options: dict | None = None) -> str:
-    """A path or hub id ``from_pretrained`` can read: object-store folders are copied to ``MODEL_CACHE_DIR`` once."""
-    if not _is_remote(model):
-        return model.removeprefix("file://")
-    import fsspec
-
-    from filelock import FileLock
-
-    target = MODEL_CACHE_DIR / hashlib.sha256(model.encode()).hexdigest()[:16]
-    if (target / "model_index.json").exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Several engine actors on one node load the same model: one copies, the others wait for it, then find it.
-    with FileLock(str(target) + ".lock"):
-        if not (target / "model_index.json").exists():
-            fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
-            partial = target.with_name(target.name + f".partial-{os.getpid()}")
-            log.info("copying model %s to %s", model, target)
-            fs.get(root.rstrip("/") + "/", str(partial), recursive=True)
-            os.replace(partial, target)
-    return str(target)
-
-
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).expanduser().exists()
-
-
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    try:
-        with fs.open(path, "rb") as handle:
-            return json.loads(handle.read())
-    except FileNotFoundError:
-        return None
 
 
 def hub_snapshot(model: str, revision: str | None = None) -> tuple[str, str]:
@@ -127,23 +86,10 @@ def hub_snapshot(model: str, revision: str | None = None) -> tuple[str, str]:
     return Path(folder).name, folder
 
 
-def check_model(model: str, storage_options: dict | None = None, revision: str | None = None) -> str | None:
-    """Fail fast, before any worker starts: a missing model, one that is not a diffusers pipeline, or one whose
-    scheduler the engine would run wrong. Returns the resolved Hub commit for Hub ids, else None."""
-    if _is_remote(model):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
-        root = root.rstrip("/")
-        try:
-            found = fs.exists(root + "/model_index.json")
-            scheduler = _read_json(fs, root + "/scheduler/scheduler_config.json") if found else None
-        except Exception as exc:  # noqa: BLE001 - credentials, endpoint, bucket errors
-            raise ModelLoadError(f"cannot reach model {model!r}: {type(exc).__name__}: {exc}") from exc
-        if not found:
-            raise ModelLoadError(f"model {model!r} has no model_index.json: not a diffusers pipeline folder")
-        check_scheduler_config(scheduler or {})
-        return None
+def check_model(model: str, revision: str | None = None) -> str | None:
+    """Fail fast, before any worker starts: a missing local folder or Hub model, one that is not a diffusers pipeline,
+    or one whose scheduler the engine would run wrong. Returns the resolved Hub commit for Hub ids, else None.
+    (Object-store folders: ``model_source.check_model``.)"""
     if _looks_like_path(model):
         path = Path(model.removeprefix("file://")).expanduser()
         if not path.is_dir():
@@ -160,12 +106,11 @@ def check_model(model: str, storage_options: dict | None = None, revision: str |
     return commit
 
 
-def model_fingerprint(model: str, storage_options: dict | None = None, revision: str | None = None,
-                      hub_commit: str | None = None) -> str:
+def model_fingerprint(model: str, revision: str | None = None, hub_commit: str | None = None) -> str:
     """A short hash that changes when the model does: configs and weight file names and sizes (not their bytes,
     which would mean reading gigabytes). Hub ids are fingerprinted by their resolved commit, so a new revision of
-    the model never reuses latents cached for the old one."""
-    path = Path(local_model_path(model, storage_options))
+    the model never reuses latents cached for the old one. ``model``: a local folder or a Hub id."""
+    path = Path(model.removeprefix("file://")).expanduser()
     if not path.is_dir():
         commit = hub_commit or hub_snapshot(model, revision)[0]
         return hashlib.sha256(f"hub:{model}@{commit}".encode()).hexdigest()[:16]
@@ -180,9 +125,10 @@ def model_fingerprint(model: str, storage_options: dict | None = None, revision:
     return digest.hexdigest()[:16]
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_options: dict | None = None, *,
-                  revision: str | None = None, variant: str | None = None) -> Any:
-    """``StableDiffusionPipeline.from_pretrained`` on a local folder, hub id or object-store URL, moved to device."""
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, *, revision: str | None = None,
+                  variant: str | None = None) -> Any:
+    """``StableDiffusionPipeline.from_pretrained`` on a local folder or Hub id, moved to device (object-store
+    folders are copied to a local folder first: ``model_source.local_model_path``)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -190,11 +136,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_
     # Workers' output reaches the driver's log: no loading progress bars there.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    try:
-        source = local_model_path(model, storage_options)
-    except OSError as exc:  # this node cannot hold the copy (disk full, read-only cache folder)
-        raise ModelLoadError(f"cannot load model {model!r}: copying it to {MODEL_CACHE_DIR} failed: "
-                             f"{type(exc).__name__}: {exc}") from exc
+    source = model.removeprefix("file://")
     check_model(source, revision=revision)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -209,4 +151,3 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, storage_
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     return pipe
-

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ddim_worker import loops, sampler
-from ddim_worker import schedule as sch
-from ddim_worker.edit_types import RowWork
-from ddim_worker.inversion import InversionMethod, parse_method
-from ddim_worker.sampler import Trajectory
+from ddim_worker.core import loops, sampler
+from ddim_worker.core import schedule as sch
+from ddim_worker.core.edit_types import RowWork
+from ddim_worker.core.inversion import InversionMethod, parse_method
+from ddim_worker.core.sampler import Trajectory
 
 if TYPE_CHECKING:
-    from ddim_worker.group_state import GroupRun
+    from ddim_worker.core.group_state import GroupRun
 
 def invert_unique(run: GroupRun) -> None:
     """Fill every row's trajectory up to tau[s] as the plan says: stored ones as they are, the plan's inversion
@@ -103,7 +103,7 @@ def null_text(run: GroupRun) -> dict[int, torch.Tensor]:
 def optimize_null_text(run: GroupRun, need: list[int], iterations: int) -> tuple[torch.Tensor, int]:
     """Null-text embeddings (n - s, B, L, D) for these rows, optimised against their trajectories (through the
     model adapter's ``conditional``, on the adapter's denoiser)."""
-    from ddim_worker.null_text import optimize_null_text as optimize
+    from ddim_worker.core.null_text import optimize_null_text as optimize
 
     model, rows = run.model, [run.rows[i] for i in need]
     trajectories = [run.work[i].trajectory for i in need]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ddim_worker.edit_types import EditRow, RowWork
-from ddim_worker.group_plan import GroupPlan
-from ddim_worker.model_adapter import ModelAdapter
-from ddim_worker.sampler import Schedule
+from ddim_worker.core.edit_types import EditRow, RowWork
+from ddim_worker.core.group_plan import GroupPlan
+from ddim_worker.core.model_adapter import ModelAdapter
+from ddim_worker.core.sampler import Schedule
 
 
 @dataclass

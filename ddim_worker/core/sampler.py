@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ddim_worker import schedule as sch
+from ddim_worker.core import schedule as sch
 
 Denoiser = Callable[[torch.Tensor, int, Any], torch.Tensor]
 NoiseSource = Callable[[int], torch.Tensor]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ddim_worker.token_alignment import WORD_SWAP, TokenMap
+from ddim_worker.core.token_alignment import WORD_SWAP, TokenMap
 
 
 def replaced_steps(fraction: float, sampled_steps: int) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ddim_worker.inversion import parse_method
+from ddim_worker.core.inversion import parse_method
 
 #: The latent cache's format: 2, levels stored in the engine's dtype (bf16 on a GPU: half the bytes of fp32), under
 #: 3-hex-digit prefix folders. Part of every entry's digest, so entries of another format are never read.

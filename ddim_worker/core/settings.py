@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ddim_worker.inversion import parse_method
+from ddim_worker.core.inversion import parse_method
 
 
 class SettingError(ValueError):

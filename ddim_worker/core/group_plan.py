@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ddim_worker import masks as M
-from ddim_worker.attention_control import CallControl, RowControl, step_control
-from ddim_worker.call_plan import (InversionCall, RowNeeds, SamplingCall, chunks, plan_inversions,
+from ddim_worker.core import masks as M
+from ddim_worker.core.attention_control import CallControl, RowControl, step_control
+from ddim_worker.core.call_plan import (InversionCall, RowNeeds, SamplingCall, chunks, plan_inversions,
                                    plan_sampling)
-from ddim_worker.edit_types import EditRow, source_key
-from ddim_worker.inversion import parse_method
-from ddim_worker.sampler import Schedule
+from ddim_worker.core.edit_types import EditRow, source_key
+from ddim_worker.core.inversion import parse_method
+from ddim_worker.core.sampler import Schedule
 
 Riders = dict[int, tuple[bool, list[int]]]
 

@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ddim_worker import loops, sampler
-from ddim_worker import masks as M
-from ddim_worker.attention_control import CallControl, replaced_steps
-from ddim_worker.edit_types import EditOutput
-from ddim_worker.group_plan import CallStep
-from ddim_worker.inversion_steps import share
-from ddim_worker.trajectory_guides import TrajectoryGuide
+from ddim_worker.core import loops, sampler
+from ddim_worker.core import masks as M
+from ddim_worker.core.attention_control import CallControl, replaced_steps
+from ddim_worker.core.edit_types import EditOutput
+from ddim_worker.core.group_plan import CallStep
+from ddim_worker.core.inversion_steps import share
+from ddim_worker.core.trajectory_guides import TrajectoryGuide
 
 if TYPE_CHECKING:
-    from ddim_worker.group_state import GroupRun
+    from ddim_worker.core.group_state import GroupRun
 
 
 def sample_plan(run: GroupRun, steps: Sequence[CallStep], uncond_steps: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -89,7 +89,7 @@ def _guide(run: GroupRun, step: CallStep) -> TrajectoryGuide:
 def measure_fidelity(run: GroupRun, outputs: list[EditOutput], uncond_steps: dict[int, torch.Tensor]) -> None:
     """Resample each inversion with its *source* prompt (the plan's ``fidelity`` calls) and compare with the input:
     how faithful it was."""
-    from ddim_worker.metrics import latent_mse, psnr, ssim
+    from ddim_worker.core.metrics import latent_mse, psnr, ssim
 
     x0_rec = sample_plan(run, run.plan.fidelity, uncond_steps)
     reconstructions = run.model.decode(x0_rec)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ddim_worker.attention_control import StepControl, controlled_attention
+from ddim_worker.core.attention_control import StepControl, controlled_attention
 
 
 @dataclass

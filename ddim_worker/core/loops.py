@@ -9,13 +9,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ddim_worker import sampler
-from ddim_worker import schedule as sch
-from ddim_worker.attention_control import CallControl, StepControl
-from ddim_worker.denoiser import Conditioning
-from ddim_worker.edit_types import validate_settings
-from ddim_worker.model_adapter import ModelAdapter
-from ddim_worker.sampler import Callback, Trajectory
+from ddim_worker.core import sampler
+from ddim_worker.core import schedule as sch
+from ddim_worker.core.attention_control import CallControl, StepControl
+from ddim_worker.core.denoiser import Conditioning
+from ddim_worker.core.edit_types import validate_settings
+from ddim_worker.core.model_adapter import ModelAdapter
+from ddim_worker.core.sampler import Callback, Trajectory
 
 
 @torch.inference_mode()

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from ddim_worker import schedule as sch
-from ddim_worker.sampler import Schedule, Trajectory
+from ddim_worker.core import schedule as sch
+from ddim_worker.core.sampler import Schedule, Trajectory
 
 EpsFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 

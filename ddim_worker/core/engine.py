@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddim_worker import loops
-from ddim_worker.attention_control import CallControl, RowControl
-from ddim_worker.denoiser import Conditioning, GuidedUNet
-from ddim_worker.edit_types import (EditOutput, EditRow, PromptTruncatedWarning, RowWork, Stats, pixels_digest,
+from ddim_worker.core import loops
+from ddim_worker.core.attention_control import CallControl, RowControl
+from ddim_worker.core.denoiser import Conditioning, GuidedUNet
+from ddim_worker.core.edit_types import (EditOutput, EditRow, PromptTruncatedWarning, RowWork, Stats, pixels_digest,
                                     source_key, to_cpu, validate_settings)
-from ddim_worker.group_run import edit_group
-from ddim_worker.model_adapter import CONVERTIBLE_MODES, PROMPT_CACHE_SIZE, ModelAdapter
-from ddim_worker.models import choose_device, choose_dtype, load_pipeline, model_fingerprint
-from ddim_worker.sampler import Callback, Denoiser, Schedule, Trajectory
-from ddim_worker.settings import ENGINE_DEFAULTS
+from ddim_worker.core.group_run import edit_group
+from ddim_worker.core.model_adapter import CONVERTIBLE_MODES, PROMPT_CACHE_SIZE, ModelAdapter
+from ddim_worker.core.models import choose_device, choose_dtype, load_pipeline, model_fingerprint
+from ddim_worker.core.sampler import Callback, Denoiser, Schedule, Trajectory
+from ddim_worker.core.settings import ENGINE_DEFAULTS
 
 __all__ = ["CONVERTIBLE_MODES", "PROMPT_CACHE_SIZE", "EditEngine", "EditOutput", "EditRow", "PromptTruncatedWarning",
            "validate_settings"]
@@ -56,13 +56,14 @@ class EditEngine:
 
     @classmethod
     def from_pretrained(cls, model: str, *, device: str = "auto", dtype: str = ENGINE_DEFAULTS.dtype,
-                        size: int = ENGINE_DEFAULTS.size, storage_options: dict | None = None,
+                        size: int = ENGINE_DEFAULTS.size,
                         revision: str | None = None, variant: str | None = None, **kwargs: Any) -> EditEngine:
-        """Load the pipeline once (local folder, hub id or ``s3://`` folder); bf16/fp16 on CUDA, fp32 on CPU."""
+        """Load the pipeline once (local folder or Hub id: ``model_source.local_model_path`` copies an ``s3://``
+        folder to one); bf16/fp16 on CUDA, fp32 on CPU."""
         torch_device = choose_device(device)
         torch_dtype = choose_dtype(dtype, torch_device)
-        pipe = load_pipeline(model, torch_device, torch_dtype, storage_options, revision=revision, variant=variant)
-        fingerprint = model_fingerprint(model, storage_options, revision=revision)
+        pipe = load_pipeline(model, torch_device, torch_dtype, revision=revision, variant=variant)
+        fingerprint = model_fingerprint(model, revision=revision)
         return cls(pipe, size=size, fingerprint=fingerprint, **kwargs)
 
     # -- the model adapter's state, as the engine's ----------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ddim_worker import masks as M
-from ddim_worker.attention_control import RowControl
-from ddim_worker import inversion_steps, mask_step, sampling_steps
-from ddim_worker.edit_types import EditOutput, EditRow, to_cpu
-from ddim_worker.group_plan import plan_group
-from ddim_worker.group_state import GroupRun
-from ddim_worker.model_adapter import ModelAdapter
+from ddim_worker.core import masks as M
+from ddim_worker.core.attention_control import RowControl
+from ddim_worker.core import inversion_steps, mask_step, sampling_steps
+from ddim_worker.core.edit_types import EditOutput, EditRow, to_cpu
+from ddim_worker.core.group_plan import plan_group
+from ddim_worker.core.group_state import GroupRun
+from ddim_worker.core.model_adapter import ModelAdapter
 
 
 def edit_group(model: ModelAdapter, rows: list[EditRow], num_steps: int, start_step: int, eta: float,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddim_worker.regions import image_regions, otsu_threshold
+from ddim_worker.core.regions import image_regions, otsu_threshold
 
 #: Noise levels of the noisings, as fractions of the training timesteps (DiffEdit uses 0.5 on SD 1.x), and seeded
 #: noisings at each (DiffEdit: 10 at one level). On the shapes model a background edit's signal sits on the background

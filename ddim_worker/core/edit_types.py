@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from ddim_worker.core import masks as M
-from ddim_worker.core.attention_control import RowControl
+from ddim_worker.core.call_plan import RowNeeds
 from ddim_worker.core.inversion import InversionMethod, parse_method
 from ddim_worker.core.inversion_key import InversionKey
 from ddim_worker.core.sampler import Trajectory
@@ -78,6 +79,11 @@ class EditRow:
     def guided(self) -> bool:
         """Whether the row's sampling runs both CFG halves (guidance scale != 1)."""
         return float(self.guidance_scale) != 1.0
+
+    @property
+    def group(self) -> tuple[int, int, float]:
+        """Rows with equal groups are planned and sampled together: (steps, the level sampling starts from, eta)."""
+        return int(self.num_steps), self.sampling_start, float(self.eta)
 
     def inversion_key(self) -> InversionKey:
         """Rows with equal keys invert to the same trajectory, so a batch inverts them once (``inversion_key``)."""
@@ -141,15 +147,21 @@ def validate_settings(num_steps: Any, start_step: Any, guidance_scale: Any = DEF
                  inversion_guidance=inversion_guidance, eta=eta)
 
 
-def source_key(row: EditRow, control: RowControl | None, eta: float) -> tuple | None:
+def source_key(row: EditRow, key: InversionKey | None = None) -> Hashable | None:
     """Rows with equal keys share one source branch: same trajectory and the same sampling of the source prompt.
-    None: the row needs none (no attention control, no direct inversion)."""
-    if not (row.method.direct or (control is not None and control.active)):
-        return None
+    None: the row needs none (no attention control, no direct inversion). ``key``: the row's inversion key, where its
+    image is not read yet (the job packs rows into tasks before fetching them)."""
     method = row.method
-    return row.inversion_key().source_key(row.guidance_scale, method.unconditional_prompt(row.source_prompt,
-                                                                                           row.negative_prompt),
-                                          method.direct, int(row.seed) if eta > 0 else None)
+    if not (method.direct or row.controlled):
+        return None
+    return (key or row.inversion_key()).source_key(row.guidance_scale,
+                                                   method.unconditional_prompt(row.source_prompt, row.negative_prompt),
+                                                   method.direct, int(row.seed) if float(row.eta) > 0 else None)
+
+
+def call_needs(row: EditRow, key: InversionKey | None = None) -> RowNeeds:
+    """What the call planner reads of a row: whether its calls are guided, and the source branch it shares."""
+    return RowNeeds(row.guided, source_key(row, key))
 
 
 def to_cpu(trajectory: Trajectory, dtype: torch.dtype) -> Trajectory:

@@ -28,8 +28,7 @@ from PIL import Image
 from ddim_worker.core import loops
 from ddim_worker.core.attention_control import CallControl, RowControl
 from ddim_worker.core.denoiser import Conditioning, GuidedUNet
-from ddim_worker.core.edit_types import (EditOutput, EditRow, PromptTruncatedWarning, RowWork, Stats, pixels_digest,
-                                    source_key, to_cpu, validate_settings)
+from ddim_worker.core.edit_types import (EditOutput, EditRow, PromptTruncatedWarning, validate_settings)
 from ddim_worker.core.group_run import edit_group
 from ddim_worker.core.model_adapter import CONVERTIBLE_MODES, PROMPT_CACHE_SIZE, ModelAdapter
 from ddim_worker.core.models import choose_device, choose_dtype, load_pipeline, model_fingerprint
@@ -39,8 +38,6 @@ from ddim_worker.core.settings import ENGINE_DEFAULTS
 __all__ = ["CONVERTIBLE_MODES", "PROMPT_CACHE_SIZE", "EditEngine", "EditOutput", "EditRow", "PromptTruncatedWarning",
            "validate_settings"]
 
-# Former private names, kept for callers of the one-module engine.
-_RowWork, _Stats, _pixels_digest, _source_key, _to_cpu = RowWork, Stats, pixels_digest, source_key, to_cpu
 
 
 class EditEngine:
@@ -145,7 +142,7 @@ class EditEngine:
                 raise ValueError(f"row {i}: {exc}") from None
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault((int(row.num_steps), row.sampling_start, float(row.eta)), []).append(i)
+            groups.setdefault(row.group, []).append(i)
         outputs: list[EditOutput | None] = [None] * len(rows)
         for (num_steps, start_step, eta), index in groups.items():
             for i, out in zip(index, edit_group(self.model, [rows[i] for i in index], num_steps, start_step, eta,

@@ -13,7 +13,7 @@ from ddim_worker.core import masks as M
 from ddim_worker.core.attention_control import CallControl, RowControl, step_control
 from ddim_worker.core.call_plan import (InversionCall, RowNeeds, SamplingCall, chunks, plan_inversions,
                                    plan_sampling)
-from ddim_worker.core.edit_types import EditRow, source_key
+from ddim_worker.core.edit_types import EditRow, call_needs
 from ddim_worker.core.inversion import parse_method
 from ddim_worker.core.sampler import Schedule
 
@@ -114,7 +114,7 @@ def plan_group(rows: Sequence[EditRow], schedule: Schedule, start_step: int, eta
             by_iterations.setdefault(rows[i].method.param, []).append(i)
     mask_rows = tuple(i for i, r in enumerate(rows) if r.mask == "auto")
     mask_calls = plan_sampling([RowNeeds(False, rows[i].inversion_key()) for i in mask_rows], batch_size)
-    sampling = plan_sampling([RowNeeds(r.guided, source_key(r, c, eta)) for r, c in zip(rows, controls)],
+    sampling = plan_sampling([call_needs(r) for r in rows],
                              batch_size, riders)
     null_text = tuple((it, tuple(part)) for it, group in by_iterations.items() for part in chunks(group, batch_size))
     plan = GroupPlan(schedule.num_steps, start_step, stored, tuple(tuple(m) for m in todo.values()),

@@ -227,9 +227,9 @@ class EngineSettings:
     batch_size: int | None = option(None, "rows per engine call (default: on a GPU from its free memory, else "
                                           f"{DEFAULT_BATCH_SIZE['cpu']})", group="performance", minimum=1,
                                     maximum=4096)
-    calls_per_task: int = option(4, "engine batches an actor edits per task: the unique inversions of all its rows "
-                                    "fill model calls of their own, and so do the edits, so a partial call happens "
-                                    "once per task", group="performance", minimum=1, maximum=64)
+    calls_per_task: int = option(4, "engine calls an actor edits per task: the job packs whole images into tasks "
+                                    "whose sampling calls fill, and a task's unique inversions fill calls of their "
+                                    "own", group="performance", minimum=1, maximum=64)
     attention: str = option("sdpa", "attention kernel: sdpa (fused) or math (explicit matmul + softmax)",
                             group="performance", choices=("sdpa", "math"))
     channels_last: bool = option(False, "NHWC convolutions in the UNet and the VAE", group="performance")

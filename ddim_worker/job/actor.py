@@ -24,6 +24,7 @@ from ddim_worker.core.inversion import parse_method
 from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
 from ddim_worker.model_source import local_model_path
 from ddim_worker.rows import FAILED, PENDING
+from ddim_worker.job.task_packing import drop_fillers
 from ddim_worker.core.settings import SETTING_NAMES, EngineSettings
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class EditActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch -> engine requests -> outputs -> the engine's columns (declared in ``columns``) on the batch."""
+        batch = drop_fillers(batch)
         n = len(batch["id"])
         pending = [i for i in range(n) if (batch["status"][i] or PENDING) == PENDING]
         started, samples = time.perf_counter(), self.engine.unet_samples

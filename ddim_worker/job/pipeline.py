@@ -8,6 +8,8 @@ set here, where ``map_batches`` is called; the actor and the stages know nothing
 
 from __future__ import annotations
 
+import dataclasses
+
 from ddim_worker.job.cluster import EnginePlan
 from ddim_worker.job.config import JobConfig
 from ddim_worker.job.source import SourceContext, read_rows
@@ -36,12 +38,15 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
     finally:
         context.enable_progress_bars = False
     # One row group per task call: its rows (embedded images included) are read once, validated, sorted so that rows
-    # sharing an inversion are neighbours.
-    ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
-    # Blocks of one engine batch: a task's outputs are merged into one block, so without this the engine actor would
-    # get a whole row group per call and hand nothing on until it had edited all of it (streaming, no shuffle).
+    # sharing an inversion are neighbours, and cut into engine tasks whose calls fill (``task_packing``): blocks of
+    # exactly ``rows_per_call`` rows, filler rows included.
     batch_size = plan.batch_size
     rows_per_call = batch_size * config.engine.calls_per_task
+    source_ctx = dataclasses.replace(source_ctx, batch_size=batch_size, calls_per_task=config.engine.calls_per_task)
+    ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
+    # Blocks of one engine task: a read task's outputs are merged into one block, so without this the engine actor
+    # would get a whole row group per call and hand nothing on until it had edited all of it (streaming, no shuffle).
+    # The read stage's blocks hold whole tasks, so these blocks are its tasks.
     ds = ds.repartition(target_num_rows_per_block=rows_per_call)
     # Fetching is I/O-bound: half a CPU per task lets two run per core. It also keeps the stage apart from the engine
     # actors (Ray Data fuses stages with equal resources), so engine actors never wait on the network.
@@ -82,6 +87,7 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
 def record_rows(source_ctx: SourceContext, ctx: StageContext):
     """The rows ``source_ctx`` selects, straight into results shards (no engine): rows left when a job stops early."""
     ds = descriptor_dataset(source_ctx.source.descriptors())
-    ds = ds.map_batches(read_rows, fn_kwargs={"ctx": source_ctx}, batch_size=1, batch_format="numpy")
+    unpacked = dataclasses.replace(source_ctx, batch_size=None)  # no engine tasks: no filler rows
+    ds = ds.map_batches(read_rows, fn_kwargs={"ctx": unpacked}, batch_size=1, batch_format="numpy")
     return ds.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=MAX_RECORD_ROWS, batch_format="numpy",
                           num_cpus=0.25)

@@ -37,7 +37,9 @@ from ddim_worker.manifest import (
     row_settings,
 )
 from ddim_worker.rows import FAILED, PENDING, SKIPPED, RowError, is_missing, text_or_none
+from ddim_worker.core.inversion_key import SEPARATOR, InversionKey
 from ddim_worker.core.settings import EditSettings
+from ddim_worker.job.task_packing import FILLER, pack_tasks
 
 #: Footers read at once when a manifest has many files (object stores answer in parallel).
 FOOTER_THREADS = 16
@@ -208,6 +210,14 @@ class SourceContext:
     done: Any = None  # a DoneSet (or an ObjectRef of one): the ids whose latest result is ok, and their inputs
     finished: Any = None  # bool per manifest row (or an ObjectRef): rows that already have a result
     not_run: str | None = None  # record the rows left as skipped, with this reason, instead of running them
+    # Rows cut into engine tasks of ``calls_per_task`` calls of ``batch_size`` rows (``task_packing``); None: as read
+    batch_size: int | None = None
+    calls_per_task: int = 1
+
+    @property
+    def task_rows(self) -> int | None:
+        """Rows per engine task (filler rows included), or None when the rows are not packed into tasks."""
+        return self.batch_size * self.calls_per_task if self.batch_size else None
 
 
 @dataclass(frozen=True)
@@ -290,18 +300,26 @@ ROW_FIELDS = tuple(c.name for c in current().where(stage=SOURCE, results=True)
                    if c.name not in ("status", "error_code", "error"))
 
 
-def inversion_order(values: Mapping[str, Any], image_digest: str | None) -> str:
-    """Rows with equal keys share an inversion: sorting by the text of their one inversion key
-    (``inversion_key.InversionKey``; ddim and direct alike) puts them next to each other, so they land in one engine
-    batch and are inverted once. A row whose settings do not parse (it fails) sorts by its raw values."""
-    from ddim_worker.core.inversion_key import SEPARATOR, InversionKey
-
-    fields = (values.get("image_url") or image_digest or "", values.get("source_prompt"), values.get("negative_prompt"),
-              values.get("num_steps"), values.get("inversion_guidance"), values.get("inversion"), values.get("seed"))
+def row_inversion_key(values: Mapping[str, Any], image_digest: str | None) -> InversionKey | None:
+    """The row's one inversion key (``inversion_key.InversionKey``; ddim and direct alike) from its image URL (or
+    embedded image's digest) and settings; None for a row whose settings do not parse (it fails)."""
     try:
-        return InversionKey.of(*fields).sort_text()
+        return InversionKey.of(*_key_fields(values, image_digest))
     except (TypeError, ValueError):
-        return SEPARATOR.join(str(v) for v in fields)
+        return None
+
+
+def _key_fields(values: Mapping[str, Any], image_digest: str | None) -> tuple:
+    return (values.get("image_url") or image_digest or "", values.get("source_prompt"), values.get("negative_prompt"),
+            values.get("num_steps"), values.get("inversion_guidance"), values.get("inversion"), values.get("seed"))
+
+
+def inversion_order(values: Mapping[str, Any], image_digest: str | None) -> str:
+    """Rows with equal keys share an inversion: sorting by the text of their one inversion key puts them next to
+    each other, so they land in one engine task and are inverted once. A row whose settings do not parse sorts by
+    its raw values."""
+    key = row_inversion_key(values, image_digest)
+    return key.sort_text() if key is not None else SEPARATOR.join(str(v) for v in _key_fields(values, image_digest))
 
 
 #: Rows sorted together by inversion key: a row group is read in slices of this many rows, so a task's memory stays
@@ -348,12 +366,26 @@ def _rows_to_do(table: pa.Table, first_row: int, ctx: SourceContext, done: Any,
                 continue  # finished by an earlier run from these inputs: its result row is in an earlier shard
             elif ctx.not_run:
                 record.update(status=SKIPPED, error=ctx.not_run)
+        key = row_inversion_key(row.values, row.values.get("image_digest"))
         record["inversion_key"] = inversion_order(row.values, row.values.get("image_digest"))
-        out.append(record)
+        out.append((record, key))
     if not out:
         return None
-    out.sort(key=lambda r: (r["inversion_key"], r["manifest_row"]))
-    return {name: np.array([r[name] for r in out], dtype=object) for name in out[0]}
+    out.sort(key=lambda pair: (pair[0]["inversion_key"], pair[0]["manifest_row"]))
+    records = [record for record, _ in out]
+    if ctx.task_rows:
+        names = list(records[0])
+        records = pack_tasks(records, [key for _, key in out], ctx.task_rows, ctx.batch_size, ctx.calls_per_task,
+                             lambda: filler_record(names))
+    return {name: np.array([r[name] for r in records], dtype=object) for name in records[0]}
+
+
+def filler_record(names: list[str]) -> dict[str, Any]:
+    """A row that holds an engine task's place (``task_packing``): no id, no image, status ``filler``."""
+    record: dict[str, Any] = dict.fromkeys(names)
+    record.update(id="", manifest_row=-1, status=FILLER, error_code="", error="", embedded_image=b"", carried=b"",
+                  inversion_key="")
+    return record
 
 
 def find_duplicates(manifest_rows: np.ndarray, hashes: np.ndarray) -> dict[int, int]:

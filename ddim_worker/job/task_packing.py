@@ -1,0 +1,118 @@
+"""Rows into engine tasks whose model calls fill, so reproducible bytes cost little padding.
+
+Every engine call is padded to the batch size (a row's bytes must not depend on its neighbours), and an actor task
+edits ``calls_per_task`` calls' worth of rows. Cut at a fixed number of rows, a task would split an image's rows
+(each side then samples its own source branch) and end on a partial call. Here the read stage cuts its sorted rows
+into tasks of exactly ``task_rows`` rows, holding whole images (rows that share an inversion) as long as their
+sampling calls fit in ``calls_per_task`` calls, and fills the rest with *filler* rows: they hold a task's place
+through the stream and the engine actor drops them. Blocks of ``task_rows`` rows then are the engine's tasks.
+
+The calls are counted by the engine's own planner (``call_plan.plan_sampling`` over ``edit_types.call_needs``),
+so the packing follows the engine's rules: guided and unguided rows in calls of their own, one source branch per
+image with attention control or direct inversion, rows of other (steps, start, eta) groups apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+from ddim_worker.core.call_plan import RowNeeds, plan_sampling
+from ddim_worker.core.edit_types import EditRow, call_needs
+from ddim_worker.core.inversion_key import InversionKey
+from ddim_worker.core.settings import SETTING_NAMES
+from ddim_worker.rows import PENDING
+
+#: The status of a row that only holds a task's place: the engine actor drops it, nothing records it.
+FILLER = "filler"
+
+#: Images looked at past the next one for one that fills a task's last free rows (rows of one image stay together).
+LOOKAHEAD_UNITS = 16
+
+Needs = tuple[tuple[Hashable, RowNeeds], ...]  # (group, needs) per row of a unit
+
+
+def pending_needs(record: Mapping[str, Any], key: InversionKey) -> tuple[Hashable, RowNeeds]:
+    """(its engine group, what the call planner reads of it) for a row to edit, before its image is read."""
+    row = EditRow(None, str(record["source_prompt"]), str(record["edit_prompt"]),  # type: ignore[arg-type]
+                  **{name: record[name] for name in SETTING_NAMES})
+    return row.group, call_needs(row, key)
+
+
+def calls_of(needs: Sequence[tuple[Hashable, RowNeeds]], batch_size: int) -> int:
+    """The sampling calls the engine plans for these rows (each group and kind apart)."""
+    groups: dict[Hashable, list[RowNeeds]] = {}
+    for group, need in needs:
+        groups.setdefault(group, []).append(need)
+    return sum(len(plan_sampling(members, batch_size)) for members in groups.values())
+
+
+def pack_tasks(records: list[dict[str, Any]], keys: Sequence[InversionKey | None], task_rows: int, batch_size: int,
+               calls_per_task: int, filler: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` (sorted so that rows sharing an inversion are neighbours) in tasks of exactly ``task_rows`` rows.
+
+    ``keys``: each row's inversion key (None: a row not to edit, which costs no call). A task takes whole images
+    while their calls fit in ``calls_per_task``; an image too large for one task is cut into task-sized pieces.
+    The rows of every task are followed by ``filler()`` rows up to ``task_rows``.
+    """
+    units = _units(records, keys)
+    out: list[dict[str, Any]] = []
+    while units:
+        task: list[tuple[list[dict[str, Any]], Needs]] = []
+        rows, needs = 0, ()
+        i = 0
+        while i < len(units) and i <= LOOKAHEAD_UNITS and rows < task_rows:
+            members, unit_needs = units[i]
+            fits = rows + len(members) <= task_rows and (
+                not unit_needs or calls_of(needs + unit_needs, batch_size) <= calls_per_task)
+            if fits:
+                task.append(units.pop(i))
+                rows, needs = rows + len(members), needs + unit_needs
+            elif not task:  # one image larger than a task: its first task-sized piece
+                piece = _piece(members, unit_needs, task_rows, batch_size, calls_per_task)
+                units[i] = (members[piece:], unit_needs[piece:])
+                task.append((members[:piece], unit_needs[:piece]))
+                break
+            else:
+                i += 1
+        for members, _ in task:
+            out += members
+        out += [filler() for _ in range(task_rows - sum(len(m) for m, _ in task))]
+    return out
+
+
+def _units(records: list[dict[str, Any]], keys: Sequence[InversionKey | None]) -> list[tuple[list[dict], Needs]]:
+    """Consecutive rows sharing an inversion key as one unit; a row not to edit is a unit of its own, needing no call."""
+    units: list[tuple[list[dict], Needs]] = []
+    last: InversionKey | None = None
+    for record, key in zip(records, keys):
+        if key is None or (record.get("status") or PENDING) != PENDING:
+            units.append(([record], ()))
+            last = None
+            continue
+        need = pending_needs(record, key)
+        if key == last:
+            members, needs = units[-1]
+            units[-1] = (members + [record], needs + (need,))
+        else:
+            units.append(([record], (need,)))
+        last = key
+    return units
+
+
+def _piece(members: list[dict], needs: Needs, task_rows: int, batch_size: int, calls_per_task: int) -> int:
+    """How many of an oversized unit's first rows fill one task (at least one)."""
+    n = 1
+    while (n < len(members) and n + 1 <= task_rows
+           and calls_of(needs[:n + 1], batch_size) <= calls_per_task):
+        n += 1
+    return n
+
+
+def drop_fillers(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its filler rows (the engine actor's first step: fillers end there)."""
+    status = batch["status"]
+    keep = [i for i in range(len(status)) if status[i] != FILLER]
+    if len(keep) == len(status):
+        return batch
+    return {name: values[keep] for name, values in batch.items()}

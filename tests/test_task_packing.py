@@ -110,3 +110,15 @@ def test_filler_rows_never_reach_the_results(tiny_model_path, tmp_path):
             for i in range(images)]
     run(write_manifest(rows, str(tmp_path / "m.parquet")), str(tmp_path / "out"), tiny_model_path, report=False)
     assert sorted(r["id"] for r in result_rows(str(tmp_path / "out"))) == [f"f{i}" for i in range(images)]
+
+
+def test_the_quick_count_of_plain_rows_is_the_planners():
+    """Rows without a source branch: the packer counts their calls without planning them; the count must be the
+    engine planner's, guided and unguided rows apart, at every batch size."""
+    from ddim_worker.core.call_plan import RowNeeds, plan_sampling
+
+    rng = np.random.default_rng(0)
+    for n in range(0, 40):
+        members = [RowNeeds(bool(g)) for g in rng.integers(0, 2, n)]
+        for batch in (1, 2, 3, 4, 8):
+            assert calls_of([("g", m) for m in members], batch) == len(plan_sampling(members, batch))

@@ -44,7 +44,14 @@ def calls_of(needs: Sequence[tuple[Hashable, RowNeeds]], batch_size: int) -> int
     groups: dict[Hashable, list[RowNeeds]] = {}
     for group, need in needs:
         groups.setdefault(group, []).append(need)
-    return sum(len(plan_sampling(members, batch_size)) for members in groups.values())
+    return sum(_calls(members, batch_size) for members in groups.values())
+
+
+def _calls(members: list[RowNeeds], batch_size: int) -> int:
+    if all(need.source_key is None for need in members):  # rows alone fill calls in order: the planner's count
+        guided = sum(need.guided for need in members)
+        return -(-guided // batch_size) + -(-(len(members) - guided) // batch_size)
+    return len(plan_sampling(members, batch_size))
 
 
 def pack_tasks(records: list[dict[str, Any]], keys: Sequence[InversionKey | None], task_rows: int, batch_size: int,

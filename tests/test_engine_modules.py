@@ -67,3 +67,36 @@ def test_the_plan_is_pure_and_charges_each_row():
     assert step.prompts == ("a cat", "a dog", "a fox") and step.pinned == (0,) and step.corrected == ((1, 0), (2, 0))
     assert step.control is None and not step.masked and not step.null_text
     assert all(p == ("a cat",) * len(p) for p in [s.prompts for s in plan.fidelity])
+
+
+def test_the_denoiser_runs_each_calls_layout_as_planned(tiny_model_path, monkeypatch):
+    """The executor reads every call's padding and doubling from the plan (inversion, mask and sampling calls), not
+    the engine's batch size: a plan widened to 6 rows a call runs calls of 6 (12 when doubled), and a plan that says
+    unguided for a guided row is refused, not silently doubled."""
+    from dataclasses import replace
+
+    from ddim_worker.core import group_run
+
+    engine = EditEngine.from_pretrained(str(tiny_model_path), size=64, batch_size=4)
+    planned = group_run.plan_group
+
+    def widened(*args, **kwargs):
+        plan = planned(*args, **kwargs)
+        return replace(plan, inversions=tuple(replace(c, pad_to=6) for c in plan.inversions),
+                       mask_calls=tuple(replace(c, pad_to=6) for c in plan.mask_calls),
+                       steps=tuple(replace(s, call=replace(s.call, pad_to=6)) for s in plan.steps))
+
+    monkeypatch.setattr(group_run, "plan_group", widened)
+    image = np.full((64, 64, 3), 120, np.uint8)
+    sizes = dict(engine.guided_unet.call_sizes)
+    engine.edit([EditRow(image, "a cat", "a dog", num_steps=4, start_step=1, mask="auto")])
+    ran = {size for size, n in engine.guided_unet.call_sizes.items() if n > sizes.get(size, 0)}
+    assert ran == {6, 12}, ran  # unguided mask calls (6), guided inversion and sampling (12)
+
+    def unguided(*args, **kwargs):
+        plan = planned(*args, **kwargs)
+        return replace(plan, steps=tuple(replace(s, call=replace(s.call, guided=False)) for s in plan.steps))
+
+    monkeypatch.setattr(group_run, "plan_group", unguided)
+    with pytest.raises(ValueError, match="planned unguided"):
+        engine.edit([EditRow(image, "a cat", "a dog", num_steps=4, start_step=1)])

@@ -62,9 +62,21 @@ def test_plain_rows_fill_tasks_without_fillers():
 
 
 def test_an_image_larger_than_a_task_is_cut_into_task_sized_pieces():
+    """40 controlled edits of one image: pieces of 12 (4 calls of a source and 3 edits) while more rows are left
+    than a task holds; the last 16 stay whole (an image whose rows fit a task is never cut)."""
     tasks = _pack(_records(1, 40, cross_replace=0.5))
-    assert [sum(r["status"] == PENDING for r in t) for t in tasks] == [12, 12, 12, 4]
-    assert all(_calls(t) <= CALLS for t in tasks)
+    assert [sum(r["status"] == PENDING for r in t) for t in tasks] == [12, 12, 16]
+    assert [_calls(t) for t in tasks] == [CALLS, CALLS, 6]
+
+
+def test_an_image_whose_rows_fit_a_task_is_never_cut():
+    """One call a task, batch 2: a ddim row and a direct row of one image need 2 calls, but share one inversion
+    only in one task, so they stay together."""
+    records = [{**r, "inversion": method} for method in ("ddim", "direct") for r in _records(2, 1)]
+    records.sort(key=lambda r: row_inversion_key(r, None).sort_text())
+    keys = [row_inversion_key(r, None) for r in records]
+    packed = pack_tasks(records, keys, 2, 2, 1, lambda: {"status": FILLER, "id": ""})
+    assert [{r["image_url"] for r in packed[i:i + 2]} for i in (0, 2)] == [{"p0.png"}, {"p1.png"}]
 
 
 def test_rows_not_to_edit_take_free_rows_and_no_call():

@@ -55,6 +55,11 @@ class SamplingCall:
         return max(self.pad_to or 0, len(self.branches) + len(self.riders))
 
     @property
+    def shape(self) -> tuple[int | None, bool]:
+        """What the denoiser runs (``model_adapter.Layout``): (rows per CFG half after padding, both halves)."""
+        return self.pad_to, self.guided
+
+    @property
     def unet_rows(self) -> int:
         """UNet samples per step: the padded size, doubled when guided."""
         return self.size * (2 if self.guided else 1)
@@ -185,6 +190,12 @@ class InversionCall:
     from_level: int  # n: from x0; less: continuing a stored, shallower trajectory from its deepest level
     method: str  # the inversion method of the trajectory (``InversionMethod.trajectory``)
     guided: bool  # inversion guidance != 1
+    pad_to: int | None = None  # rows per CFG half after padding (None: no padding)
+
+    @property
+    def shape(self) -> tuple[int | None, bool]:
+        """What the denoiser runs (``model_adapter.Layout``): (rows per CFG half after padding, both halves)."""
+        return self.pad_to, self.guided
 
 
 def plan_inversions(leaders: Sequence[int], from_levels: Sequence[int], methods: Sequence[str],
@@ -194,5 +205,5 @@ def plan_inversions(leaders: Sequence[int], from_levels: Sequence[int], methods:
     kinds: dict[tuple[int, str, bool], list[int]] = {}
     for i, level, method, g in zip(leaders, from_levels, methods, guided):
         kinds.setdefault((level, method, g), []).append(i)
-    return [InversionCall(tuple(part), level, method, g) for (level, method, g), rows in kinds.items()
+    return [InversionCall(tuple(part), level, method, g, batch_size) for (level, method, g), rows in kinds.items()
             for part in chunks(rows, batch_size)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,16 +28,23 @@ class Conditioning:
     guidance: torch.Tensor
     # Attention control of this call at this step (Prompt-to-Prompt), in the call's rows; None: plain attention.
     control: StepControl | None = None
+    # The call's layout as planned (``call_plan``): rows per CFG half after padding, and whether it runs both halves.
+    # None: worked out here (calls outside a plan: the engine's ``invert``/``sample``, a caller's own loop).
+    pad_to: int | None = None
+    doubled: bool | None = None
 
     @property
     def guided(self) -> bool:
+        """Whether the call runs both CFG halves: the plan's word where it has one, else any row's scale != 1."""
+        if self.doubled is not None:
+            return self.doubled
         return bool((self.guidance != 1).any())
 
     def rows(self, index: torch.Tensor | list[int]) -> Conditioning:
         return Conditioning(self.text[index], self.uncond[index], self.guidance[index])
 
     def with_control(self, control: StepControl | None) -> Conditioning:
-        return Conditioning(self.text, self.uncond, self.guidance, control)
+        return replace(self, control=control)
 
 
 class GuidedUNet:
@@ -66,10 +73,13 @@ class GuidedUNet:
         """``t``: one timestep, or one per row (a call whose rows sit at different levels: inversions riding beside
         sampling, ``call_plan``)."""
         rows = x.shape[0]
-        if self.pad_to is not None and rows < self.pad_to:
-            x, cond = pad_rows(x, self.pad_to), Conditioning(
-                pad_rows(cond.text, self.pad_to), pad_rows(cond.uncond, self.pad_to),
-                pad_rows(cond.guidance, self.pad_to, value=1.0), cond.control)
+        pad_to = cond.pad_to if cond.pad_to is not None else self.pad_to  # the plan's layout, where it has one
+        if cond.doubled is False and bool((cond.guidance != 1).any()):
+            raise ValueError("a call planned unguided carries rows with a guidance scale != 1")
+        if pad_to is not None and rows < pad_to:
+            x, cond = pad_rows(x, pad_to), replace(
+                cond, text=pad_rows(cond.text, pad_to), uncond=pad_rows(cond.uncond, pad_to),
+                guidance=pad_rows(cond.guidance, pad_to, value=1.0))
         # Doubled only when a row uses guidance: the engine puts guided and unguided rows in calls of their own, so
         # the call's shape (pad_to, or twice that) still depends on the row alone.
         guided = cond.guided
@@ -96,7 +106,7 @@ class GuidedUNet:
         eps_uncond, eps_text = out.float().chunk(2)
         w = cond.guidance.to(device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
         eps = eps_uncond + w * (eps_text - eps_uncond)
-        if self.pad_to is not None:  # w = 1 rows: exactly the text branch, as in an unguided call
+        if pad_to is not None:  # w = 1 rows: exactly the text branch, as in an unguided call
             eps = torch.where(w == 1, eps_text, eps)
         return eps[:rows].to(x.dtype)
 

@@ -13,6 +13,7 @@ from ddim_worker.core import loops, sampler
 from ddim_worker.core import schedule as sch
 from ddim_worker.core.edit_types import RowWork
 from ddim_worker.core.inversion import InversionMethod, parse_method
+from ddim_worker.core.model_adapter import Layout
 from ddim_worker.core.sampler import Trajectory
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def invert_unique(run: GroupRun) -> None:
         work[i].trajectory, work[i].cache_hit = rows[i].cached, True
     encode_riders(run, plan.riders)
     for call in plan.inversions:
-        run_inversion(run, call.rows, call.from_level, parse_method(call.method))
+        run_inversion(run, call.rows, call.from_level, parse_method(call.method), call.shape)
     for members in plan.shares:
         if members[0] not in plan.riders:
             share(work, members)
@@ -61,8 +62,10 @@ def forward_noise(x0: torch.Tensor, seeds: Sequence[int], schedule: sampler.Sche
     return Trajectory([sampler.CLEAN_TIMESTEP, schedule.label(start_step)], torch.stack([x0, noisy]))
 
 
-def run_inversion(run: GroupRun, members: Sequence[int], from_level: int, method: InversionMethod) -> None:
-    """One inversion call: the members' trajectories from x0 (encoded now) or from their stored deepest level."""
+def run_inversion(run: GroupRun, members: Sequence[int], from_level: int, method: InversionMethod,
+                  layout: Layout = None) -> None:
+    """One inversion call: the members' trajectories from x0 (encoded now) or from their stored deepest level;
+    ``layout``: the call's as planned (``call_plan.InversionCall.layout``)."""
     model, schedule, start_step = run.model, run.schedule, run.start_step
     batch = [run.rows[i] for i in members]
     if from_level == schedule.num_steps:
@@ -76,7 +79,7 @@ def run_inversion(run: GroupRun, members: Sequence[int], from_level: int, method
     else:
         new = loops.invert(model, x, [r.source_prompt for r in batch], [r.negative_prompt for r in batch],
                            [r.inversion_guidance for r in batch], schedule.num_steps, start_step,
-                           from_level=from_level, refine=method.refine)
+                           from_level=from_level, refine=method.refine, layout=layout)
     if prefix is not None:
         new = Trajectory(batch[0].cached.timesteps + new.timesteps[1:],
                          torch.cat([prefix.to(new.latents), new.latents[1:]]))

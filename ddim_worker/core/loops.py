@@ -6,6 +6,7 @@ call's free rows. Each validates its settings, encodes its prompts once and call
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -14,17 +15,18 @@ from ddim_worker.core import schedule as sch
 from ddim_worker.core.attention_control import CallControl, StepControl
 from ddim_worker.core.denoiser import Conditioning
 from ddim_worker.core.edit_types import validate_settings
-from ddim_worker.core.model_adapter import ModelAdapter
+from ddim_worker.core.model_adapter import Layout, ModelAdapter
 from ddim_worker.core.sampler import Callback, Trajectory
 
 
 @torch.inference_mode()
 def invert(model: ModelAdapter, x: torch.Tensor, source_prompts: Sequence[str], negative_prompts: Sequence[str],
            guidance: Sequence[float], num_steps: int, start_step: int, from_level: int | None = None,
-           refine: int = 0) -> Trajectory:
-    """Invert latents ``x`` (at ``from_level``, default x0) up to level ``tau[start_step]``: n - s steps from x0."""
+           refine: int = 0, layout: Layout = None) -> Trajectory:
+    """Invert latents ``x`` (at ``from_level``, default x0) up to level ``tau[start_step]``: n - s steps from x0.
+    ``layout``: the call's planned (rows per CFG half, doubled), read by the denoiser (``Conditioning``)."""
     validate_settings(num_steps, start_step, 0.0, min(guidance, default=0.0))
-    cond = model.conditioning(source_prompts, negative_prompts, guidance)
+    cond = model.conditioning(source_prompts, negative_prompts, guidance, layout)
     return sampler.invert(model.denoise, x.to(model.device, torch.float32), model.schedule(num_steps), cond,
                           to_level=start_step, from_level=from_level, refine=refine)
 
@@ -38,7 +40,7 @@ def _with_uncond(cond: Conditioning, uncond_steps: dict[int, torch.Tensor] | Non
         for row, embeds in uncond_steps.items():
             uncond[row] = embeds[k].to(uncond)
     at_step: StepControl | None = control.at(k) if control is not None else None
-    return Conditioning(cond.text, uncond, cond.guidance, at_step)
+    return replace(cond, uncond=uncond, control=at_step)
 
 
 def _noise_source(model: ModelAdapter, shape: torch.Size, seeds: Sequence[int] | None, eta: float):
@@ -59,7 +61,8 @@ def _noise_source(model: ModelAdapter, shape: torch.Size, seeds: Sequence[int] |
 def sample(model: ModelAdapter, x: torch.Tensor, prompts: Sequence[str], negative_prompts: Sequence[str],
            guidance: Sequence[float], num_steps: int, start_step: int = 0, seeds: Sequence[int] | None = None,
            eta: float = 0.0, uncond_steps: dict[int, torch.Tensor] | None = None,
-           control: CallControl | None = None, callback: Callback | None = None) -> torch.Tensor:
+           control: CallControl | None = None, callback: Callback | None = None,
+           layout: Layout = None) -> torch.Tensor:
     """DDIM-sample latents ``x`` at level ``tau[start_step]`` down to x0 (start_step 0 and noise: text-to-image).
 
     ``uncond_steps`` maps a row to its per-step unconditional embeddings (n - s, L, D) (null-text inversion).
@@ -67,7 +70,7 @@ def sample(model: ModelAdapter, x: torch.Tensor, prompts: Sequence[str], negativ
     return new latents after each step (``trajectory_guides``).
     """
     validate_settings(num_steps, start_step, min(guidance, default=0.0), 0.0, eta)
-    cond = model.conditioning(prompts, negative_prompts, guidance)
+    cond = model.conditioning(prompts, negative_prompts, guidance, layout)
     cond_at = None
     if uncond_steps or control is not None:
         def cond_at(i: int) -> Conditioning:

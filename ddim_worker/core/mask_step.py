@@ -11,6 +11,7 @@ import torch
 from ddim_worker.core import masks as M
 from ddim_worker.core import sampler
 from ddim_worker.core import schedule as sch
+from ddim_worker.core.model_adapter import Layout
 
 if TYPE_CHECKING:
     from ddim_worker.core.group_state import GroupRun
@@ -29,7 +30,7 @@ def find_masks(run: GroupRun) -> None:
     pixel_change: dict[int, np.ndarray] = {}
     for call in run.plan.mask_calls:
         branches = [(index[b.row], b) for b in call.branches]
-        for i, latent, pixel in _call_changes(run, branches):
+        for i, latent, pixel in _call_changes(run, branches, call.shape):
             latent_change[i] = latent_change[i] + latent if i in latent_change else latent
             pixel_change[i] = pixel_change[i] + pixel if i in pixel_change else pixel
     pixels = model.input_pixels([rows[i].image for i in index])
@@ -39,14 +40,14 @@ def find_masks(run: GroupRun) -> None:
         work[i].latent_mask = M.latent_mask(work[i].mask, tuple(latent_change[i].shape))
 
 
-def _call_changes(run: GroupRun, branches: list) -> list[tuple[int, torch.Tensor, np.ndarray]]:
+def _call_changes(run: GroupRun, branches: list, layout: Layout) -> list[tuple[int, torch.Tensor, np.ndarray]]:
     """One mask call's (row, latent change, pixel change) per edit branch and noising, each divided by the draws."""
     rows, work, model, schedule = run.rows, run.work, run.model, run.schedule
     noisings = M.noisings(schedule.timesteps, int(model.scheduler_config.get("num_train_timesteps", 1000)))
     x0 = torch.cat([work[i].trajectory.at(sampler.CLEAN_TIMESTEP) for i, _ in branches])
     x0 = x0.to(model.device, torch.float32)
     prompts = [rows[i].source_prompt if b.is_source else rows[i].edit_prompt for i, b in branches]
-    cond = model.conditioning(prompts, [rows[i].negative_prompt for i, _ in branches], [1.0] * len(branches))
+    cond = model.conditioning(prompts, [rows[i].negative_prompt for i, _ in branches], [1.0] * len(branches), layout)
     out = []
     for level, seed in noisings:
         t, alpha = schedule.timesteps[level], float(schedule.alphas[level])

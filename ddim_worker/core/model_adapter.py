@@ -28,6 +28,9 @@ from ddim_worker.core.token_alignment import align_tokens
 #: Distinct prompt strings kept encoded; a job reuses a few source prompts many times, so this rarely evicts.
 PROMPT_CACHE_SIZE = 4096
 
+#: A call's layout as its plan has it: (rows per CFG half after padding, whether it runs both halves); None: none.
+Layout = tuple[int | None, bool] | None
+
 #: PIL modes the engine converts to RGB itself; anything else (16-bit, float) must go through ``images.decode_image``.
 CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr"}
 
@@ -117,11 +120,14 @@ class ModelAdapter:
                 warnings.warn(f"prompt of {n_tokens} tokens truncated to the text encoder's {limit}: "
                               f"{prompt[:60]!r}...", PromptTruncatedWarning, stacklevel=4)
 
-    def conditioning(self, prompts: Sequence[str], negative_prompts: Sequence[str],
-                     guidance: Sequence[float]) -> Conditioning:
+    def conditioning(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance: Sequence[float],
+                     layout: Layout = None) -> Conditioning:
+        """The call's conditioning; ``layout``: its planned (rows per CFG half, doubled), which the denoiser runs."""
         embeds = self.encode_prompts(list(prompts) + list(negative_prompts))
         n = len(prompts)
-        return Conditioning(embeds[:n], embeds[n:], torch.tensor([float(g) for g in guidance], device=self.device))
+        pad_to, doubled = layout if layout is not None else (None, None)
+        return Conditioning(embeds[:n], embeds[n:], torch.tensor([float(g) for g in guidance], device=self.device),
+                            pad_to=pad_to, doubled=doubled)
 
     def row_control(self, row: EditRow) -> RowControl | None:
         """The row's attention control (its token map from the two prompts), or None without control."""

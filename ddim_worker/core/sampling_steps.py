@@ -44,7 +44,7 @@ def sample_plan(run: GroupRun, steps: Sequence[CallStep], uncond_steps: dict[int
             if not branches:
                 continue
         else:
-            out = loops.sample(run.model, *args, control=step.control, callback=callback)
+            out = loops.sample(run.model, *args, control=step.control, callback=callback, layout=step.call.shape)
         if x0 is None:
             x0 = torch.empty((len(run.rows), *out.shape[1:]), dtype=out.dtype, device=out.device)
         for j, b in enumerate(branches):
@@ -62,7 +62,7 @@ def _ride(run: GroupRun, step: CallStep, x: torch.Tensor, prompts: list[str], ne
     work, model = run.work, run.model
     lead = list(step.call.riders)
     cond = model.conditioning(prompts + list(step.rider_prompts), negative_prompts + list(step.rider_negative_prompts),
-                              guidance + list(step.rider_guidance))
+                              guidance + list(step.rider_guidance), step.call.shape)
     z = torch.cat([work[i].x0 for i in lead]).to(model.device, torch.float32)
     x, new = loops.sample_with_riders(model, x, z, cond, num_steps, start_step, seeds, eta, uncond_steps, control,
                                       callback)

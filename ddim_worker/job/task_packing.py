@@ -59,7 +59,8 @@ def pack_tasks(records: list[dict[str, Any]], keys: Sequence[InversionKey | None
     """``records`` (sorted so that rows sharing an inversion are neighbours) in tasks of exactly ``task_rows`` rows.
 
     ``keys``: each row's inversion key (None: a row not to edit, which costs no call). A task takes whole images
-    while their calls fit in ``calls_per_task``; an image too large for one task is cut into task-sized pieces.
+    while their calls fit in ``calls_per_task``; an image whose rows fit a task is never cut (alone in a task, it may
+    take more calls); one with more rows than a task is cut into task-sized pieces.
     The rows of every task are followed by ``filler()`` rows up to ``task_rows``.
     """
     units = _units(records, keys)
@@ -71,11 +72,11 @@ def pack_tasks(records: list[dict[str, Any]], keys: Sequence[InversionKey | None
         while i < len(units) and i <= LOOKAHEAD_UNITS and rows < task_rows:
             members, unit_needs = units[i]
             fits = rows + len(members) <= task_rows and (
-                not unit_needs or calls_of(needs + unit_needs, batch_size) <= calls_per_task)
-            if fits:
-                task.append(units.pop(i))
+                not task or not unit_needs or calls_of(needs + unit_needs, batch_size) <= calls_per_task)
+            if fits:  # (the first image of a task always fits while its rows do: one inversion for it is worth
+                task.append(units.pop(i))  # more than a call over the task's count)
                 rows, needs = rows + len(members), needs + unit_needs
-            elif not task:  # one image larger than a task: its first task-sized piece
+            elif not task:  # one image with more rows than a task: its first task-sized piece
                 piece = _piece(members, unit_needs, task_rows, batch_size, calls_per_task)
                 units[i] = (members[piece:], unit_needs[piece:])
                 task.append((members[:piece], unit_needs[:piece]))

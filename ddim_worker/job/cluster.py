@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ddim_worker import failpoints
 from ddim_worker.job.config import JobConfig
 from ddim_worker.core.settings import DEFAULT_BATCH_SIZE
 
@@ -40,7 +41,12 @@ def init_ray(config: JobConfig) -> None:
         # A local instance gets a few logical CPUs more than the machine has: the I/O-bound stages (reading, fetching,
         # writing) hold CPU slots while they wait, and on a 2-core machine the stream would otherwise stall with the
         # reading task and the engine actor holding every slot.
-        extra = {"num_cpus": (os.cpu_count() or 1) + LOCAL_EXTRA_CPUS} if address == "local" else {}
+        extra: dict = {"num_cpus": (os.cpu_count() or 1) + LOCAL_EXTRA_CPUS} if address == "local" else {}
+        # Failpoints asked of this driver reach the workers of a cluster it joins (a local instance's workers
+        # inherit the driver's environment anyway).
+        asked = {k: os.environ[k] for k in (failpoints.ENV, failpoints.DIR_ENV) if os.environ.get(k)}
+        if asked and address != "local":
+            extra["runtime_env"] = {"env_vars": asked}
         # Workers' warnings (fetch retries, unreadable cache entries, engine fallbacks) reach `ray job logs`.
         ray.init(address=address, log_to_driver=True, **extra)
     # Ray Data's operator progress, for people watching a job's log (is the GPU starved? which stage lags?): a

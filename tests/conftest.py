@@ -50,9 +50,9 @@ def ray_address(ray_session) -> str:
     """The session's Ray (its GCS address) for subprocess drivers: ``RAY_ADDRESS=<this>`` in their environment makes
     ``jobs/edit.py`` join it instead of starting a local Ray of its own (a second or two instead of ten or more).
 
-    Only for drivers whose faults are the driver's own: workers keep the environment the session's Ray started with,
-    so a failpoint (``DDIM_EDIT_FAILPOINTS``) set for the subprocess reaches its driver and none of its workers, and
-    a driver that starts its own Ray takes its workers down with it, where the session's outlive it briefly.
+    Workers keep the environment the session's Ray started with, except the failpoints (``DDIM_EDIT_FAILPOINTS``),
+    which a driver that joins passes on to its job's workers (``cluster.init_ray``); a driver killed here leaves its
+    job's workers to Ray, which outlive it briefly (a driver with its own Ray takes them down with it).
     """
     import ray
 

@@ -19,6 +19,10 @@ RAY_INIT_KWARGS: dict[str, Any] = dict(
     log_to_driver=True,
     configure_logging=True,
     logging_level="WARNING",
+    # Every worker imports the engine actor's and the stages' modules (torch, diffusers) as it starts, before it
+    # takes work: a job's first tasks and its engine actor do not wait on seconds of imports in the stream.
+    _system_config={"preload_python_modules": ["ddim_worker.job.actor", "ddim_worker.job.stages",
+                                               "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"]},
 )
 
 

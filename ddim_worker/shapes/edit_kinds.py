@@ -2,7 +2,7 @@
 
 - **colour**: only the shape's colour changes. Success: the shape's pixels have the new colour; background PSNR
   (pixels more than 2 px from the shape) and shape IoU (pixels unlike the background vs the scene's mask) say what
-  was kept.
+  was kept; the share of the outline band still in the old colour says whether a fringe was left.
 - **shape**: only the shape changes (circle, square, triangle). Success: the largest area of pixels unlike the
   background has the new shape (``shape_class``: the best-overlapping template in its bounding box); background PSNR
   away from both the old and the new outline; the shape's colour kept; that area's centroid shift (px) and area
@@ -10,7 +10,9 @@
 - **background**: only the background colour changes. Success: the background (pixels more than 3 px from the
   shape) has the new colour; the shape's colour kept, shape PSNR (pixels well inside the shape, edited vs input) and
   shape IoU (against the new background) say what was kept; flatness: PSNR of the background against the flat
-  target colour (textured or noisy backgrounds score low).
+  target colour (textured or noisy backgrounds score low); the kept shape's area ratio (pixels unlike the new
+  background, largest area, over the input's) and the share of the ring 2-4 px outside the shape that took the new
+  background say whether the shape grew or left a halo.
 
 Everything here is pure NumPy over the scene's description: no model.
 """
@@ -91,7 +93,8 @@ def judge(kind: str, image: np.ndarray, source: np.ndarray, scene: S.Scene, targ
         seg = S.segment(image, scene.background)
         return {"success": S.shape_colour(image, m) == target.colour, "bg_psnr": S.psnr(image, source,
                                                                                          ~S._dilate(m, 2)),
-                "iou": float((seg & m).sum() / max(1, (seg | m).sum()))}
+                "iou": float((seg & m).sum() / max(1, (seg | m).sum())),
+                "edge_old_colour": edge_old_colour(image, m, scene)}
     if kind == "shape":
         seg = largest_blob(S.segment(image, scene.background))  # the shape, without specks elsewhere
         away = ~S._dilate(m | S.mask(target), 2)
@@ -110,8 +113,26 @@ def judge(kind: str, image: np.ndarray, source: np.ndarray, scene: S.Scene, targ
                 "colour_kept": S.shape_colour(image, m) == scene.colour,
                 "shape_psnr": S.psnr(image, source, S._erode(m, 2) if S._erode(m, 2).any() else m),
                 "iou": float((seg & m).sum() / max(1, (seg | m).sum())),
-                "flatness": S.psnr(image, flat, outer)}
+                "flatness": S.psnr(image, flat, outer),
+                "area_ratio": float(largest_blob(seg).sum() / max(1, m.sum())),
+                "ring_new_background": ring_new_background(image, m, target)}
     raise ValueError(f"edit kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def ring_new_background(image: np.ndarray, m: np.ndarray, target: S.Scene) -> float:
+    """Background edits: the share of the ring 2-4 px outside the shape that takes the new background (a grown
+    shape or a halo at the outline lowers it)."""
+    ring = S._dilate(m, 4) & ~S._dilate(m, 1)
+    return float((~S.segment(image, target.background))[ring].mean()) if ring.any() else math.nan
+
+
+def edge_old_colour(image: np.ndarray, m: np.ndarray, scene: S.Scene) -> float:
+    """Colour edits: the share of the outline band (1 px either side of the shape's edge) whose nearest palette
+    colour (shape colours and the background) is still the shape's old colour: a fringe left by the edit."""
+    band = S._dilate(m, 1) & ~S._erode(m, 1)
+    palette = {**S.COLOURS, "background": S.BACKGROUNDS[scene.background]}
+    old = [S.nearest(px, palette) == scene.colour for px in image[band].astype(np.float32)]
+    return float(np.mean(old)) if old else math.nan
 
 
 def changed_region(kind: str, scene: S.Scene, target: S.Scene) -> np.ndarray:

@@ -56,7 +56,10 @@ def test_regions_vote_with_their_mean_change_so_the_mask_has_the_images_edges():
     assert weights.shape == (1, 8, 8) and float(weights.max()) == 1.0 and 0 < float(weights[0, 3, 2]) < 1
     edited = np.zeros_like(image)
     pasted = M.paste_back(edited, image, mask)
-    assert np.array_equal(pasted[disc], image[disc]) and not pasted[~disc].any()
+    # the input where the mask keeps it, but its outline band (PASTE_MARGIN px) and the masked region from the edit
+    kept = ~M.grow(mask, M.PASTE_MARGIN)
+    assert kept.sum() < disc.sum() and np.array_equal(pasted[kept], image[kept]) and not pasted[~kept].any()
+    assert not pasted[disc & ~kept].any()  # the disc's outside ring of pixels: the edit's
     assert M.mask_image(mask).dtype == np.uint8 and set(np.unique(M.mask_image(mask))) == {0, 255}
 
 

@@ -14,7 +14,8 @@
 3. **Keeping the rest**: while sampling, the latents outside the mask (its coverage of each latent cell) are blended
    back to the inverted trajectory at every step of the first ``BLEND_FRACTION`` of the sampled steps
    (``trajectory_guides``), so the edit takes shape around the kept layout; after decoding, the pixels outside the
-   mask are the input's (:func:`paste_back`). Blending to the end fights the edit in a VAE whose latents carry their
+   mask, less a 1 px band along its edge, are the input's (:func:`paste_back`: an anti-aliased outline is a region
+   of its own, and pasted from the input it left a fringe of the old colour around recoloured shapes). Blending to the end fights the edit in a VAE whose latents carry their
    neighbours' context (the shapes model's): kept latents say "red circle on white" and the freed region stays red
    (colour edits succeeded in 0.71 of scenes with blending at every step, 0.96 with it for the first half), and
    the same VAE would redraw the kept region in its new surroundings without the paste. Since the rest is kept,
@@ -103,9 +104,24 @@ def latent_mask(mask: np.ndarray, latent_size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(pixels, latent_size)[0]
 
 
+#: The paste takes this many pixels outside the mask from the edit too: the mask is a union of the input's regions,
+#: and an anti-aliased outline is a region of blended colours of its own; pasted from the input it leaves a fringe of
+#: the old colour around a recoloured shape.
+PASTE_MARGIN = 1
+
+
 def paste_back(edited: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The edited image inside the mask, the input outside it; uint8 (H, W, 3)."""
-    return np.where(mask[..., None], edited, source)
+    """The edited image inside the mask (and ``PASTE_MARGIN`` pixels around it), the input elsewhere; uint8 (H, W, 3)."""
+    return np.where(grow(mask, PASTE_MARGIN)[..., None], edited, source)
+
+
+def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """``mask`` grown by ``pixels`` (4-neighbour steps)."""
+    out = np.asarray(mask, bool)
+    for _ in range(pixels):
+        p = np.pad(out, 1)
+        out = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    return out
 
 
 def mask_image(mask: np.ndarray) -> np.ndarray:

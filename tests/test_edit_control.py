@@ -155,7 +155,8 @@ def test_refinement_is_chosen_when_the_prompts_tokenise_to_different_lengths(eng
 
 def test_a_masked_background_edit_keeps_the_shape_to_the_pixel(engine):
     """mask auto: the mask is the background (the region the edit prompt changes, with the image's own edges), the
-    pixels outside it (less a 1 px band along its edge) are the input's, and its cost is counted: DRAWS predictions per edit and per image."""
+    pixels outside it (less a 1 px band along its edge) are the input's, and its cost is counted: DRAWS predictions
+    per edit and per image."""
     rng = np.random.default_rng(3)
     scenes = [S.random_scene(rng, renderer="pil", r_range=(12.0, 20.0)) for _ in range(3)]
     rows = [_row(sc, sc.with_(background=[b for b in S.BACKGROUNDS if b != sc.background][0]).caption, mask="auto")

@@ -12,7 +12,7 @@ from PIL import Image
 from ddim_worker.core.engine import EditEngine, EditRow
 from ddim_worker.core.settings import DEFAULTS
 from ddim_worker.job.source import row_inversion_key
-from ddim_worker.job.task_packing import FILLER, calls_of, pack_tasks, pending_needs
+from ddim_worker.job.task_packing import FILLER, calls_of, inversion_kind, pack_tasks, padding_of, pending_needs
 from ddim_worker.rows import FAILED, PENDING
 from tests.jobkit import picture, png_path, run, write_manifest
 
@@ -52,6 +52,18 @@ def test_controlled_images_of_three_edits_fill_every_call():
         assert sum(r["status"] == PENDING for r in task) == 12 and _calls(task) == CALLS
     seen = [image for task in tasks for image in _images(task)]
     assert len(seen) == len(set(seen)) == 24
+
+
+def test_a_task_gives_back_an_image_whose_inversion_would_pad_a_call():
+    """Plain images of 3 edits, inverted unguided: 5 images fit 4 sampling calls but invert in 2 calls (4 + 1 padded
+    to 4); 4 images fill 3 sampling calls and 1 inversion call, so a task takes 4 and nothing is padded."""
+    tasks = _pack(_records(24, 3, inversion_guidance=1.0))
+    assert [sum(r["status"] == PENDING for r in t) for t in tasks] == [12] * 6
+    for task in tasks:
+        real = [r for r in task if r["status"] == PENDING]
+        needs = [pending_needs(r, row_inversion_key(r, None)) for r in real]
+        kinds = [inversion_kind(r) for r in real if r["edit_prompt"].endswith(" 0")]
+        assert padding_of(needs, kinds, B) == 0
 
 
 def test_plain_rows_fill_tasks_without_fillers():

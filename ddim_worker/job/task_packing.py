@@ -14,6 +14,7 @@ image with attention control or direct inversion, rows of other (steps, start, e
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -29,14 +30,27 @@ FILLER = "filler"
 #: Images looked at past the next one for one that fills a task's last free rows (rows of one image stay together).
 LOOKAHEAD_UNITS = 16
 
+#: Images a task may give back to the next one when that leaves its calls less padded.
+TRIM_UNITS = 4
+
 Needs = tuple[tuple[Hashable, RowNeeds], ...]  # (group, needs) per row of a unit
 
 
 def pending_needs(record: Mapping[str, Any], key: InversionKey) -> tuple[Hashable, RowNeeds]:
     """(its engine group, what the call planner reads of it) for a row to edit, before its image is read."""
-    row = EditRow(None, str(record["source_prompt"]), str(record["edit_prompt"]),  # type: ignore[arg-type]
-                  **{name: record[name] for name in SETTING_NAMES})
+    row = _row(record)
     return row.group, call_needs(row, key)
+
+
+def inversion_kind(record: Mapping[str, Any]) -> Hashable:
+    """Inversions of one kind share calls: (engine group, guided while inverting)."""
+    row = _row(record)
+    return row.group, float(row.inversion_guidance) != 1.0
+
+
+def _row(record: Mapping[str, Any]) -> EditRow:
+    return EditRow(None, str(record["source_prompt"]), str(record["edit_prompt"]),  # type: ignore[arg-type]
+                   **{name: record[name] for name in SETTING_NAMES})
 
 
 def calls_of(needs: Sequence[tuple[Hashable, RowNeeds]], batch_size: int) -> int:
@@ -45,6 +59,29 @@ def calls_of(needs: Sequence[tuple[Hashable, RowNeeds]], batch_size: int) -> int
     for group, need in needs:
         groups.setdefault(group, []).append(need)
     return sum(_calls(members, batch_size) for members in groups.values())
+
+
+def padding_of(needs: Sequence[tuple[Hashable, RowNeeds]], inversions: Sequence[Hashable], batch_size: int) -> int:
+    """UNet rows a step that padding costs: the planner's sampling calls for ``needs`` and one inversion call per
+    ``batch_size`` inversions of a kind (``inversions``: one kind per unique inversion; riding is not counted)."""
+    groups: dict[Hashable, list[RowNeeds]] = {}
+    for group, need in needs:
+        groups.setdefault(group, []).append(need)
+    pad = 0
+    for members in groups.values():
+        if all(need.source_key is None for need in members):
+            guided = sum(need.guided for need in members)
+            pad += 2 * _gap(guided, batch_size) + _gap(len(members) - guided, batch_size)
+        else:
+            pad += sum((call.size - len(call.branches)) * (2 if call.guided else 1)
+                       for call in plan_sampling(members, batch_size))
+    for (_, guided), n in Counter(inversions).items():
+        pad += _gap(n, batch_size) * (2 if guided else 1)
+    return pad
+
+
+def _gap(n: int, batch_size: int) -> int:
+    return -(-n // batch_size) * batch_size - n
 
 
 def _calls(members: list[RowNeeds], batch_size: int) -> int:
@@ -83,6 +120,8 @@ def pack_tasks(records: list[dict[str, Any]], keys: Sequence[InversionKey | None
                 break
             else:
                 i += 1
+        keep = _least_padding(task, batch_size)
+        units[:0], task = task[keep:], task[:keep]  # images left out start the next task
         for members, _ in task:
             out += members
         out += [filler() for _ in range(task_rows - sum(len(m) for m, _ in task))]
@@ -106,6 +145,19 @@ def _units(records: list[dict[str, Any]], keys: Sequence[InversionKey | None]) -
             units.append(([record], (need,)))
         last = key
     return units
+
+
+def _least_padding(task: list[tuple[list[dict], Needs]], batch_size: int) -> int:
+    """How many of the task's first images to keep: the cut (of the last ``TRIM_UNITS``) whose calls pad least per
+    edited row, the longest of equals (5 plain images of 3 edits at batch 4 pad an inversion call; 4 pad none)."""
+    best, keep = None, len(task)
+    for k in range(len(task), max(len(task) - TRIM_UNITS, 1) - 1, -1):
+        needs = [n for _, unit_needs in task[:k] for n in unit_needs]
+        kinds = [inversion_kind(members[0]) for members, unit_needs in task[:k] if unit_needs]
+        cost = padding_of(needs, kinds, batch_size) / max(len(needs), 1)
+        if best is None or cost < best - 1e-9:
+            best, keep = cost, k
+    return keep
 
 
 def _piece(members: list[dict], needs: Needs, task_rows: int, batch_size: int, calls_per_task: int) -> int:

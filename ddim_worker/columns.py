@@ -255,6 +255,20 @@ class RowSchema:
                 return column
         raise KeyError(name)
 
+    def restore_nulls(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` with every declared non-float column that arrived as all-NaN floats back to nulls. Ray Data reads
+        a block's all-null column (a block of rows that failed before their settings were read) as NaN floats; passed
+        on as floats, that block no longer concatenates with blocks whose column holds text or integers."""
+        out = dict(batch)
+        for name, values in batch.items():
+            column = next((c for c in self.columns if c.name == name), None)
+            if (column is None or column.type is None or pa.types.is_floating(column.type)
+                    or not isinstance(values, np.ndarray) or values.dtype.kind != "f" or values.ndim != 1):
+                continue
+            if np.isnan(values).all():
+                out[name] = np.full(len(values), None, dtype=object)
+        return out
+
     def where(self, **conditions: Any) -> tuple[Column, ...]:
         """The columns whose attributes equal ``conditions`` (``stage=ENGINE``, ``results=True``...)."""
         return tuple(c for c in self.columns if all(getattr(c, k) == v for k, v in conditions.items()))

@@ -84,3 +84,18 @@ def test_engine_rows_take_every_setting_with_its_default():
 
     fields = {f.name: f.default for f in dataclasses.fields(EditRow)}
     assert {name: fields.get(name) for name in SETTING_NAMES} == DEFAULTS.as_dict()
+
+
+def test_an_all_null_column_read_back_as_nan_floats_is_null_again():
+    """Ray Data reads a block's all-null text or integer column as NaN floats; the stages make it null again, so the
+    block still concatenates with blocks that hold text there (float columns keep their NaN)."""
+    import numpy as np
+
+    from ddim_worker.columns import current
+
+    batch = {"negative_prompt": np.full(3, np.nan, np.float32), "num_steps": np.full(3, np.nan),
+             "psnr": np.full(3, np.nan), "source_prompt": np.array(["a", None, "b"], dtype=object)}
+    out = current().restore_nulls(batch)
+    assert out["negative_prompt"].dtype == object and list(out["negative_prompt"]) == [None] * 3
+    assert list(out["num_steps"]) == [None] * 3
+    assert out["psnr"].dtype.kind == "f" and out["source_prompt"] is batch["source_prompt"]

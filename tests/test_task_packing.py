@@ -91,6 +91,13 @@ def test_an_image_whose_rows_fit_a_task_is_never_cut():
     assert [{r["image_url"] for r in packed[i:i + 2]} for i in (0, 2)] == [{"p0.png"}, {"p1.png"}]
 
 
+def test_rows_not_to_edit_go_with_the_rows_to_edit():
+    """Rows that failed before their image was read cost nothing: they are not left in a task of their own."""
+    failed = [{**r, "id": f"bad{i}", "status": FAILED} for i, r in enumerate(_records(4, 1))]
+    tasks = _pack(failed + _records(1, 1))
+    assert len(tasks) == 1 and sum(r["status"] == FAILED for r in tasks[0]) == 4
+
+
 def test_rows_not_to_edit_take_free_rows_and_no_call():
     records = _records(4, 3, cross_replace=0.8)
     failed = [{**r, "id": f"bad{i}", "status": FAILED} for i, r in enumerate(_records(4, 1))]

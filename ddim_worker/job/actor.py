@@ -90,7 +90,7 @@ class EditActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch -> engine requests -> outputs -> the engine's columns (declared in ``columns``) on the batch."""
-        batch = drop_fillers(batch)
+        batch = self.schema.restore_nulls(drop_fillers(batch))
         n = len(batch["id"])
         pending = [i for i in range(n) if (batch["status"][i] or PENDING) == PENDING]
         started, samples = time.perf_counter(), self.engine.unet_samples

@@ -133,6 +133,7 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     is marked done without fetching anything: it is recorded, not recomputed.
     """
     ensure_worker_logging()
+    batch = ctx.schema.restore_nulls(batch)
     n = len(batch["id"])
     names = [k for k in batch if k != "embedded_image"]
     out: dict[str, list] = {
@@ -285,6 +286,7 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
     bytes go on to the results shard when it embeds them (``--embed-images``, or ``--no-save-images``: the packed
     dataset then takes them from there).
     """
+    batch = ctx.schema.restore_nulls(batch)
     writes = _Writes(batch, ctx)
     for i in range(writes.n):
         started = time.perf_counter()
@@ -396,6 +398,7 @@ def write_results(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
     )
     from ddim_worker.job.source import carried_table
 
+    batch = ctx.schema.restore_nulls(batch)
     n = len(batch["id"])
     rows = results_columns(batch, n, ctx.dtype, ctx.schema, ctx.generation)
     table = pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in ctx.results_schema

@@ -154,6 +154,8 @@ def _least_padding(task: list[tuple[list[dict], Needs]], batch_size: int) -> int
     for k in range(len(task), max(len(task) - TRIM_UNITS, 1) - 1, -1):
         needs = [n for _, unit_needs in task[:k] for n in unit_needs]
         kinds = [inversion_kind(members[0]) for members, unit_needs in task[:k] if unit_needs]
+        if not needs and k < len(task):  # rows not to edit ride along with the task's images, never alone
+            continue
         cost = padding_of(needs, kinds, batch_size) / max(len(needs), 1)
         if best is None or cost < best - 1e-9:
             best, keep = cost, k

@@ -173,11 +173,9 @@ def _erode(m: np.ndarray, k: int) -> np.ndarray:
 
 
 def _dilate(m: np.ndarray, k: int) -> np.ndarray:
-    out = m.copy()
-    for _ in range(k):
-        p = np.pad(out, 1)
-        out = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-    return out
+    from ddim_worker.core.masks import grow
+
+    return grow(m, k)
 
 
 def segment(image: np.ndarray, background: str, thresh: float = 60.0) -> np.ndarray:

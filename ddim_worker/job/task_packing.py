@@ -55,20 +55,22 @@ def _row(record: Mapping[str, Any]) -> EditRow:
 
 def calls_of(needs: Sequence[tuple[Hashable, RowNeeds]], batch_size: int) -> int:
     """The sampling calls the engine plans for these rows (each group and kind apart)."""
+    return sum(_calls(members, batch_size) for members in _by_group(needs))
+
+
+def _by_group(needs: Sequence[tuple[Hashable, RowNeeds]]) -> list[list[RowNeeds]]:
+    """The rows' needs per engine group (rows of other groups never share a call)."""
     groups: dict[Hashable, list[RowNeeds]] = {}
     for group, need in needs:
         groups.setdefault(group, []).append(need)
-    return sum(_calls(members, batch_size) for members in groups.values())
+    return list(groups.values())
 
 
 def padding_of(needs: Sequence[tuple[Hashable, RowNeeds]], inversions: Sequence[Hashable], batch_size: int) -> int:
     """UNet rows a step that padding costs: the planner's sampling calls for ``needs`` and one inversion call per
     ``batch_size`` inversions of a kind (``inversions``: one kind per unique inversion; riding is not counted)."""
-    groups: dict[Hashable, list[RowNeeds]] = {}
-    for group, need in needs:
-        groups.setdefault(group, []).append(need)
     pad = 0
-    for members in groups.values():
+    for members in _by_group(needs):
         if all(need.source_key is None for need in members):
             guided = sum(need.guided for need in members)
             pad += 2 * _gap(guided, batch_size) + _gap(len(members) - guided, batch_size)

@@ -228,7 +228,7 @@ def test_fixed_batch_size_makes_rows_independent_of_their_neighbours(tiny_model_
 def test_trajectories_are_kept_in_the_engine_dtype_and_a_cache_hit_gives_the_same_bytes(tiny_model_path):
     """An engine running bf16 (a GPU's dtype; here on the CPU) keeps its trajectories in bf16, half the bytes of fp32
     in the latent cache, and samples from exactly those levels: an edit from the cache is the fresh edit's bytes."""
-    from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
+    from ddim_worker.core.trajectory_codec import decode_trajectory, encode_trajectory_blob
 
     bf16 = EditEngine.from_pretrained(str(tiny_model_path), device="cpu", dtype="bf16", size=64, batch_size=2)
     row = dict(image=test_image(5), source_prompt="a cat", edit_prompt="a dog", num_steps=6, start_step=2)

@@ -115,7 +115,7 @@ def test_cached_null_text_embeddings_are_reused(engine):
     rows = [EditRow(test_image(3), "a cat", "a dog", num_steps=8, start_step=2, inversion="null-text:3")]
     [first] = engine.edit(rows)
     assert "null_s" + str(engine.schedule(8).timesteps[2]) in first.trajectory.extras
-    from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
+    from ddim_worker.core.trajectory_codec import decode_trajectory, encode_trajectory_blob
 
     stored = decode_trajectory(encode_trajectory_blob(first.trajectory))  # through the cache's own format
     [again] = engine.edit([EditRow(test_image(3), "a cat", "a bird", num_steps=8, start_step=2,

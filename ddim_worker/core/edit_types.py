@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ddim_worker.core import masks as M
 from ddim_worker.core.call_plan import RowNeeds
 from ddim_worker.core.inversion import InversionMethod, parse_method
 from ddim_worker.core.inversion_key import InversionKey
-from ddim_worker.core.sampler import Trajectory
-from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError
+from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError, sampling_start
+
+if TYPE_CHECKING:  # annotations only: the CPU stages that pack rows into calls import this without torch
+    import torch
+
+    from ddim_worker.core.sampler import Trajectory
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -61,9 +63,9 @@ class EditRow:
 
     @property
     def sampling_start(self) -> int:
-        """The level sampling starts from: the start step, or deeper with mask auto (``masks.sampling_start``: what
+        """The level sampling starts from: the start step, or deeper with mask auto (``settings.sampling_start``: what
         the mask keeps is blended back and pasted, so the region it frees can be regenerated more)."""
-        return M.sampling_start(int(self.start_step)) if self.mask == "auto" else int(self.start_step)
+        return sampling_start(int(self.start_step)) if self.mask == "auto" else int(self.start_step)
 
     @property
     def controlled(self) -> bool:
@@ -162,11 +164,3 @@ def source_key(row: EditRow, key: InversionKey | None = None) -> Hashable | None
 def call_needs(row: EditRow, key: InversionKey | None = None) -> RowNeeds:
     """What the call planner reads of a row: whether its calls are guided, and the source branch it shares."""
     return RowNeeds(row.guided, source_key(row, key))
-
-
-def to_cpu(trajectory: Trajectory, dtype: torch.dtype) -> Trajectory:
-    """A trajectory to hand on (the latent cache, the actor's memory): levels in the engine's ``dtype``, in which
-    they are exact (see ``inversion_steps.run_inversion``), half the bytes of fp32 in bf16; extras (null-text
-    embeddings) in fp32."""
-    return Trajectory(list(trajectory.timesteps), trajectory.latents.detach().to("cpu", dtype),
-                      {k: v.detach().to("cpu", torch.float32) for k, v in trajectory.extras.items()})

@@ -13,7 +13,8 @@ import torch
 from ddim_worker.core import masks as M
 from ddim_worker.core.attention_control import RowControl
 from ddim_worker.core import inversion_steps, mask_step, sampling_steps
-from ddim_worker.core.edit_types import EditOutput, EditRow, to_cpu
+from ddim_worker.core.edit_types import EditOutput, EditRow
+from ddim_worker.core.sampler import to_cpu
 from ddim_worker.core.group_plan import plan_group
 from ddim_worker.core.group_state import GroupRun
 from ddim_worker.core.model_adapter import ModelAdapter

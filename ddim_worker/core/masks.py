@@ -19,7 +19,7 @@
    neighbours' context (the shapes model's): kept latents say "red circle on white" and the freed region stays red
    (colour edits succeeded in 0.71 of scenes with blending at every step, 0.96 with it for the first half), and
    the same VAE would redraw the kept region in its new surroundings without the paste. Since the rest is kept,
-   sampling starts a quarter of the start step deeper (:func:`sampling_start`), so the region the mask frees is
+   sampling starts a quarter of the start step deeper (``settings.sampling_start``), so the region the mask frees is
    regenerated more.
 
 Limits: a mask is a union of the input's regions, so an edit that moves an outline (a circle becoming a square) is
@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from ddim_worker.core.regions import image_regions, otsu_threshold
+# The level a masked edit samples from (start step 20 of 50: level 15) is a rule of the settings: the CPU stages that
+# pack rows into calls read it without loading torch. Re-exported here, beside the rest of the method.
+from ddim_worker.core.settings import START_FRACTION, sampling_start  # noqa: F401
 
 #: Noise levels of the noisings, as fractions of the training timesteps (DiffEdit uses 0.5 on SD 1.x), and seeded
 #: noisings at each (DiffEdit: 10 at one level). On the shapes model a background edit's signal sits on the background
@@ -48,15 +51,6 @@ SEED = 20221020
 #: The latents outside the mask are blended back for this fraction of the sampled steps (the first ones).
 BLEND_FRACTION = 0.5
 
-#: With a mask, sampling starts this fraction of the start step deeper in: start step 20 of 50 samples the masked
-#: region from level 15. On 96 of the shapes benchmark's background edits at start step 20 the masked edit reached the
-#: new background in 0.92 of the scenes from level 20 and in 0.96 from level 15 (a plain edit: 0.93 and 0.96).
-START_FRACTION = 0.75
-
-
-def sampling_start(start_step: int) -> int:
-    """The level a masked edit samples from, for a row's start step."""
-    return int(start_step * START_FRACTION)
 
 
 def noisings(timesteps: tuple[int, ...], num_train_timesteps: int = 1000) -> list[tuple[int, int]]:

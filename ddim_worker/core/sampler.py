@@ -149,3 +149,11 @@ def sample(
             replaced = callback({"x": x, "i": i, "t": t, "eps": eps, "direction": "sample"})
             x = x if replaced is None else replaced
     return x
+
+
+def to_cpu(trajectory: Trajectory, dtype: torch.dtype) -> Trajectory:
+    """A trajectory to hand on (the latent cache, the actor's memory): levels in the engine's ``dtype``, in which
+    they are exact (see ``inversion_steps.run_inversion``), half the bytes of fp32 in bf16; extras (null-text
+    embeddings) in fp32."""
+    return Trajectory(list(trajectory.timesteps), trajectory.latents.detach().to("cpu", dtype),
+                      {k: v.detach().to("cpu", torch.float32) for k, v in trajectory.extras.items()})

@@ -17,6 +17,17 @@ from typing import Any
 from ddim_worker.core.inversion import parse_method
 
 
+#: With a mask, sampling starts this fraction of the start step deeper in: start step 20 of 50 samples the masked
+#: region from level 15. On 96 of the shapes benchmark's background edits at start step 20 the masked edit reached the
+#: new background in 0.92 of the scenes from level 20 and in 0.96 from level 15 (a plain edit: 0.93 and 0.96).
+START_FRACTION = 0.75
+
+
+def sampling_start(start_step: int) -> int:
+    """The level a masked edit (``--mask auto``) samples from, for a row's start step (``core.masks``)."""
+    return int(start_step * START_FRACTION)
+
+
 class SettingError(ValueError):
     """A setting with a wrong type or outside its range; the message names the setting and what it accepts."""
 

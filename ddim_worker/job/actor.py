@@ -21,7 +21,7 @@ from ddim_worker.failpoints import failpoint
 from ddim_worker.core.fastpath import apply_fast_path
 from ddim_worker.fetch import ensure_worker_logging
 from ddim_worker.core.inversion import parse_method
-from ddim_worker.latent_cache import decode_trajectory, encode_trajectory_blob
+from ddim_worker.core.trajectory_codec import decode_trajectory, encode_trajectory_blob
 from ddim_worker.model_source import local_model_path
 from ddim_worker.rows import FAILED, PENDING
 from ddim_worker.job.task_packing import drop_fillers

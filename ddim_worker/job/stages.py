@@ -17,7 +17,6 @@ import pyarrow as pa
 
 from ddim_worker import latent_cache, storage
 
-from ddim_worker.core import metrics
 from ddim_worker.columns import (
     ENGINE,
     PREPARE,
@@ -255,6 +254,8 @@ def recovered_outputs(row: dict, ctx: StageContext, dtype: str) -> tuple[dict[st
         uris["latent_uri"] = uri if storage.exists(uri, options) else None
     figures: dict[str, float] = {}
     if len(pictures) == 2 and pictures["input_uri"].shape == pictures["reconstruction_uri"].shape:
+        from ddim_worker.core import metrics  # torch: loaded by the tasks that measure fidelity, not by every task
+
         figures = {"psnr": metrics.psnr(pictures["input_uri"], pictures["reconstruction_uri"]),
                    "ssim": metrics.ssim(pictures["input_uri"], pictures["reconstruction_uri"])}
     return uris, figures

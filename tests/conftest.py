@@ -113,15 +113,3 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict | N
         return str(tmp_path / "store"), None
     s3_server = request.getfixturevalue("s3_server")
     return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}", s3_server.storage_options
-
-
-#: Test files by their measured share of the suite, longest first (``--durations``). ``make test`` runs the files on
-#: two pytest workers (pytest-xdist, ``--dist loadfile``: a file's tests and its module fixtures stay on one worker);
-#: handing out the long files first keeps one worker from starting the longest file last.
-LONGEST_FIRST = ("test_chaos_s3", "test_clusters", "test_chaos", "test_job", "test_ledger", "test_ray_job_submit",
-                 "test_publishing", "test_faults", "test_dataset_scale", "test_edited_dataset", "test_benchmark")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

@@ -42,6 +42,15 @@ def run(manifest: str, output: str, model: Path, **overrides: Any) -> dict:
     return run_job(JobConfig.from_flat({"manifest": manifest, "output": output, "model": str(model), **options}))
 
 
+def engine_actors_started() -> int:
+    """Engine actors the session's Ray has started so far (alive or dead), by the state API."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)
+    return sum("EditActor" in a.class_name for a in actors)
+
+
 def png_path(output: Path | str, row_id: str, kind: str = "edited") -> Path:
     """Where the job writes a row's image of ``kind`` under a local output (``outputs.OutputLayout``'s rule)."""
     return Path(OutputLayout(str(output)).image(kind, row_id))

@@ -21,7 +21,7 @@ from ddim_worker.job.lease import EXPIRES_S, Lease, LeaseHeld, LeaseRecord, chec
 from ddim_worker.manifest import id_hash
 from ddim_worker.outputs import OutputLayout
 from ddim_worker.columns import RESULTS_SCHEMA
-from tests.jobkit import picture, png_path, result_rows, results, run, write_manifest
+from tests.jobkit import engine_actors_started, picture, png_path, result_rows, results, run, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,17 +327,21 @@ def test_the_table_follows_the_manifest(tiny_model_path, tmp_path):
     out = tmp_path / "out"
     full = run(manifest, str(out), tiny_model_path, results_shard_rows=3)
     assert full["counts"] == {"ok": 8, "failed": 4, "skipped": 0}
-    # a --limit run keeps every row of the first run, failed rows included (their retry shards were not retried)
+    # a --limit run keeps every row of the first run, failed rows included (their retry shards were not retried); it
+    # has nothing to do, so it starts no engine actor (no model loaded)
+    actors = engine_actors_started()
     limited = run(manifest, str(out), tiny_model_path, limit=5, results_shard_rows=3)
     assert limited["counts"] == {"ok": 5, "failed": 0, "skipped": 0} and limited["computed"] == 0
+    assert engine_actors_started() == actors
     plain = _plain(out)
     assert sorted(r["id"] for r in plain) == sorted(r["id"] for r in rows)
     # a row whose inputs changed under the same id is redone; rows no longer in the manifest are counted, kept,
     # and pruned on request
     changed = [{**r, "edit_prompt": "b, changed"} if r["id"] == "t1" else r for r in rows[:6]]
     smaller = write_manifest(changed, str(tmp_path / "m2.parquet"))
-    summary = run(smaller, str(out), tiny_model_path)
+    summary = run(smaller, str(out), tiny_model_path)  # every id is done, one from other inputs: the engine runs
     assert summary["computed"] == 1 and summary["results_rows_outside_manifest"] == 6
+    assert engine_actors_started() > actors
     assert read_png_text(png_path(out, "t1").read_bytes())["ddim_edit:edit_prompt"] == "b, changed"
     assert {r["id"]: r["edit_prompt"] for r in _plain(out)}["t1"] == "b, changed" and len(_plain(out)) == 12
     with pytest.raises(JobError, match="--prune-stale needs the whole manifest"):

@@ -67,6 +67,9 @@ def _stream(run: Run) -> None:
     """One attempt: stream the rows left through the pipeline, counting what comes back."""
     config = run.config
     run_ctx = dataclasses.replace(run.manifest.source_ctx, done=_put(run.index.done()))
+    if _nothing_left(run, run_ctx):
+        log.info("every row is done from its inputs already: no engine actor is started")
+        return
     batches = iter(pipeline.build_dataset(config, run_ctx, run.ctx, run.plan, run.model).iter_batches(
         batch_size=None, batch_format="numpy"))
     try:
@@ -80,6 +83,15 @@ def _stream(run: Run) -> None:
         close = getattr(batches, "close", None)
         if close is not None:
             close()  # stops the stream's executor: no task starts after this
+
+
+def _nothing_left(run: Run, run_ctx: Any) -> bool:
+    """Whether every row was finished by an earlier run from the inputs it has now: a rerun of a finished job then
+    loads no model on any GPU. The ledger answers by id first (any row without an ok result: there is work); only
+    when every id is done does a pass of the read stage (CPU tasks) check that no row's inputs changed."""
+    if not len(run.manifest.keys) or not run.index.all_ok(run.manifest.keys):
+        return False
+    return pipeline.count_rows_to_do(run_ctx) == 0
 
 
 def _too_many_failed(run: Run) -> bool:

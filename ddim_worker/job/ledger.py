@@ -174,6 +174,10 @@ class LedgerIndex:
         out[found] = won_status[where[found]]
         return out
 
+    def all_ok(self, keys: np.ndarray) -> bool:
+        """Whether the latest result of every one of ``keys`` is ok."""
+        return bool((self.states(keys) == STATUS_RANK[OK]).all())
+
     def counts(self, keys: np.ndarray) -> dict[str, int]:
         """ok / failed / skipped / missing over ``keys`` (the manifest's), from the winners."""
         states = self.states(keys)

@@ -91,3 +91,11 @@ def record_rows(source_ctx: SourceContext, ctx: StageContext):
     ds = ds.map_batches(read_rows, fn_kwargs={"ctx": unpacked}, batch_size=1, batch_format="numpy")
     return ds.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=MAX_RECORD_ROWS, batch_format="numpy",
                           num_cpus=0.25)
+
+
+def count_rows_to_do(source_ctx: SourceContext) -> int:
+    """How many rows the stream would take (to edit, or to record as failed): the read stage alone, CPU tasks, no
+    engine actor. Asked only when every row already has an ok result, to confirm that none of their inputs changed."""
+    ds = descriptor_dataset(source_ctx.source.descriptors())
+    unpacked = dataclasses.replace(source_ctx, batch_size=None)  # rows, not engine tasks: no filler rows
+    return ds.map_batches(read_rows, fn_kwargs={"ctx": unpacked}, batch_size=1, batch_format="numpy").count()

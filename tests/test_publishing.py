@@ -90,7 +90,7 @@ def test_a_run_whose_table_lacks_rows_exits_non_zero(tiny_model_path, tmp_path, 
     assert len(result_rows(str(out))) == ROWS
 
 
-def test_partial_runs_and_failed_or_killed_packings_never_shrink_the_dataset(tiny_model_path, tmp_path):
+def test_partial_runs_and_failed_or_killed_packings_never_shrink_the_dataset(tiny_model_path, tmp_path, ray_address):
     manifest, out = _manifest(tmp_path), tmp_path / "out"
     first = run(manifest, str(out), tiny_model_path, report=False)
     assert first["dataset"]["rows"] == ROWS and _load(out / "dataset").num_rows == ROWS
@@ -113,7 +113,9 @@ def test_partial_runs_and_failed_or_killed_packings_never_shrink_the_dataset(tin
     lost.write_bytes(kept)
 
     # a packing killed after writing its files, before the switch: the previous dataset, whole
-    env = {**os.environ, "DDIM_EDIT_FAILPOINTS": "pack_before_switch=1", "DDIM_EDIT_FAILPOINTS_DIR": str(tmp_path)}
+    # (it joins the session's Ray: the failpoint fires in its own process, the driver)
+    env = {**os.environ, "DDIM_EDIT_FAILPOINTS": "pack_before_switch=1", "DDIM_EDIT_FAILPOINTS_DIR": str(tmp_path),
+           "RAY_ADDRESS": ray_address}
     killed = subprocess.run([sys.executable, "-m", "ddim_worker.cli", "pack", str(out), "--max-shard-size", "2KB"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]

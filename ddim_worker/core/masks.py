@@ -52,7 +52,6 @@ SEED = 20221020
 BLEND_FRACTION = 0.5
 
 
-
 def noisings(timesteps: tuple[int, ...], num_train_timesteps: int = 1000) -> list[tuple[int, int]]:
     """(schedule level, seed) of each noising: the level whose timestep is nearest each strength."""
     out = []

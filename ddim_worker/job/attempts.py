@@ -17,6 +17,7 @@ from ddim_worker import storage
 from ddim_worker.errors import root_cause
 from ddim_worker.job import pipeline, shards
 from ddim_worker.job.run_state import JobError, Run
+from ddim_worker.job.source import SourceContext
 
 log = logging.getLogger("ddim_edit.job")
 
@@ -85,7 +86,7 @@ def _stream(run: Run) -> None:
             close()  # stops the stream's executor: no task starts after this
 
 
-def _nothing_left(run: Run, run_ctx: Any) -> bool:
+def _nothing_left(run: Run, run_ctx: SourceContext) -> bool:
     """Whether every row was finished by an earlier run from the inputs it has now: a rerun of a finished job then
     loads no model on any GPU. The ledger answers by id first (any row without an ok result: there is work); only
     when every id is done does a pass of the read stage (CPU tasks) check that no row's inputs changed."""

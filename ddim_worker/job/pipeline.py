@@ -84,18 +84,20 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
                           batch_format="numpy", num_cpus=0.2)
 
 
+def _rows(source_ctx: SourceContext):
+    """The rows ``source_ctx`` selects, as the read stage gives them, one per row: no engine tasks, no filler rows."""
+    ds = descriptor_dataset(source_ctx.source.descriptors())
+    unpacked = dataclasses.replace(source_ctx, batch_size=None)
+    return ds.map_batches(read_rows, fn_kwargs={"ctx": unpacked}, batch_size=1, batch_format="numpy")
+
+
 def record_rows(source_ctx: SourceContext, ctx: StageContext):
     """The rows ``source_ctx`` selects, straight into results shards (no engine): rows left when a job stops early."""
-    ds = descriptor_dataset(source_ctx.source.descriptors())
-    unpacked = dataclasses.replace(source_ctx, batch_size=None)  # no engine tasks: no filler rows
-    ds = ds.map_batches(read_rows, fn_kwargs={"ctx": unpacked}, batch_size=1, batch_format="numpy")
-    return ds.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=MAX_RECORD_ROWS, batch_format="numpy",
-                          num_cpus=0.25)
+    return _rows(source_ctx).map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=MAX_RECORD_ROWS,
+                                         batch_format="numpy", num_cpus=0.25)
 
 
 def count_rows_to_do(source_ctx: SourceContext) -> int:
     """How many rows the stream would take (to edit, or to record as failed): the read stage alone, CPU tasks, no
     engine actor. Asked only when every row already has an ok result, to confirm that none of their inputs changed."""
-    ds = descriptor_dataset(source_ctx.source.descriptors())
-    unpacked = dataclasses.replace(source_ctx, batch_size=None)  # rows, not engine tasks: no filler rows
-    return ds.map_batches(read_rows, fn_kwargs={"ctx": unpacked}, batch_size=1, batch_format="numpy").count()
+    return _rows(source_ctx).count()

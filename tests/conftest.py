@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.env import prepare_environment
 from tests.support.http_server import HttpServer, running_http_server
-from tests.support.ray_local import local_ray
+from tests.support.ray_local import FreshWorkers, local_ray
 from tests.support.s3_server import STORE_BUCKET, NoS3Server, S3Server, start_s3_server
 
 # RAY_* variables, NO_PROXY/no_proxy (loopback) and PYTHONPATH + sys.path (the checkout) at import time,
@@ -38,10 +38,11 @@ def ray_session() -> Iterator[Any]:
     Yields the ``RayContext`` from ``ray.init``. Worker stdout/stderr is forwarded to the driver (pytest shows it
     for failing tests). Workers import ``ddim_worker`` from the checkout via ``PYTHONPATH``. Workers inherit the
     environment at start, so pass S3 credentials as explicit ``storage_options`` rather than through env vars.
-    See ``tests.support.ray_local``.
+    Two fresh worker processes are kept idle for the in-process jobs' engine actors (``FreshWorkers``: a job then
+    skips the ~5 s start of its actor's process). See ``tests.support.ray_local``.
     """
     pytest.importorskip("ray")
-    with local_ray() as ctx:
+    with local_ray() as ctx, FreshWorkers():
         yield ctx
 
 

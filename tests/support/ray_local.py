@@ -21,12 +21,9 @@ RAY_INIT_KWARGS: dict[str, Any] = dict(
     log_to_driver=True,
     configure_logging=True,
     logging_level="WARNING",
-    # Every worker imports the engine actor's and the stages' modules (torch, diffusers) as it starts, before it
-    # takes work. Measured on 4-row jobs in this session's set-up (two runs of three jobs each): 8.0-9.2 s a job with
-    # these preloaded, 8.5-10.6 s with only the stages' (torch-free) modules; an engine actor gets a fresh worker
-    # process either way.
-    _system_config={"preload_python_modules": ["ddim_worker.job.actor", "ddim_worker.job.stages",
-                                               "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"]},
+    # What each worker imports as it starts: tests.support.worker_preload (the engine's modules only in the workers
+    # of the session's own job, which FreshWorkers keeps ready for its in-process jobs' engine actors).
+    _system_config={"preload_python_modules": ["tests.support.worker_preload"]},
 )
 
 

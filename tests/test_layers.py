@@ -4,6 +4,7 @@ editing core with no Ray and no storage, modules small enough to read."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ddim_worker"
@@ -36,7 +37,8 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _imports(name: str, path: Path) -> frozenset[str]:
     """Every module ``name`` imports, anywhere in its source (relative imports resolved)."""
     found = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -50,7 +52,7 @@ def _imports(name: str, path: Path) -> set[str]:
                 base = ".".join([*anchor, *([base] if base else [])])
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
+    return frozenset(found)
 
 
 def _graph() -> dict[str, set[str]]:
@@ -90,7 +92,8 @@ def test_the_core_has_no_ray_no_storage_and_no_job():
     bad = {n: sorted(i for i in _imports(n, p) if any(_under(i, x) for x in NOT_IN_CORE)) for n, p in core.items()}
     assert not {n: b for n, b in bad.items() if b}
     # and the core imports nothing of the package outside itself: it is the bottom layer
-    upward = {n: sorted(i for i in _graph()[n] if not _under(i, CORE) and i != "ddim_worker") for n in core}
+    graph = _graph()
+    upward = {n: sorted(i for i in graph[n] if not _under(i, CORE) and i != "ddim_worker") for n in core}
     assert not {n: u for n, u in upward.items() if u}
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ddim_worker"
@@ -119,3 +121,14 @@ def test_functions_and_classes_are_small():
                 if lines > limit:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+def test_the_driver_starts_without_torch():
+    """The driver (a CPU head node's process) names the engine actor's class without importing torch, diffusers or
+    transformers: the actor imports them in its own process."""
+    code = ("import sys, ddim_worker.cli, ddim_worker.job.driver, ddim_worker.job.pipeline, ddim_worker.job.actor; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

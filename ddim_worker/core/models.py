@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+#: ``--dtype`` names and the torch dtype each one means (by name: torch is imported only where a model is loaded,
+#: so that the driver and the command line start without it).
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class ModelLoadError(RuntimeError):
@@ -43,6 +46,8 @@ def check_scheduler_config(config: dict[str, Any]) -> None:
 
 
 def choose_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -50,13 +55,24 @@ def choose_device(device: str = "auto") -> torch.device:
 
 def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA (fp16 where bf16 is not supported), fp32 on CPU where half precision is slow."""
+    import torch
+
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
+    return getattr(torch, _dtype_name(dtype))
+
+
+def _dtype_name(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def cpu_dtype_name(dtype: str) -> str:
+    """What ``--dtype`` means on a CPU, by name (``auto``: float32), without importing torch."""
+    return "float32" if dtype == "auto" else _dtype_name(dtype)
 
 
 def _looks_like_path(model: str) -> bool:

@@ -10,22 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ddim_worker.columns import RowSchema, current, output_columns, setting_values
-from ddim_worker.core.engine import EditEngine, EditRow
 from ddim_worker.failpoints import failpoint
-from ddim_worker.core.fastpath import apply_fast_path
 from ddim_worker.fetch import ensure_worker_logging
-from ddim_worker.core.inversion import parse_method
-from ddim_worker.core.trajectory_codec import decode_trajectory, encode_trajectory_blob
 from ddim_worker.model_source import local_model_path
 from ddim_worker.rows import FAILED, PENDING
 from ddim_worker.job.task_packing import drop_fillers
 from ddim_worker.core.settings import SETTING_NAMES, EngineSettings
+
+if TYPE_CHECKING:
+    from ddim_worker.core.engine import EditRow
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +33,18 @@ TRAJECTORIES_KEPT = 64
 
 
 class EditActor:
+    """One engine per actor process. torch and the engine are imported here, in the actor, not where the class is
+    named: the driver hands Ray this class and must not pay for torch (about a second and 300 MB) to do so."""
+
     def __init__(self, model: str, engine: EngineSettings, batch_size: int, device: str = "auto",
                  storage_options: dict | None = None, num_threads: int | None = None,
                  measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None,
                  cache_latents: bool = True, schema: RowSchema | None = None):
+        import torch
+
+        from ddim_worker.core.engine import EditEngine
+        from ddim_worker.core.fastpath import apply_fast_path
+
         ensure_worker_logging()
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
@@ -57,6 +63,8 @@ class EditActor:
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> EditRow:
         """Row ``i`` of a batch as an engine request: its image, prompts and every setting (``columns``)."""
+        from ddim_worker.core.engine import EditRow
+
         blob = batch["cache_blob"][i]
         return EditRow(image=batch["pixels"][i], source_prompt=str(batch["source_prompt"][i]),
                        edit_prompt=str(batch["edit_prompt"][i]),
@@ -65,6 +73,8 @@ class EditActor:
 
     @staticmethod
     def _cached(blob: Any) -> Any:
+        from ddim_worker.core.trajectory_codec import decode_trajectory
+
         if blob is None or not len(blob):
             return None
         try:
@@ -90,6 +100,8 @@ class EditActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch -> engine requests -> outputs -> the engine's columns (declared in ``columns``) on the batch."""
+        import torch
+
         batch = self.schema.restore_nulls(drop_fillers(batch))
         n = len(batch["id"])
         pending = [i for i in range(n) if (batch["status"][i] or PENDING) == PENDING]
@@ -137,6 +149,9 @@ class EditActor:
 
     def _trajectories(self, batch: dict[str, np.ndarray], n: int, done: dict[int, tuple[EditRow, Any]]) -> np.ndarray:
         """New trajectory levels for the write stage to cache (encoded), each also kept in this actor's memory."""
+        from ddim_worker.core.inversion import parse_method
+        from ddim_worker.core.trajectory_codec import encode_trajectory_blob
+
         blobs = np.array([b""] * n, dtype=object)
         for i, (_, out) in done.items():
             if not parse_method(str(batch["inversion"][i])).caches:

@@ -125,11 +125,9 @@ def plan_engine(config: JobConfig) -> EnginePlan:
 
 
 def _cpu_dtype(config: JobConfig) -> str:
-    import torch
+    from ddim_worker.core.models import cpu_dtype_name
 
-    from ddim_worker.core.models import choose_dtype
-
-    return str(choose_dtype(config.engine.dtype, torch.device("cpu"))).removeprefix("torch.")
+    return cpu_dtype_name(config.engine.dtype)
 
 
 @dataclass(frozen=True)

@@ -17,5 +17,8 @@ import ddim_worker.job.stages  # noqa: F401
 SESSION_JOB_ID = "01000000"
 
 if os.environ.get("RAY_JOB_ID") == SESSION_JOB_ID:
+    import ddim_worker.core.engine  # noqa: F401
+    import ddim_worker.core.fastpath  # noqa: F401
+    import ddim_worker.core.trajectory_codec  # noqa: F401
     import ddim_worker.job.actor  # noqa: F401
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion  # noqa: F401

@@ -367,14 +367,18 @@ def test_bad_manifest_files_end_in_one_line_before_ray_starts(tiny_model_path, t
     write_manifest([{**base, "label": 1}], str(folder / "part-0.parquet"))
     write_manifest([{**base, "id": "b"}], str(folder / "part-1.parquet"))
     cases["two"] = "part-1.parquet lacks column 'label'"
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "jobs" / "edit.py"), str(tmp_path / name), "--output",
+                                     str(tmp_path / f"out-{name}"), "--model", str(tiny_model_path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    stdin=subprocess.DEVNULL)
+             for name in cases}  # independent commands: run side by side
     for name, message in cases.items():
-        proc = subprocess.run([sys.executable, str(REPO / "jobs" / "edit.py"), str(tmp_path / name), "--output",
-                               str(tmp_path / f"out-{name}"), "--model", str(tiny_model_path)],
-                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        assert proc.returncode == 2, (name, proc.stderr[-2000:])
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("ddim-edit: error:")]
-        assert len(errors) == 1 and message in errors[0], (name, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr, proc.stderr[-2000:]
+        proc = procs[name]
+        stderr = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 2, (name, stderr[-2000:])
+        errors = [line for line in stderr.splitlines() if line.startswith("ddim-edit: error:")]
+        assert len(errors) == 1 and message in errors[0], (name, stderr[-2000:])
+        assert "Traceback" not in stderr and "Ray" not in stderr, stderr[-2000:]
         record = json.loads((tmp_path / f"out-{name}" / "job.json").read_text())
         assert record["state"] == "failed" and message in record["error"]
 

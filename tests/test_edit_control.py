@@ -119,6 +119,24 @@ def test_direct_inversion_with_the_source_prompt_gives_back_the_encoded_input(en
     assert all(np.abs(p.image.astype(int) - v.astype(int)).max() > 8 for p, v in zip(plain, vae))
 
 
+def test_pnp_corrects_only_the_source_branch(engine, scenes, one_thread):
+    """PnP Inversion as published: the source branch is held on the trajectory, the edit is not corrected. Without
+    control a pnp edit reads nothing of a source: the plain ddim edit's bytes, and no source branch sampled. With
+    control it reads the held source: neither the plain controlled edit nor the add-source one (``direct``). A pnp
+    and a direct edit of one image share one source branch and keep their own bytes."""
+    plain = engine.edit([_row(sc) for sc in scenes[:2]])
+    pnp = engine.edit([_row(sc, inversion="pnp") for sc in scenes[:2]])
+    for p, q in zip(plain, pnp):
+        assert np.array_equal(p.image, q.image) and q.source_passes == 0
+    control = dict(cross_replace=0.8, self_replace=0.4)
+    plain_c, pnp_c, direct_c = (engine.edit([_row(scenes[0], inversion=m, **control)])[0]
+                                for m in ("ddim", "pnp", "direct"))
+    assert not np.array_equal(pnp_c.image, plain_c.image) and not np.array_equal(pnp_c.image, direct_c.image)
+    both = engine.edit([_row(scenes[0], inversion="pnp", **control), _row(scenes[0], inversion="direct", **control)])
+    assert [o.source_passes for o in both] == [N - START, 0]  # one source branch for the image, charged once
+    assert np.array_equal(both[0].image, pnp_c.image) and np.array_equal(both[1].image, direct_c.image)
+
+
 def test_rows_with_and_without_control_in_one_call_get_their_own_bytes(engine, scenes, one_thread):
     rows = [_row(scenes[0]), _row(scenes[1], cross_replace=0.8, self_replace=0.5),
             _row(scenes[1], scenes[1].with_(colour="yellow").caption, cross_replace=1.0, self_replace=0.4,
@@ -198,6 +216,7 @@ def test_direct_shares_ddims_cached_trajectory_and_ids_stay_stable():
     from ddim_worker.job.stages import StageContext, cache_key
 
     assert parse_method("direct").cache_key(3.5) == parse_method("ddim").cache_key(3.5) == "ddim"
+    assert parse_method("pnp").cache_key(3.5) == "ddim"
     ctx = StageContext(OutputLayout("out"), None, "m", "fingerprint", "float32", 64)
     pixels = np.zeros((64, 64, 3), np.uint8)
     plain = {"inversion": "ddim", "guidance_scale": 3.5, "source_prompt": "a", "negative_prompt": "",

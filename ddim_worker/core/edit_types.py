@@ -151,14 +151,15 @@ def validate_settings(num_steps: Any, start_step: Any, guidance_scale: Any = DEF
 
 def source_key(row: EditRow, key: InversionKey | None = None) -> Hashable | None:
     """Rows with equal keys share one source branch: same trajectory and the same sampling of the source prompt.
-    None: the row needs none (no attention control, no direct inversion). ``key``: the row's inversion key, where its
+    None: the row needs none (no attention control and no ``direct`` correction; ``pnp`` without control reads
+    nothing of its source, so it samples none). The source is held on the trajectory for ``pnp`` and ``direct``. ``key``: the row's inversion key, where its
     image is not read yet (the job packs rows into tasks before fetching them)."""
     method = row.method
-    if not (method.direct or row.controlled):
+    if not (method.adds_source_correction or row.controlled):  # an uncontrolled pnp edit reads no source
         return None
     return (key or row.inversion_key()).source_key(row.guidance_scale,
                                                    method.unconditional_prompt(row.source_prompt, row.negative_prompt),
-                                                   method.direct, int(row.seed) if float(row.eta) > 0 else None)
+                                                   method.pins_source, int(row.seed) if float(row.eta) > 0 else None)
 
 
 def call_needs(row: EditRow, key: InversionKey | None = None) -> RowNeeds:

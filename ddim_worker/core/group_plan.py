@@ -131,7 +131,7 @@ def call_step(rows: Sequence[EditRow], call: SamplingCall, controls: Sequence[Ro
               sampled_steps: int, null_rows: Sequence[int], reconstruct: bool = False) -> CallStep:
     """What one call's rows read; ``reconstruct``: every branch samples its source prompt, unmasked, uncontrolled."""
     branches = [(b, rows[b.row]) for b in call.branches]
-    pinned = tuple(j for j, (b, r) in enumerate(branches) if b.is_source and r.method.direct)
+    pinned = tuple(j for j, (b, r) in enumerate(branches) if b.is_source and r.method.pins_source)
     control = None if reconstruct else step_control([b.source for b, _ in branches],
                                                     [None if b.is_source else controls[b.row] for b, _ in branches],
                                                     sampled_steps)
@@ -142,7 +142,7 @@ def call_step(rows: Sequence[EditRow], call: SamplingCall, controls: Sequence[Ro
         tuple(r.guidance_scale for _, r in branches), tuple(r.seed for _, r in branches),
         tuple((j, b.row) for j, (b, _) in enumerate(branches) if b.row in null_rows), control, pinned,
         tuple((j, b.source) for j, (b, r) in enumerate(branches)
-              if not b.is_source and b.source in pinned and r.method.direct),
+              if not b.is_source and b.source in pinned and r.method.adds_source_correction),
         () if reconstruct else tuple(j for j, (b, r) in enumerate(branches) if not b.is_source and r.mask == "auto"),
         tuple(r.source_prompt for r in lead), tuple(r.negative_prompt for r in lead),
         tuple(r.inversion_guidance for r in lead))

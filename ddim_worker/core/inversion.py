@@ -1,10 +1,12 @@
-"""Inversion methods by name: ``ddim``, ``direct``, ``negative-prompt``, ``fixed-point:K``, ``null-text:ITERS``,
-``noise``.
+"""Inversion methods by name: ``ddim``, ``pnp``, ``direct``, ``negative-prompt``, ``fixed-point:K``,
+``null-text:ITERS``, ``noise``.
 
 The trajectory's name is part of the latent-cache key: two methods that invert differently give two trajectories for
-the same image. ``direct`` (Ju et al. 2023, "PnP Inversion") inverts exactly as ``ddim`` does, so it shares ``ddim``'s
-cached trajectory; it differs while sampling: a source branch is held on that trajectory at every step and its
-correction is added to the edit.
+the same image. ``pnp`` and ``direct`` invert exactly as ``ddim`` does, so they share ``ddim``'s cached trajectory;
+they differ while sampling. Both hold the source branch on that trajectory at every step. ``pnp`` is PnP Inversion as
+Ju et al. (2023) publish it: only the source branch is corrected, and the edit branch gains from it through attention
+control (it reads the source's attention). ``direct`` is that paper's "add-source" ablation, ours since before
+``pnp``: the source's correction is also added to the edit branch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-METHODS = ("ddim", "direct", "negative-prompt", "fixed-point", "null-text", "noise")
+METHODS = ("ddim", "pnp", "direct", "negative-prompt", "fixed-point", "null-text", "noise")
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,18 @@ class InversionMethod:
 
     @property
     def trajectory(self) -> str:
-        """The name of the trajectory it inverts to: ``direct`` inverts as ``ddim`` does (one cached trajectory)."""
-        return "ddim" if self.name == "direct" else str(self)
+        """The name of the trajectory it inverts to: ``pnp`` and ``direct`` invert as ``ddim`` does (one cached
+        trajectory)."""
+        return "ddim" if self.pins_source else str(self)
 
     @property
-    def direct(self) -> bool:
-        """Direct inversion: the source branch is put back on the stored trajectory at every sampling step."""
+    def pins_source(self) -> bool:
+        """``pnp`` and ``direct``: the source branch is put back on the stored trajectory at every sampling step."""
+        return self.name in ("pnp", "direct")
+
+    @property
+    def adds_source_correction(self) -> bool:
+        """``direct`` (the add-source ablation): the source branch's correction is added to the edit branch too."""
         return self.name == "direct"
 
     @property
@@ -67,7 +75,7 @@ def parse_method(text: str) -> InversionMethod:
     """``"fixed-point:3"`` -> InversionMethod("fixed-point", 3); unknown names fail listing the valid ones."""
     name, _, param = str(text).strip().partition(":")
     if name not in METHODS:
-        raise ValueError(f"inversion method {text!r} is not one of: ddim, direct, negative-prompt, fixed-point:K, "
+        raise ValueError(f"inversion method {text!r} is not one of: ddim, pnp, direct, negative-prompt, fixed-point:K, "
                          "null-text:ITERS, noise")
     if name == "fixed-point":
         if not param.isdigit() or not 1 <= int(param) <= 20:

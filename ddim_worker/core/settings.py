@@ -81,8 +81,10 @@ class EditSettings:
     seed: int = option(0, "seed of the eta noise, the noise inversion and a sampled VAE latent", group="edit",
                        minimum=0, maximum=2**63 - 1, per_row=True)
     negative_prompt: str = option("", "unconditional prompt of classifier-free guidance", group="edit", per_row=True)
-    inversion: str = option("ddim", "inversion method: ddim | direct (ddim's trajectory, with a source branch held "
-                                    "on it while sampling and its correction added to the edit) | negative-prompt | "
+    inversion: str = option("ddim", "inversion method: ddim | pnp (PnP Inversion as published: ddim's trajectory, "
+                                    "a source branch held on it while sampling) | direct (pnp, and the source's "
+                                    "correction added to the edit too: the paper's add-source ablation) | "
+                                    "negative-prompt | "
                                     "fixed-point:K | null-text:ITERS | noise (img2img baseline)", group="edit",
                             per_row=True)
     cross_replace: float = option(0.0, "Prompt-to-Prompt: for this fraction of the sampled steps (n - s) the edit "
@@ -195,7 +197,7 @@ def validate(settings: EditSettings) -> EditSettings:
     object.__setattr__(settings, "inversion", str(method))  # one spelling: " ddim " -> "ddim"
     if settings.mask == "auto" and method.name == "noise":
         raise SettingError("mask", "auto blends back to the inverted trajectory at every level, and inversion "
-                                   "'noise' has none: use it with ddim, direct, fixed-point or null-text")
+                                   "'noise' has none: use it with ddim, pnp, direct, fixed-point or null-text")
     return settings
 
 

@@ -3,7 +3,7 @@
 Two tables. **Inversion methods** (``--methods``): colour edits per inversion method and setting: edit success,
 background PSNR, shape IoU, reconstruction PSNR, UNet passes and seconds per edit. **Edits that keep what they
 should** (``--kinds``): colour, shape and background edits (``edit_kinds``) per method of keeping: plain, attention
-control (Prompt-to-Prompt), direct inversion with it, masks, null-text with control (``CONTROL_METHODS``). Also the
+control (Prompt-to-Prompt), PnP Inversion (``pnp``) and its add-source variant (``direct``) with it, masks, null-text with control (``CONTROL_METHODS``). Also the
 model's own checks: text-to-image colour match and reconstruction colour kept (edit prompt == source prompt).
 
     python -m ddim_worker.shapes.edit_bench --model M [--count 24] [--kinds colour,shape,background] [--json OUT]
@@ -141,6 +141,7 @@ def control_methods() -> dict[str, dict]:
         "plain": {},
         "p2p 0.8/0.4": {"cross_replace": 0.8, "self_replace": 0.4},
         "p2p": control,
+        "pnp + p2p": {"inversion": "pnp", **control},
         "direct + p2p": {"inversion": "direct", **control},
         "mask": {"mask": "auto"},
         "direct + p2p + mask": {"inversion": "direct", "mask": "auto", **control},

@@ -39,7 +39,7 @@ chromium:
 		else echo "warning: chromium not found; the headless report test will be skipped"; fi; }
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 demo: $(STAMP) $(MODEL)/model_index.json
 	$(BIN)/python -m jobs.demo --model $(MODEL) --output $(OUT)

@@ -151,9 +151,9 @@ def validate_settings(num_steps: Any, start_step: Any, guidance_scale: Any = DEF
 
 def source_key(row: EditRow, key: InversionKey | None = None) -> Hashable | None:
     """Rows with equal keys share one source branch: same trajectory and the same sampling of the source prompt.
-    None: the row needs none (no attention control and no ``direct`` correction; ``pnp`` without control reads
-    nothing of its source, so it samples none). The source is held on the trajectory for ``pnp`` and ``direct``. ``key``: the row's inversion key, where its
-    image is not read yet (the job packs rows into tasks before fetching them)."""
+    None: the row needs none (no attention control and no ``direct`` correction: ``pnp`` without control reads
+    nothing of a source, so it samples none); ``pnp`` and ``direct`` hold theirs on the trajectory. ``key``: the
+    row's inversion key, where its image is not read yet (the job packs rows into tasks before fetching them)."""
     method = row.method
     if not (method.adds_source_correction or row.controlled):  # an uncontrolled pnp edit reads no source
         return None

@@ -54,25 +54,21 @@ def choose_device(device: str = "auto") -> torch.device:
 
 
 def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA (fp16 where bf16 is not supported), fp32 on CPU where half precision is slow."""
+    """``auto``: bf16 on CUDA (fp16 where bf16 is not supported), fp32 elsewhere, where half precision is slow."""
     import torch
 
+    if dtype == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, dtype_name_without_cuda(dtype))
+
+
+def dtype_name_without_cuda(dtype: str) -> str:
+    """What ``--dtype`` means on a device without CUDA (``auto``: float32), by name, without importing torch."""
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, _dtype_name(dtype))
-
-
-def _dtype_name(dtype: str) -> str:
+        return "float32"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
-
-
-def cpu_dtype_name(dtype: str) -> str:
-    """What ``--dtype`` means on a CPU, by name (``auto``: float32), without importing torch."""
-    return "float32" if dtype == "auto" else _dtype_name(dtype)
 
 
 def _looks_like_path(model: str) -> bool:

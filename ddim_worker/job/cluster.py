@@ -125,9 +125,9 @@ def plan_engine(config: JobConfig) -> EnginePlan:
 
 
 def _cpu_dtype(config: JobConfig) -> str:
-    from ddim_worker.core.models import cpu_dtype_name
+    from ddim_worker.core.models import dtype_name_without_cuda
 
-    return cpu_dtype_name(config.engine.dtype)
+    return dtype_name_without_cuda(config.engine.dtype)
 
 
 @dataclass(frozen=True)

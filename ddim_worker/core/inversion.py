@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 METHODS = ("ddim", "pnp", "direct", "negative-prompt", "fixed-point", "null-text", "noise")
+#: How each method is spelt with its parameter, for messages.
+SPELLINGS = ", ".join({"fixed-point": "fixed-point:K", "null-text": "null-text:ITERS"}.get(m, m) for m in METHODS)
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,7 @@ def parse_method(text: str) -> InversionMethod:
     """``"fixed-point:3"`` -> InversionMethod("fixed-point", 3); unknown names fail listing the valid ones."""
     name, _, param = str(text).strip().partition(":")
     if name not in METHODS:
-        raise ValueError(f"inversion method {text!r} is not one of: ddim, pnp, direct, negative-prompt, fixed-point:K, "
-                         "null-text:ITERS, noise")
+        raise ValueError(f"inversion method {text!r} is not one of: {SPELLINGS}")
     if name == "fixed-point":
         if not param.isdigit() or not 1 <= int(param) <= 20:
             raise ValueError(f"fixed-point needs K refinement evaluations per step in [1, 20], e.g. "

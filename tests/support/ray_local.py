@@ -124,13 +124,9 @@ def _raylet_pid() -> int:
 
 
 def prestart_workers(count: int, keep_alive_s: int = 600) -> None:
-    """Ask the local raylet to start ``count`` worker processes for this driver's job now, kept ``keep_alive_s``.
-
-    Why: Ray gives a new actor a worker that has never run a task when one is idle, and starts a process (with the
-    preload, ~5 s here) otherwise; every job's engine actor is a new actor. Ray's own drivers reach this raylet call
-    (``PrestartWorkers``) only from C++, so it is made here with Ray's generated gRPC stub and channel helper.
-    Best effort: any failure only leaves the next actor to start its own process.
-    """
+    """Ask the local raylet to start ``count`` worker processes for this driver's job now, kept ``keep_alive_s``
+    (for ``FreshWorkers``). Ray's own drivers reach this raylet call (``PrestartWorkers``) only from C++, so it is
+    made here with Ray's generated gRPC stub and channel helper."""
     import ray
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc, runtime_environment_pb2

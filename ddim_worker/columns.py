@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ddim_worker.rows import FAILED, OK, coerce_value, is_missing
+from ddim_worker.rows import EDITED, FAILED, coerce_value, is_missing
 from ddim_worker.core.settings import SETTING_NAMES, EditSettings, field_kind
 
 # The stages, in the order a row goes through them.
@@ -163,6 +163,14 @@ def _has_mask(row: Any, out: Any) -> bool:
     return out.mask is not None
 
 
+def _scored(name: str) -> Callable[[Any, Any], float | None]:
+    """An engine column of one of the result's scores (None: not scored)."""
+    def value(row: Any, out: Any) -> float | None:
+        return None if out.scores is None else float(getattr(out.scores, name))
+    value.__name__ = f"score_{name}"
+    return value
+
+
 #: The settings every result row records, in the order of ``EditSettings`` (negative prompt first: it is a prompt).
 RESULT_SETTING_FIELDS: tuple[str, ...] = tuple(c.name for c in setting_columns())
 
@@ -176,7 +184,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("edit_prompt", _S, SOURCE, dataset=True),
     *setting_columns(),
     Column("dtype", _S, RESULTS, summary=True, compute=_dtype, doc="the dtype the engine actor ran"),
-    Column("status", _S, SOURCE, summary=True, doc="ok | failed | skipped; empty while in flight"),
+    Column("status", _S, SOURCE, summary=True, doc="ok | filtered | failed | skipped; empty while in flight"),
     Column("error_code", _S, SOURCE, summary=True, doc="rows.ERROR_CODES"),
     Column("error", _S, SOURCE),
     Column("output_uri", _S, WRITE, doc="the edited PNG (with --no-save-images only the report's sample has one)"),
@@ -201,6 +209,18 @@ COLUMNS: tuple[Column, ...] = (
     Column("input_bytes", _I, WRITE, summary=True, doc="bytes this row wrote to inputs/ and reconstructions/"),
     Column("latent_bytes", _I, WRITE, summary=True,
            doc="bytes this row wrote to the latent cache (0 on a cache hit or with it off)"),
+    Column("candidate", _I, ENGINE, dataset=True, ok_only=True, output="candidate",
+           doc="which of the row's candidates is its result (0-based; core.candidates)"),
+    Column("candidate_cross_replace", _F, ENGINE, dataset=True, ok_only=True, output="cross_replace",
+           doc="the cross_replace the result was made with (drawn from sample_cross_replace, else the row's)"),
+    Column("candidate_self_replace", _F, ENGINE, dataset=True, ok_only=True, output="self_replace",
+           doc="the self_replace the result was made with (drawn from sample_self_replace, else the row's)"),
+    Column("score", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("direction"),
+           doc="--scorer: CLIP directional similarity, the image's change vs the prompts' change (the ranking)"),
+    Column("clip_image_similarity", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("image_similarity"),
+           doc="--scorer: CLIP similarity of the edited image to the input"),
+    Column("clip_text_similarity", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("text_similarity"),
+           doc="--scorer: CLIP similarity of the edited image to the edit prompt"),
     Column("psnr", _F, ENGINE, ok_only=True, output="psnr",
            doc="fidelity (--measure-fidelity): reconstruction vs preprocessed input, dB"),
     Column("ssim", _F, ENGINE, ok_only=True, output="ssim"),
@@ -224,6 +244,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("trajectory_blob", None, ENGINE, results=False, doc="new latents for the write stage to cache"),
     Column("mask_pixels", None, ENGINE, results=False, output="mask"),
     Column("has_mask", _B, ENGINE, results=False, compute=_has_mask),
+    Column("passed", _B, ENGINE, results=False, output="passed", doc="the scorer's verdict (no scorer: true)"),
     Column("reconstruction", None, ENGINE, results=False, output="reconstruction"),
     Column("engine_seconds", _F, ENGINE, results=False),
     Column("engine_dtype", _S, ENGINE, results=False),
@@ -326,7 +347,7 @@ def results_columns(batch: dict, n: int, default_dtype: str, schema: RowSchema |
     wanted = [c for c in schema.columns if (c.results or c.summary) and c.type is not None]
     out = {c.name: [coerce_value(v, c.type) for v in rows.column(c.name)] for c in wanted}
     out["status"] = [str(s) if s else FAILED for s in rows.column("status")]  # pending here: lost, so failed
-    ok = [s == OK for s in out["status"]]
+    ok = [s in EDITED for s in out["status"]]
     for name in ("error_code", "error"):  # a skipped row keeps its reason
         out[name] = [v if not k and v else None for v, k in zip(out[name], ok)]
     for column in wanted:

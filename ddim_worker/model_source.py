@@ -23,8 +23,9 @@ def is_remote(model: str) -> bool:
     return "://" in model and not model.startswith("file://")
 
 
-def local_model_path(model: str, storage_options: dict | None = None) -> str:
-    """A path or hub id ``from_pretrained`` can read: object-store folders are copied to ``MODEL_CACHE_DIR`` once."""
+def local_model_path(model: str, storage_options: dict | None = None, marker: str = "model_index.json") -> str:
+    """A path or hub id ``from_pretrained`` can read: object-store folders are copied to ``MODEL_CACHE_DIR`` once
+    (``marker``: the file whose presence says a copy is complete; a CLIP scorer's is ``config.json``)."""
     if not is_remote(model):
         return model.removeprefix("file://")
     import fsspec
@@ -32,13 +33,13 @@ def local_model_path(model: str, storage_options: dict | None = None) -> str:
     from filelock import FileLock
 
     target = MODEL_CACHE_DIR / hashlib.sha256(model.encode()).hexdigest()[:16]
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return str(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Several engine actors on one node load the same model: one copies, the others wait for it, then find it.
         with FileLock(str(target) + ".lock"):
-            if not (target / "model_index.json").exists():
+            if not (target / marker).exists():
                 fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
                 partial = target.with_name(target.name + f".partial-{os.getpid()}")
                 log.info("copying model %s to %s", model, target)
@@ -82,3 +83,26 @@ def model_fingerprint(model: str, storage_options: dict | None = None, revision:
                       hub_commit: str | None = None) -> str:
     """``models.model_fingerprint`` of the model's local copy (object-store folders are copied first)."""
     return models.model_fingerprint(local_model_path(model, storage_options), revision, hub_commit)
+
+
+def check_scorer(scorer: str, storage_options: dict | None = None) -> tuple[str, str | None]:
+    """(the scorer as the actors load it, its fingerprint), before Ray starts: a folder (local, or an object-store
+    folder, copied once like a model) must hold a CLIP model's ``config.json`` (``model_type`` ``clip``). A Hub id is
+    passed on as it is (fingerprinted by name; the actors resolve it). Raises ``ModelLoadError`` in one line."""
+    if not is_remote(scorer):
+        folder = Path(scorer.removeprefix("file://")).expanduser()
+        if not folder.exists():
+            if scorer.count("/") == 1 and not scorer.startswith((".", "/", "~")):
+                return scorer, hashlib.sha256(f"hub:{scorer}".encode()).hexdigest()[:16]
+            raise ModelLoadError(f"scorer {scorer!r}: no such folder")
+        scorer = str(folder.resolve())
+    local = Path(local_model_path(scorer, storage_options, marker="config.json"))
+    try:
+        kind = json.loads((local / "config.json").read_text()).get("model_type")
+    except FileNotFoundError:
+        raise ModelLoadError(f"scorer {scorer!r} has no config.json: not a transformers CLIP folder") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"scorer {scorer!r}: unreadable config.json ({exc})") from None
+    if kind != "clip":
+        raise ModelLoadError(f"scorer {scorer!r} is a {kind!r} model, not CLIP (model_type 'clip')")
+    return scorer, models.model_fingerprint(str(local))

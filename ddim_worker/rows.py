@@ -10,7 +10,9 @@ import math
 import pyarrow as pa
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+FILTERED = "filtered"  # edited, scored, and no candidate passed the scorer's thresholds: kept out of the dataset
 PENDING = ""  # status of a row still in flight
+EDITED = (OK, FILTERED)  # rows the engine edited and the write stage wrote: their outputs are recorded
 
 #: Stable error codes (the ``error_code`` column); the human ``error`` column says what exactly went wrong.
 ERROR_CODES = (
@@ -27,6 +29,7 @@ ERROR_CODES = (
     "duplicate_id",  # a second row with an id already in the manifest
     "opted_out",  # the image's server opts it out of AI use (X-Robots-Tag noai, noimageai, noindex, noimageindex)
     "engine_error",  # the engine failed on this row alone
+    "score_failed",  # the scorer could not score this row's candidates
     "write_failed",  # the outputs could not be written
 )
 

@@ -202,3 +202,45 @@ def make_model(path: str | os.PathLike, arch: str = "tiny", seed: int = 0) -> Pa
     (tmp / "ddim_edit_arch.json").write_text(json.dumps({"arch": arch, "seed": seed, "size": ARCHS[arch]["size"]}))
     os.replace(tmp, path)
     return path
+
+
+#: A CLIP shaped like the tiny pipelines: 64 px images in 8 px patches, two layers a tower, 32-wide projections.
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def build_clip_scorer(seed: int = 0, image_size: int = 64, projection_dim: int = 32) -> tuple[Any, Any]:
+    """A ``CLIPModel`` with seeded random weights and its ``CLIPProcessor`` (this module's generated tokenizer), in
+    the exact transformers format a ``--scorer`` folder holds."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+    try:  # transformers 5 without torchvision: the PIL image processor (the one CLIPImageProcessor falls back to)
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+    vocab, merges = clip_vocab_and_merges()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token="<|endoftext|>",
+                              model_max_length=77)
+    special = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+               (("bos_token_id", "<|startoftext|>"), ("eos_token_id", "<|endoftext|>"),
+                ("pad_token_id", "<|endoftext|>"))}
+    text = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, **special, **TINY_CLIP)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=8, **TINY_CLIP)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    images = ImageProcessor(size={"shortest_edge": image_size},
+                            crop_size={"height": image_size, "width": image_size})
+    return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def make_scorer(path: str | os.PathLike, seed: int = 0) -> Path:
+    """``save_pretrained`` a random-weight CLIP scorer at ``path`` (skipped if one is already there)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    model, processor = build_clip_scorer(seed)
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path

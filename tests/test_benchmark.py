@@ -93,7 +93,7 @@ def test_job_part(tiny_model_path, tmp_path):
     job = jobs.run_jobs(cfg, str(tiny_model_path), images, tmp_path, fast, parts=("cold", "grouped"))
     assert "warm" not in job
     for key in ("cold", "grouped"):
-        assert job[key]["counts"] == {"ok": job[key]["rows"], "failed": 0, "skipped": 0}, job[key]
+        assert job[key]["counts"] == {"ok": job[key]["rows"], "filtered": 0, "failed": 0, "skipped": 0}, job[key]
         # 2 batches of 2 (cold) and 4 of 4 (grouped): a steady-state rate from the PNGs after the first batch.
         assert job[key]["steady_rows_per_s"] > 0
     assert job["cold"]["inversions"] == 4 and job["cold"]["unet_passes"] == 4 * 2 * (N - S)

@@ -67,7 +67,7 @@ def test_lost_worker_node_is_survived_by_rerunning_unfinished_rows(cluster_runs)
     assert report["removed_after_images"] is not None, "the worker node was not removed mid-job"
     table = results(str(out))
     assert sorted(table) == [f"f{i}" for i in range(8)] and all(r["status"] == "ok" for r in table.values())
-    assert report["summary"]["counts"] == {"ok": 8, "failed": 0, "skipped": 0}
+    assert report["summary"]["counts"] == {"ok": 8, "filtered": 0, "failed": 0, "skipped": 0}
     if report["summary"]["attempts"] > 1:  # Ray aborted the dataset: the driver said so and re-ran the rest
         assert "re-running the" in log
     print(f"node loss: removed after {report['removed_after_images']} images; finished in "
@@ -80,7 +80,7 @@ def test_a_node_that_cannot_load_the_model_does_not_end_the_job(cluster_runs):
     report, _, log = cluster_runs["bad_node"]
     assert report["error"] is None, report["error"] + log[-3000:]
     summary = report["summary"]
-    assert summary["counts"] == {"ok": 10, "failed": 0, "skipped": 0} and summary["state"] == "finished"
+    assert summary["counts"] == {"ok": 10, "filtered": 0, "failed": 0, "skipped": 0} and summary["state"] == "finished"
     assert "cannot load model" in log  # the bad node's actors did try, and failed
     print(f"bad node: 10 rows ok in {report['seconds']:.1f}s, {summary['attempts']} attempt(s)")
 

@@ -65,16 +65,17 @@ def test_six_hundred_rows_pack_into_a_dataset_with_its_card(tiny_model_path, tmp
     assert sorted(p.name for p in (out / "results").glob("*.parquet")) == shards_before
 
     summary = run(manifest, str(out), tiny_model_path, **FAST)
-    assert summary["counts"] == {"ok": total, "failed": 0, "skipped": 0}
+    assert summary["counts"] == {"ok": total, "filtered": 0, "failed": 0, "skipped": 0}
 
     # The dataset: 600 rows, PIL images, the user's columns with their types, the card's counts right.
     ds = _load(out / "dataset")
     assert ds.num_rows == total and len(set(ds["id"])) == total
     assert ds.features["edited_image"].__class__.__name__ == "Image"
-    assert ds.features["label"].dtype == "int64" and ds.features["score"].dtype == "float64"
+    # the manifest's own "score" meets ours (the scorer's, null without one): the manifest's is renamed, kept whole
+    assert ds.features["label"].dtype == "int64" and ds.features["manifest_score"].dtype == "float64"
     row = ds[0]
     assert row["edited_image"].size == (64, 64) and row["edited_image"].mode == "RGB"
-    assert isinstance(row["label"], int) and isinstance(row["score"], float)
+    assert isinstance(row["label"], int) and isinstance(row["manifest_score"], float) and row["score"] is None
     assert {"source_prompt", "edit_prompt", "num_steps", "start_step", "guidance_scale", "seed"} <= set(ds.features)
     header, body = _card(out / "dataset")
     assert header["dataset_info"]["splits"][0]["num_examples"] == total

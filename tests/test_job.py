@@ -38,7 +38,7 @@ def test_end_to_end_on_s3(s3_server, bucket, tiny_model_path):
              "edit_prompt": f"a red picture {i}"} for i in range(3)]
     manifest = write_manifest(rows, f"{bucket}/e2e/manifest.parquet", opts)
     summary = run(manifest, f"{bucket}/e2e/out", tiny_model_path, storage_options=opts)
-    assert summary["counts"] == {"ok": 3, "failed": 0, "skipped": 0}
+    assert summary["counts"] == {"ok": 3, "filtered": 0, "failed": 0, "skipped": 0}
 
     listed = s3_server.client().list_objects_v2(Bucket="jobs", Prefix="e2e/out/")
     keys = {obj["Key"] for obj in listed.get("Contents", [])}

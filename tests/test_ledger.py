@@ -326,12 +326,12 @@ def test_the_table_follows_the_manifest(tiny_model_path, tmp_path):
     manifest = write_manifest(rows, str(tmp_path / "m.parquet"))
     out = tmp_path / "out"
     full = run(manifest, str(out), tiny_model_path, results_shard_rows=3)
-    assert full["counts"] == {"ok": 8, "failed": 4, "skipped": 0}
+    assert full["counts"] == {"ok": 8, "filtered": 0, "failed": 4, "skipped": 0}
     # a --limit run keeps every row of the first run, failed rows included (their retry shards were not retried); it
     # has nothing to do, so it starts no engine actor (no model loaded)
     actors = engine_actors_started()
     limited = run(manifest, str(out), tiny_model_path, limit=5, results_shard_rows=3)
-    assert limited["counts"] == {"ok": 5, "failed": 0, "skipped": 0} and limited["computed"] == 0
+    assert limited["counts"] == {"ok": 5, "filtered": 0, "failed": 0, "skipped": 0} and limited["computed"] == 0
     assert engine_actors_started() == actors
     plain = _plain(out)
     assert sorted(r["id"] for r in plain) == sorted(r["id"] for r in rows)
@@ -348,7 +348,7 @@ def test_the_table_follows_the_manifest(tiny_model_path, tmp_path):
         run(smaller, str(out), tiny_model_path, prune_stale=True, limit=2)
     pruned = run(smaller, str(out), tiny_model_path, prune_stale=True)
     assert pruned["results_rows_pruned"] == 6 and sorted(r["id"] for r in _plain(out)) == [f"t{i}" for i in range(6)]
-    assert pruned["counts"] == {"ok": 6, "failed": 0, "skipped": 0}
+    assert pruned["counts"] == {"ok": 6, "filtered": 0, "failed": 0, "skipped": 0}
 
 
 # -- manifest errors before Ray ------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_bad_rows_fail_alone_with_clear_codes(http_server, tiny_model_path, tmp_
     assert (duplicate["id"], duplicate["status"], duplicate["error_code"]) == ("good", "failed", "duplicate_id")
     assert "also manifest row 0" in duplicate["error"]
     assert all(r["error"] for r in table if r["status"] == "failed")
-    assert summary["counts"] == {"ok": len(GOOD), "failed": len(rows) - len(GOOD), "skipped": 0}
+    assert summary["counts"] == {"ok": len(GOOD), "filtered": 0, "failed": len(rows) - len(GOOD), "skipped": 0}
     print(f"bad-rows job: {len(rows)} rows in {elapsed:.1f}s")
 
     # Good rows give the same bytes as a clean run of just them.

@@ -36,7 +36,7 @@ def _pack(records: list[dict]) -> list[list[dict]]:
 
 def _calls(task: list[dict]) -> int:
     real = [r for r in task if r["status"] == PENDING]
-    return calls_of([pending_needs(r, row_inversion_key(r, None)) for r in real], B)
+    return calls_of([n for r in real for n in pending_needs(r, row_inversion_key(r, None))], B)
 
 
 def _images(task: list[dict]) -> set[str]:
@@ -61,7 +61,7 @@ def test_a_task_gives_back_an_image_whose_inversion_would_pad_a_call():
     assert [sum(r["status"] == PENDING for r in t) for t in tasks] == [12] * 6
     for task in tasks:
         real = [r for r in task if r["status"] == PENDING]
-        needs = [pending_needs(r, row_inversion_key(r, None)) for r in real]
+        needs = [n for r in real for n in pending_needs(r, row_inversion_key(r, None))]
         kinds = [inversion_kind(r) for r in real if r["edit_prompt"].endswith(" 0")]
         assert padding_of(needs, kinds, B) == 0
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ddim_worker.core.call_plan import RowNeeds
+from ddim_worker.core.candidates import Scores
 from ddim_worker.core.inversion import InversionMethod, parse_method
 from ddim_worker.core.inversion_key import InversionKey
 from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError, sampling_start
@@ -49,6 +50,9 @@ class EditRow:
     self_replace: float = DEFAULTS.self_replace
     edit_word_weight: float = DEFAULTS.edit_word_weight
     mask: str = DEFAULTS.mask
+    candidates: int = DEFAULTS.candidates  # the engine edits a row as given; the job draws its candidates
+    sample_cross_replace: str = DEFAULTS.sample_cross_replace
+    sample_self_replace: str = DEFAULTS.sample_self_replace
     cached: Trajectory | None = None  # a stored trajectory for this row (latents (L, 1, C, h, w)), if any
 
     @classmethod
@@ -110,6 +114,13 @@ class EditOutput:
     attention_control: str = "none"  # none | word-swap | refine (Prompt-to-Prompt, chosen from the prompts)
     mask: np.ndarray | None = None  # (H, W) uint8, 255 where the edit changes the image (mask auto)
     latent: torch.Tensor | None = None  # (C, h, w) float32: the edit's sampled x0 latent, before decoding
+    # Candidates (``core.candidates``; the job's actor fills these): which of the row's candidates this is, the
+    # control fractions it used, its CLIP scores and whether it passed the filter (no scorer: True).
+    candidate: int = 0
+    cross_replace: float | None = None
+    self_replace: float | None = None
+    scores: Scores | None = None
+    passed: bool = True
 
 
 @dataclass

@@ -104,6 +104,17 @@ class EditSettings:
                                "written beside the image (the flag alone: auto)", group="edit",
                        choices=MASK_MODES, per_row=True, when_named="auto")
 
+    candidates: int = option(1, "edits made of the row (one inversion, one source branch): each draws its "
+                                "attention control from --sample-cross-replace / --sample-self-replace, and the "
+                                "scorer keeps the best that passes (needs --scorer when over 1)", group="candidates",
+                             minimum=1, maximum=64, per_row=True)
+    sample_cross_replace: str = option("", "A:B: each candidate draws its cross_replace uniformly from [A, B] "
+                                           "(seeded from the row; empty: the row's cross_replace)",
+                                       group="candidates", per_row=True, metavar="A:B")
+    sample_self_replace: str = option("", "A:B: each candidate draws its self_replace uniformly from [A, B] "
+                                          "(empty: the row's self_replace)", group="candidates", per_row=True,
+                                      metavar="A:B")
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -195,10 +206,26 @@ def validate(settings: EditSettings) -> EditSettings:
     except ValueError as exc:
         raise SettingError("inversion", f"is not valid: {exc}") from None
     object.__setattr__(settings, "inversion", str(method))  # one spelling: " ddim " -> "ddim"
+    for name in ("sample_cross_replace", "sample_self_replace"):
+        span = parse_span(name, getattr(settings, name))
+        object.__setattr__(settings, name, "" if span is None else f"{span[0]:g}:{span[1]:g}")
     if settings.mask == "auto" and method.name == "noise":
         raise SettingError("mask", "auto blends back to the inverted trajectory at every level, and inversion "
                                    "'noise' has none: use it with ddim, pnp, direct, fixed-point or null-text")
     return settings
+
+
+def parse_span(name: str, text: str) -> tuple[float, float] | None:
+    """A candidate range ``A:B`` (0 <= A <= B <= 1) as (A, B); empty text: None (no draw)."""
+    if not text.strip():
+        return None
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise SettingError(name, f"must be A:B with two numbers, got {text!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise SettingError(name, f"must be A:B with 0 <= A <= B <= 1, got {text!r}")
+    return low, high
 
 
 #: The per-row setting names, in declaration order (also the manifest's setting columns and the results' columns).

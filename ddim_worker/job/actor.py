@@ -18,7 +18,8 @@ from ddim_worker.columns import RowSchema, current, output_columns, setting_valu
 from ddim_worker.failpoints import failpoint
 from ddim_worker.fetch import ensure_worker_logging
 from ddim_worker.model_source import local_model_path
-from ddim_worker.rows import FAILED, PENDING
+from ddim_worker.core.candidates import Thresholds
+from ddim_worker.rows import FAILED, PENDING, RowError
 from ddim_worker.job.task_packing import drop_fillers
 from ddim_worker.core.settings import SETTING_NAMES, EngineSettings
 
@@ -39,7 +40,8 @@ class EditActor:
     def __init__(self, model: str, engine: EngineSettings, batch_size: int, device: str = "auto",
                  storage_options: dict | None = None, num_threads: int | None = None,
                  measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None,
-                 cache_latents: bool = True, schema: RowSchema | None = None):
+                 cache_latents: bool = True, schema: RowSchema | None = None, scorer: str | None = None,
+                 thresholds: Thresholds | None = None):
         import torch
 
         from ddim_worker.core.engine import EditEngine
@@ -60,6 +62,13 @@ class EditActor:
         self.dtype = str(self.engine.dtype).removeprefix("torch.")  # what this actor really runs, reported per row
         self._recent: OrderedDict[str, Any] = OrderedDict()
         self.schema = schema or current()  # the driver's: the engine columns it planned the results with
+        self.thresholds = thresholds or Thresholds()
+        self.scorer = None
+        if scorer:  # on the engine's device, loaded once like the engine
+            from ddim_worker.core.scorer import ClipScorer
+
+            self.scorer = ClipScorer(local_model_path(scorer, storage_options, marker="config.json"),
+                                     device=self.engine.device)
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> EditRow:
         """Row ``i`` of a batch as an engine request: its image, prompts and every setting (``columns``)."""
@@ -84,11 +93,22 @@ class EditActor:
             return None
 
     def _edit_rows(self, batch: dict[str, np.ndarray], index: list[int]) -> dict[int, tuple[EditRow, Any]]:
-        """(request, output) by row, the output being the exception for rows that fail even alone."""
+        """(request, output) by row, the output being the exception for rows that fail even alone. A row's
+        candidates are edited in one engine call list (one inversion, one source branch) and scored together."""
+        from ddim_worker.core.candidate_edits import combine, expand
+
         try:
-            rows = [self._row(batch, i) for i in index]
-            return {i: (row, out) for i, row, out in
-                    zip(index, rows, self.engine.edit(rows, measure_fidelity=self.measure_fidelity))}
+            rows = {i: self._row(batch, i) for i in index}
+            refused = {i: self._refusal(rows[i]) for i in index}
+            todo = [i for i in index if refused[i] is None]
+            requests = {i: expand(rows[i], str(batch["id"][i])) for i in todo}
+            outputs = iter(self.engine.edit([r for i in todo for r in requests[i]],
+                                            measure_fidelity=self.measure_fidelity))
+            edited = {i: [next(outputs) for _ in requests[i]] for i in todo}
+            scores = self._scores(batch, requests, edited)
+            done = {i: (rows[i], scores[i] if isinstance(scores.get(i), Exception)
+                        else combine(requests[i], edited[i], scores.get(i), self.thresholds)) for i in todo}
+            return {**{i: (rows[i], refused[i]) for i in index if refused[i] is not None}, **done}
         except Exception as exc:  # noqa: BLE001 - isolate the poisoned row(s) by retrying one at a time
             if len(index) == 1:
                 return {index[0]: (None, exc)}
@@ -97,6 +117,39 @@ class EditActor:
             for i in index:
                 results.update(self._edit_rows(batch, [i]))
             return results
+
+    def _refusal(self, row: EditRow) -> RowError | None:
+        if int(row.candidates) > 1 and self.scorer is None:
+            return RowError("bad_setting", f"candidates is {row.candidates}: choosing among candidates needs a "
+                                           "scorer (--scorer MODEL)")
+        return None
+
+    def _scores(self, batch: dict[str, np.ndarray], requests: dict[int, list[EditRow]],
+                edited: dict[int, list[Any]]) -> dict[int, Any]:
+        """Each row's candidates' scores (one scorer call for the batch; row by row if it fails, and then a row that
+        still fails gets its exception). Empty without a scorer."""
+        if self.scorer is None or not edited:
+            return {}
+        try:
+            return self._score_rows(batch, requests, edited, list(edited))
+        except Exception as exc:  # noqa: BLE001 - find the row the scorer cannot score
+            log.warning("scorer failed on a batch (%s); scoring row by row", exc)
+        out: dict[int, Any] = {}
+        for i in edited:
+            try:
+                out.update(self._score_rows(batch, requests, edited, [i]))
+            except Exception as exc:  # noqa: BLE001 - that row's error, never the job's
+                out[i] = RowError("score_failed", f"the scorer could not score this row: {type(exc).__name__}: "
+                                                  f"{exc}")
+        return out
+
+    def _score_rows(self, batch: dict[str, np.ndarray], requests: dict[int, list[EditRow]],
+                    edited: dict[int, list[Any]], index: list[int]) -> dict[int, Any]:
+        pairs = [(i, row, out) for i in index for row, out in zip(requests[i], edited[i])]
+        scores = iter(self.scorer.score([batch["pixels"][i] for i, _, _ in pairs], [out.image for _, _, out in pairs],
+                                        [row.source_prompt for _, row, _ in pairs],
+                                        [row.edit_prompt for _, row, _ in pairs]))
+        return {i: [next(scores) for _ in requests[i]] for i in index}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch -> engine requests -> outputs -> the engine's columns (declared in ``columns``) on the batch."""
@@ -122,7 +175,9 @@ class EditActor:
         n = len(batch["id"])
         status, code, error = batch["status"].copy(), batch["error_code"].copy(), batch["error"].copy()
         for i, (_, out) in edited.items():
-            if isinstance(out, Exception):
+            if isinstance(out, RowError):
+                status[i], code[i], error[i] = FAILED, out.code, out.message
+            elif isinstance(out, Exception):
                 status[i], code[i], error[i] = FAILED, "engine_error", f"{type(out).__name__}: {out}"
         done = {i: pair for i, pair in edited.items() if not isinstance(pair[1], Exception)}
         result = {k: v for k, v in batch.items() if k != "cache_blob"}  # pixels go on: the write stage saves inputs

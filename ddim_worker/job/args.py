@@ -25,6 +25,7 @@ GROUPS = {
     "job": "job: what to run and where",
     "model": "model",
     "edit": "edit settings (defaults for every row; a manifest column of the same name overrides them per row)",
+    "candidates": "candidates and the scorer: only edits that worked reach the dataset",
     "storage": "storage",
     "limits": "limits and URL policy (bad input fails its row only)",
     "performance": "performance",

@@ -71,7 +71,7 @@ def _stream(run: Run) -> None:
     if _nothing_left(run, run_ctx):
         log.info("every row is done from its inputs already: no engine actor is started")
         return
-    batches = iter(pipeline.build_dataset(config, run_ctx, run.ctx, run.plan, run.model).iter_batches(
+    batches = iter(pipeline.build_dataset(config, run_ctx, run.ctx, run.plan, run.model, run.scorer).iter_batches(
         batch_size=None, batch_format="numpy"))
     try:
         for summary in batches:
@@ -88,9 +88,9 @@ def _stream(run: Run) -> None:
 
 def _nothing_left(run: Run, run_ctx: SourceContext) -> bool:
     """Whether every row was finished by an earlier run from the inputs it has now: a rerun of a finished job then
-    loads no model on any GPU. The ledger answers by id first (any row without an ok result: there is work); only
+    loads no model on any GPU. The ledger answers by id first (any row without a finished result: there is work); only
     when every id is done does a pass of the read stage (CPU tasks) check that no row's inputs changed."""
-    if not len(run.manifest.keys) or not run.index.all_ok(run.manifest.keys):
+    if not len(run.manifest.keys) or not run.index.all_finished(run.manifest.keys):
         return False
     return pipeline.count_rows_to_do(run_ctx) == 0
 

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddim_worker.core.candidates import Thresholds
 from ddim_worker.core.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from ddim_worker.job.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ddim_worker.manifest import DEFAULT_MAX_PROMPT_CHARS
@@ -30,6 +31,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 _FETCH = FetchPolicy()  # the fetch limits' defaults live with the policy that enforces them
+THRESHOLDS = Thresholds()  # the scorer's defaults live with the filter that applies them
 
 #: The nested settings objects and the names of their fields in the flat form.
 NESTED = {"edit": EditSettings, "engine": EngineSettings}
@@ -78,6 +80,18 @@ class JobConfig:
                                        "value, so datasets.load_dataset gives the edited dataset", group="job")
     measure_fidelity: bool = option(False, "resample each inversion with its source prompt: PSNR / SSIM / latent "
                                            "MSE per row (n - s more UNet passes)", group="job")
+    scorer: str | None = option(None, "CLIP model (transformers folder, Hub id or s3:// folder) that scores each "
+                                      "row's candidates; rows whose best candidate misses a threshold end "
+                                      "filtered (kept in the results, not in the dataset)", group="candidates")
+    min_direction: float = option(THRESHOLDS.direction, "least CLIP directional similarity (image change vs "
+                                                        "prompt change) of a kept edit", group="candidates",
+                                  minimum=-1, maximum=1)
+    min_image_similarity: float = option(THRESHOLDS.image_similarity, "least CLIP similarity of a kept edit to "
+                                                                      "its input image", group="candidates",
+                                         minimum=-1, maximum=1)
+    min_text_similarity: float = option(THRESHOLDS.text_similarity, "least CLIP similarity of a kept edit to its "
+                                                                    "edit prompt", group="candidates", minimum=-1,
+                                        maximum=1)
     report: bool = option(True, "write report.html and contact-sheet.png at the end", group="job")
     pack: bool = option(True, "pack the edited dataset into OUTPUT/dataset at the end of a finished run (parquet "
                               "shards + dataset card; `ddim-edit pack OUTPUT` does it later)", group="storage")
@@ -132,6 +146,9 @@ class JobConfig:
                 continue
             setattr(self, spec.name, coerce(spec.name, kind, value))
             check_range(self, spec)
+        if self.edit.candidates > 1 and not self.scorer:
+            raise SettingError("candidates", f"is {self.edit.candidates}: choosing among candidates needs a scorer "
+                                             "(--scorer MODEL)")
         try:
             parse_size(self.max_shard_size)
         except ValueError as exc:
@@ -147,6 +164,9 @@ class JobConfig:
                                    allowed_prefixes=prefixes,
                                    disallowed_directives=_FETCH.disallowed_directives if self.respect_opt_outs
                                    else ())
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.min_direction, self.min_image_similarity, self.min_text_similarity)
 
     # -- the flat form ---------------------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:

@@ -44,10 +44,10 @@ from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.source import SourceContext, find_duplicates, plan_source
 from ddim_worker.job.summary import build_summary, cli_lines
 from ddim_worker.manifest import ManifestError, ledger_key, parse_column_map
-from ddim_worker.model_source import check_model, model_fingerprint
+from ddim_worker.model_source import check_model, check_scorer, model_fingerprint
 from ddim_worker.core.models import ModelLoadError
 from ddim_worker.outputs import STOP_MARKER_PREFIX, OutputLayout
-from ddim_worker.rows import FAILED, OK, SKIPPED
+from ddim_worker.rows import FAILED, FILTERED, OK, SKIPPED
 from ddim_worker.job.stages import StageContext
 
 __all__ = ["JobError", "LeaseLost", "run_job", "main", "take_lease", "index_manifest", "take_run_number"]
@@ -75,6 +75,17 @@ def check_model_or_fail(config: JobConfig) -> tuple[str, str | None]:
     local = Path(config.model).expanduser()
     return (str(local.resolve()) if local.is_dir() else config.model), commit
 
+
+
+def check_scorer_or_fail(config: JobConfig) -> tuple[str | None, str | None]:
+    """(scorer as the actors load it, its fingerprint), checked before Ray starts like the model: a folder that is
+    not a CLIP model's ends the job with one line. No scorer: (None, None)."""
+    if not config.scorer:
+        return None, None
+    try:
+        return check_scorer(config.scorer, config.storage_options)
+    except ModelLoadError as exc:
+        raise JobError(f"--scorer: {exc}") from None
 
 
 def index_manifest(source_ctx: SourceContext) -> Manifest:
@@ -154,6 +165,7 @@ def _prepare(run: Run) -> None:
     """1. Everything that needs no Ray and writes nothing: model, manifest footers, the output's compatibility."""
     config = run.config
     run.model, run.hub_commit = check_model_or_fail(config)
+    run.scorer, run.scorer_fingerprint = check_scorer_or_fail(config)
     try:
         run.source = plan_source(config.manifest, parse_column_map(config.columns), config.storage_options,
                                  config.limit)
@@ -219,7 +231,8 @@ def _resume(run: Run) -> None:
     if compacted := ledger.compact(run.layout, before, run.config.storage_options):
         log.info("results: %d repeated rows from earlier runs compacted away", compacted)
         run.scan()
-    run.done_before = run.index.counts(run.manifest.unique_keys())[OK]
+    before = run.index.counts(run.manifest.unique_keys())
+    run.done_before = before[OK] + before[FILTERED]
     run.tally = Tally(run.source.total_rows)
     run.progress = Progress(run.source.total_rows, run.done_before)
 
@@ -300,7 +313,8 @@ def _pack(run: Run) -> None:
         log.info("dataset: not packed (%s)", run.not_packed)
         return
     card = card_facts(config, model_revision=run.hub_commit, fingerprint=run.fingerprint, dtype=run.plan.dtype,
-                      failed=run.counts[FAILED], skipped=run.counts[SKIPPED], command=records.command_line(config),
+                      failed=run.counts[FAILED], skipped=run.counts[SKIPPED], filtered=run.counts[FILTERED],
+                      scorer_fingerprint=run.scorer_fingerprint, command=records.command_line(config),
                       version=records.versions().get("ddim-edit", ""))
     with _writing_records(run, "the edited dataset"):
         run.dataset = pack_dataset(run, run.index, run.manifest.unique_keys(), card)

@@ -47,12 +47,16 @@ from ddim_worker.job.shards import (
 from ddim_worker.job.tasks import map_chunks, objects
 from ddim_worker.job.source import DoneSet, digest_number
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, OK, SKIPPED
+from ddim_worker.rows import FAILED, FILTERED, OK, SKIPPED
 
 log = logging.getLogger("ddim_edit.job")
 
 #: Which of two rows of one id and one generation wins: a result beats "not run", and ok beats failed.
-STATUS_RANK = {SKIPPED: 1, FAILED: 2, OK: 3}
+STATUS_RANK = {SKIPPED: 1, FAILED: 2, FILTERED: 3, OK: 4}
+
+#: The ranks of finished rows: edited and recorded (a filtered row was scored and kept out of the dataset; a rerun
+#: does not edit it again unless its inputs change).
+FINISHED_RANKS = (STATUS_RANK[OK], STATUS_RANK[FILTERED])
 
 #: The columns a scan reads of each shard (``input_digest`` and ``generation`` may be missing in old shards).
 KEY_COLUMNS = ("id", "error_code", "manifest_row", "status", "input_digest")
@@ -156,8 +160,8 @@ class LedgerIndex:
         return int((~self.winner).sum())
 
     def done(self) -> DoneSet:
-        """The ids whose latest result is ok, with the input digests they were made from."""
-        mask = self.winner & (self.status == STATUS_RANK[OK])
+        """The ids whose latest result is finished (ok or filtered), with the input digests they were made from."""
+        mask = self.winner & np.isin(self.status, FINISHED_RANKS)
         order = np.argsort(self.key[mask], kind="stable")
         return DoneSet(self.key[mask][order], self.digest[mask][order])
 
@@ -174,12 +178,12 @@ class LedgerIndex:
         out[found] = won_status[where[found]]
         return out
 
-    def all_ok(self, keys: np.ndarray) -> bool:
-        """Whether the latest result of every one of ``keys`` is ok."""
-        return bool((self.states(keys) == STATUS_RANK[OK]).all())
+    def all_finished(self, keys: np.ndarray) -> bool:
+        """Whether the latest result of every one of ``keys`` is finished (ok or filtered)."""
+        return bool(np.isin(self.states(keys), FINISHED_RANKS).all())
 
     def counts(self, keys: np.ndarray) -> dict[str, int]:
-        """ok / failed / skipped / missing over ``keys`` (the manifest's), from the winners."""
+        """ok / filtered / failed / skipped / missing over ``keys`` (the manifest's), from the winners."""
         states = self.states(keys)
         out = {status: int((states == rank).sum()) for status, rank in STATUS_RANK.items()}
         out["missing"] = int((states == 0).sum())

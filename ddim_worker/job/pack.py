@@ -25,6 +25,8 @@ a data file is never published without its footer (``storage.open_write`` aborts
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -329,13 +331,17 @@ def current_data_files(layout: OutputLayout, storage_options: dict | None = None
 
 
 def card_facts(config: Any, *, model_revision: str | None, fingerprint: str | None, dtype: Any, failed: int,
-               skipped: int, command: str, version: str) -> dict[str, Any]:
+               skipped: int, command: str, version: str, filtered: int = 0,
+               scorer_fingerprint: str | None = None) -> dict[str, Any]:
     """What the dataset card says about the run that made the dataset (``config``: its ``JobConfig``). Its
     ``fingerprint`` (everything but the command and the date) tells whether a packing is still current."""
     card = {"title": f"edits of {config.manifest}", "manifest": config.manifest, "model": config.model,
             "model_revision": model_revision, "model_fingerprint": fingerprint, "size": config.engine.size,
             "dtype": dtype, "settings": config.edit.as_dict(), "version": version, "failed": failed,
-            "skipped": skipped}
+            "skipped": skipped, "filtered": filtered}
+    if config.scorer:
+        card["scorer"] = {"model": config.scorer, "fingerprint": scorer_fingerprint,
+                          "thresholds": dataclasses.asdict(config.thresholds())}
     card["fingerprint"] = json.dumps(card, sort_keys=True, default=str)
     card["command"] = command
     card["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -363,6 +369,23 @@ def _read_json(uri: str, options: dict) -> dict | None:
 
 
 # -- the dataset card ----------------------------------------------------------------------------------------------
+
+def _filtered_note(card: dict) -> str:
+    return f" and passed the scorer; {card.get('filtered', 0):,} filtered," if card.get("scorer") else ""
+
+
+def _scorer_note(card: dict) -> str:
+    """The card's line on the filter: which CLIP model scored the candidates and what a kept edit reached."""
+    scorer = card.get("scorer")
+    if not scorer:
+        return ""
+    limits = scorer.get("thresholds", {})
+    return (f"\n- **Filter**: each row's candidates were scored by the CLIP model {_code(scorer.get('model'))} "
+            f"(fingerprint {_code(scorer.get('fingerprint') or '-')}); a kept edit reached directional similarity "
+            f">= {limits.get('direction')}, image similarity >= {limits.get('image_similarity')} and text "
+            f"similarity >= {limits.get('text_similarity')} (columns `score`, `clip_image_similarity`, "
+            f"`clip_text_similarity`).")
+
 
 def _yaml_features(schema: pa.Schema) -> list[dict]:
     features = hf_features(schema)
@@ -420,8 +443,8 @@ def dataset_card(schema: pa.Schema, rows: int, files: int, size: int, sources: C
 Each row is an image edited with DDIM inversion: the source image was encoded, inverted under its source prompt,
 then sampled again under its edit prompt, so what the edit prompt names changes and the rest is kept.
 
-- **Rows**: {rows:,} (one per manifest row that was edited; {card.get("failed", 0):,} failed and
-  {card.get("skipped", 0):,} not run are in the job's results, not here), in {files} Parquet file(s), {size:,} bytes.
+- **Rows**: {rows:,} (one per manifest row that was edited{_filtered_note(card)}; {card.get("failed", 0):,} failed and
+  {card.get("skipped", 0):,} not run are in the job's results, not here), in {files} Parquet file(s), {size:,} bytes.{_scorer_note(card)}
 - **Columns**: `edited_image` (PNG){", `edit_mask` (the region each edit changed, 255 inside)" if EDIT_MASK.name in schema.names else ""}, `id`, `image_url` (the source image), `source_prompt`, `edit_prompt`, every edit
   setting ({", ".join(_code(n) for n in RESULT_SETTING_FIELDS)}){", and the manifest's own columns: " + ", ".join(_code(c) for c in own) if own else ""}.
 - **Model**: {_code(card.get("model"))}, revision {_code(card.get("model_revision") or "-")}, fingerprint

@@ -21,7 +21,7 @@ from ddim_worker.job.sizes import parse_size
 from ddim_worker.job.source import SourceContext, plan_source
 from ddim_worker.manifest import ManifestError, parse_column_map
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, SKIPPED
+from ddim_worker.rows import FAILED, FILTERED, SKIPPED
 
 log = logging.getLogger("ddim_edit.job")
 
@@ -55,7 +55,9 @@ def pack_output(output: str, storage_options: dict | None = None, max_shard_size
         counts = index.counts(unique)
         card = card_facts(config, model_revision=record.get("model_revision"),
                           fingerprint=record.get("model_fingerprint"), dtype=record.get("dtype"),
-                          failed=counts[FAILED], skipped=counts[SKIPPED], command=record.get("command", ""),
+                          failed=counts[FAILED], skipped=counts[SKIPPED], filtered=counts[FILTERED],
+                          scorer_fingerprint=(record.get("scorer") or {}).get("fingerprint"),
+                          command=record.get("command", ""),
                           version=record.get("versions", {}).get("ddim-edit", ""))
         try:
             result = pack(layout, unique, options, size, card, index, guard=lambda: _check(lease))

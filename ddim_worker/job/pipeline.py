@@ -23,7 +23,8 @@ OTHER_STAGES_CPUS = 2.0
 MAX_RECORD_ROWS = 8192
 
 
-def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContext, plan: EnginePlan, model: str):
+def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContext, plan: EnginePlan, model: str,
+                  scorer: str | None = None):
     """manifest row groups -> rows to do -> prepare -> engine actors -> images -> results shards (summaries out)."""
     import ray
 
@@ -67,7 +68,7 @@ def build_dataset(config: JobConfig, source_ctx: SourceContext, ctx: StageContex
                                "num_threads": max(int(engine_cpus), 1),
                                "measure_fidelity": config.measure_fidelity, "revision": config.revision,
                                "cache_latents": ctx.layout.caches_latents, "schema": ctx.schema,
-                               "variant": config.variant},
+                               "variant": config.variant, "scorer": scorer, "thresholds": config.thresholds()},
         batch_size=rows_per_call,
         batch_format="numpy",
         num_gpus=plan.gpus_per_actor or None,

@@ -138,6 +138,8 @@ class Run:
     model: str = ""  # as the actors load it
     hub_commit: str | None = None
     fingerprint: str = ""
+    scorer: str | None = None  # as the actors load it (--scorer)
+    scorer_fingerprint: str | None = None
     source: Any = None  # the manifest's plan (``source.ManifestSource``)
     plan: EnginePlan | None = None
     manifest: Manifest | None = None

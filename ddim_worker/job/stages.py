@@ -41,7 +41,7 @@ from ddim_worker.core.images import (
 )
 from ddim_worker.manifest import ManifestFiles, id_hash
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, OK, PENDING, RowError, text_or_none
+from ddim_worker.rows import EDITED, FAILED, FILTERED, OK, PENDING, RowError, is_missing, text_or_none
 from ddim_worker.url_policy import FetchError, FetchPolicy
 
 
@@ -147,7 +147,7 @@ def prepare_batch(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, 
             continue
         found = recoverable_png(row, ctx) if ctx.resume else None
         if found is not None:
-            out["status"][i], out["recovered"][i], out["recovered_dtype"][i] = OK, True, found.dtype or ""
+            out["status"][i], out["recovered"][i], out["recovered_dtype"][i] = found.status, True, found.dtype or ""
         else:
             todo.append(i)
     started = time.perf_counter()
@@ -196,6 +196,7 @@ class RecoverablePng:
     chunk's ``dtype=``; None in a PNG that does not say)."""
 
     dtype: str | None
+    status: str = OK  # what the run that wrote it recorded: ok, or filtered (its ``ddim_edit:status`` chunk)
 
 
 def recoverable_png(row: dict, ctx: StageContext) -> RecoverablePng | None:
@@ -218,7 +219,8 @@ def recoverable_png(row: dict, ctx: StageContext) -> RecoverablePng | None:
             and model.endswith(f"({ctx.model_fingerprint})")
             and f"size={ctx.size}" in settings):
         dtypes = [part.partition("=")[2] for part in settings if part.startswith("dtype=")]
-        return RecoverablePng(dtypes[-1] if dtypes and dtypes[-1] else None)
+        status = FILTERED if text.get("ddim_edit:status") == FILTERED else OK
+        return RecoverablePng(dtypes[-1] if dtypes and dtypes[-1] else None, status)
     return None
 
 
@@ -276,7 +278,26 @@ def png_text(row: dict, ctx: StageContext, dtype: str | None = None) -> dict[str
                                         f"size={ctx.size}", f"dtype={dtype or ctx.dtype}"]),
         "ddim_edit:model": f"{ctx.model} ({ctx.model_fingerprint})",
         "ddim_edit:input": str(row.get("input_digest") or ""),
+        **_candidate_text(row),
     }
+
+
+def _candidate_text(row: dict) -> dict[str, str]:
+    """The chunks of a row with candidates or a scorer: which candidate, its draws, its scores, the verdict."""
+    scored = not is_missing(row.get("score"))
+    if not scored and int(setting_value("candidates", row["candidates"])) == 1:
+        return {}
+    text = {"ddim_edit:candidate": " ".join(f"{name}={row[column]}" for name, column in (
+        ("candidate", "candidate"), ("cross_replace", "candidate_cross_replace"),
+        ("self_replace", "candidate_self_replace")) if not is_missing(row.get(column)))}
+    if scored:
+        text["ddim_edit:scores"] = " ".join(f"{name}={float(row[name]):.4f}" for name in SCORE_COLUMNS)
+        text["ddim_edit:status"] = OK if _passed(row) else FILTERED
+    return text
+
+
+#: The score columns a PNG's ``ddim_edit:scores`` chunk lists.
+SCORE_COLUMNS = ("score", "clip_image_similarity", "clip_text_similarity")
 
 
 def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
@@ -292,13 +313,19 @@ def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, n
     for i in range(writes.n):
         started = time.perf_counter()
         row = {name: batch[name][i] for name in batch}
-        if writes.status[i] == OK and row.get("recovered"):
+        if writes.status[i] in EDITED and row.get("recovered"):
             writes.recovered(i, row)
             continue
         if (writes.status[i] or PENDING) == PENDING:
             writes.write(i, row)
             writes.write_seconds[i] = time.perf_counter() - started
     return writes.columns()
+
+
+def _passed(row: dict) -> bool:
+    """The scorer's verdict on an edited row (true where nothing was scored)."""
+    value = row.get("passed")
+    return True if value is None else bool(value)
 
 
 class _Writes:
@@ -338,7 +365,7 @@ class _Writes:
         """An edited row's files; a failed write fails this row only."""
         try:
             self._write(i, row, str(row.get("engine_dtype") or self.ctx.dtype))
-            self.status[i] = OK
+            self.status[i] = OK if _passed(row) else FILTERED
         except Exception as exc:  # noqa: BLE001 - a failed write fails this row only
             self.status[i], self.code[i], self.error[i] = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
             for column in self.uris:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from ddim_worker.job import records
 from ddim_worker.job.run_state import Run
-from ddim_worker.rows import FAILED, OK, SKIPPED
+from ddim_worker.rows import FAILED, FILTERED, OK, SKIPPED
 
 
 def state(run: Run) -> str:
@@ -27,7 +28,8 @@ def build_summary(run: Run) -> dict[str, Any]:
     return {
         "state": state(run),
         "error": run.error,
-        "counts": {OK: counts[OK], FAILED: counts[FAILED], SKIPPED: counts[SKIPPED]},  # the table's, over the manifest
+        # the table's, over the manifest (filtered: edited and scored, no candidate passed; not in the dataset)
+        "counts": {OK: counts[OK], FILTERED: counts[FILTERED], FAILED: counts[FAILED], SKIPPED: counts[SKIPPED]},
         # manifest rows with no result row (a job that failed before reaching them): a run with any exits non-zero
         "missing": counts["missing"],
         "total": run.manifest.total,
@@ -64,6 +66,8 @@ def build_summary(run: Run) -> dict[str, Any]:
         "model": config.model,
         "model_revision": run.hub_commit,
         "model_fingerprint": run.fingerprint,
+        "scorer": {"model": config.scorer, "fingerprint": run.scorer_fingerprint,
+                   "thresholds": dataclasses.asdict(config.thresholds())} if config.scorer else None,
         "dtype": _dtype(tally.dtypes, plan.dtype),
         "versions": records.versions(),
         "outputs": {"images": layout.folder("edited"), "results": layout.results_folder, "latents": layout.latents,
@@ -83,7 +87,8 @@ def cli_lines(summary: dict[str, Any]) -> list[str]:
     """What ``ddim-edit run`` prints on stdout at the end: the counts, then where each output is."""
     counts = summary["counts"]
     missing = f", {summary['missing']} MISSING" if summary["missing"] else ""
-    lines = [f"ddim-edit: {summary['total']} rows: {counts['ok']} ok, {counts['failed']} failed, "
+    filtered = f", {counts['filtered']} filtered" if counts.get("filtered") else ""
+    lines = [f"ddim-edit: {summary['total']} rows: {counts['ok']} ok{filtered}, {counts['failed']} failed, "
              f"{counts['skipped']} skipped{missing}; {summary['computed']} computed in "
              f"{summary['wall_seconds']:.1f}s ({summary['rows_per_second'] or 0:.2f} rows/s), "
              f"{summary['inversions']} inversions"]

@@ -33,13 +33,18 @@ LOOKAHEAD_UNITS = 16
 #: Images a task may give back to the next one when that leaves its calls less padded.
 TRIM_UNITS = 4
 
-Needs = tuple[tuple[Hashable, RowNeeds], ...]  # (group, needs) per row of a unit
+Needs = tuple[tuple[tuple[Hashable, RowNeeds], ...], ...]  # per row of a unit: (group, needs) per edit branch
 
 
-def pending_needs(record: Mapping[str, Any], key: InversionKey) -> tuple[Hashable, RowNeeds]:
-    """(its engine group, what the call planner reads of it) for a row to edit, before its image is read."""
+def _flat(needs: Needs) -> tuple[tuple[Hashable, RowNeeds], ...]:
+    return tuple(need for row in needs for need in row)
+
+
+def pending_needs(record: Mapping[str, Any], key: InversionKey) -> tuple[tuple[Hashable, RowNeeds], ...]:
+    """(its engine group, what the call planner reads of it) for each edit branch of a row to edit (one per
+    candidate: they share the row's source branch), before its image is read."""
     row = _row(record)
-    return row.group, call_needs(row, key)
+    return ((row.group, call_needs(row, key)),) * max(int(row.candidates), 1)
 
 
 def inversion_kind(record: Mapping[str, Any]) -> Hashable:
@@ -111,7 +116,7 @@ def pack_tasks(records: list[dict[str, Any]], keys: Sequence[InversionKey | None
         while i < len(units) and i <= LOOKAHEAD_UNITS and rows < task_rows:
             members, unit_needs = units[i]
             fits = rows + len(members) <= task_rows and (
-                not task or not unit_needs or calls_of(needs + unit_needs, batch_size) <= calls_per_task)
+                not task or not unit_needs or calls_of(_flat(needs + unit_needs), batch_size) <= calls_per_task)
             if fits:  # (the first image of a task always fits while its rows do: one inversion for it is worth
                 task.append(units.pop(i))  # more than a call over the task's count)
                 rows, needs = rows + len(members), needs + unit_needs
@@ -154,7 +159,7 @@ def _least_padding(task: list[tuple[list[dict], Needs]], batch_size: int) -> int
     edited row, the longest of equals (5 plain images of 3 edits at batch 4 pad an inversion call; 4 pad none)."""
     best, keep = None, len(task)
     for k in range(len(task), max(len(task) - TRIM_UNITS, 1) - 1, -1):
-        needs = [n for _, unit_needs in task[:k] for n in unit_needs]
+        needs = [n for _, unit_needs in task[:k] for n in _flat(unit_needs)]
         kinds = [inversion_kind(members[0]) for members, unit_needs in task[:k] if unit_needs]
         if not needs and k < len(task):  # rows not to edit ride along with the task's images, never alone
             continue
@@ -168,7 +173,7 @@ def _piece(members: list[dict], needs: Needs, task_rows: int, batch_size: int, c
     """How many of an oversized unit's first rows fill one task (at least one)."""
     n = 1
     while (n < len(members) and n + 1 <= task_rows
-           and calls_of(needs[:n + 1], batch_size) <= calls_per_task):
+           and calls_of(_flat(needs[:n + 1]), batch_size) <= calls_per_task):
         n += 1
     return n
 

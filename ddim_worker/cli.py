@@ -1,8 +1,8 @@
 """``ddim-edit``: the command line.
 
 Subcommands: ``run`` (the Ray batch job on a manifest), ``edit`` (one image), ``sample`` (text-to-image),
-``make-tiny-model`` (a random-weight SD-shaped model for tests), and the shapes model's ``make-shapes-model`` and
-``train-shapes-model``. Edit settings have the same names everywhere: ``--num-steps`` here, ``num_steps`` in a
+``make-tiny-model`` (a random-weight SD-shaped model for tests), the shapes model's ``make-shapes-model`` and
+``train-shapes-model``, and its scorer's ``make-shapes-scorer`` and ``train-shapes-scorer``. Edit settings have the same names everywhere: ``--num-steps`` here, ``num_steps`` in a
 manifest column or a config file.
 """
 

@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from ddim_worker import storage
 from ddim_worker.outputs import CONTACT_SHEET_NAME, IMAGE_FOLDERS, REPORT_NAME, OutputLayout, report_page_name
-from ddim_worker.rows import FAILED, OK, SKIPPED
+from ddim_worker.rows import FAILED, FILTERED, OK, SKIPPED
 from ddim_worker.core.settings import SETTING_NAMES
 
 __all__ = [
@@ -75,7 +75,9 @@ IMAGE_KINDS = tuple(IMAGE_FOLDERS.items())
 
 _SETTINGS = tuple(name for name in SETTING_NAMES if name != "negative_prompt")
 _RUN_FIELDS = ("cache_hit", "inversion_passes", "sampling_passes", "unet_passes", "seconds")
-_METRICS = (("psnr", "PSNR", "{:.2f} dB"), ("ssim", "SSIM", "{:.4f}"), ("latent_mse", "latent MSE", "{:.4g}"))
+_METRICS = (("psnr", "PSNR", "{:.2f} dB"), ("ssim", "SSIM", "{:.4f}"), ("latent_mse", "latent MSE", "{:.4g}"),
+            ("score", "score (CLIP direction)", "{:.3f}"), ("clip_image_similarity", "CLIP image", "{:.3f}"),
+            ("clip_text_similarity", "CLIP text", "{:.3f}"))
 _PAGE_RE = re.compile(r"^report-(\d+)\.html$")
 
 _BG = (236, 236, 236)
@@ -181,6 +183,7 @@ article.card h3 { font-size: 15px; margin: 0 0 6px; display: flex; justify-conte
        white-space: nowrap; }
 .badge.ok { background: #dcfce7; color: #166534; }
 .badge.skipped { background: #dbeafe; color: #1e40af; }
+.badge.filtered { background: #fef3c7; color: #92400e; }
 .badge.failed { background: #fee2e2; color: #991b1b; }
 .images { display: flex; gap: 6px; margin: 6px 0; }
 .images figure { margin: 0; flex: 1 1 0; min-width: 0; text-align: center; }
@@ -290,7 +293,7 @@ def _page(
     has_sheet: bool,
 ) -> str:
     summary = "".join(f'<li class="{_e(s)}">{_e(s)}: <b>{n}</b></li>' for s, n in
-                      sorted(counts.items(), key=lambda kv: ({OK: 0, SKIPPED: 1, FAILED: 2}.get(kv[0], 3), kv[0])))
+                      sorted(counts.items(), key=lambda kv: ({OK: 0, FILTERED: 1, SKIPPED: 2, FAILED: 3}.get(kv[0], 4), kv[0])))
     last_index = first_index + len(cards)
     head = [
         "<!DOCTYPE html>",
@@ -440,9 +443,9 @@ def write_report(
     images = [_row_images(r) for r in rows]
     shown = _shown_kinds(images)
 
-    # Contact sheet: the first `sheet_rows` ok/skipped rows that have an image.
+    # Contact sheet: the first `sheet_rows` ok/filtered/skipped rows that have an image (filtered ones say so).
     sheet_lines = [(r, im) for r, im in zip(rows, images)
-                   if _status(r) in (OK, SKIPPED) and im]
+                   if _status(r) in (OK, FILTERED, SKIPPED) and im]
     sheet_lines.sort(key=lambda line: "input" not in line[1])  # rows with their input first (a sample has them)
     sheet_lines = sheet_lines[:sheet_rows]
     sheet_uri = layout.contact_sheet

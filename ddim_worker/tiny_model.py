@@ -208,9 +208,10 @@ def make_model(path: str | os.PathLike, arch: str = "tiny", seed: int = 0) -> Pa
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-def build_clip_scorer(seed: int = 0, image_size: int = 64, projection_dim: int = 32) -> tuple[Any, Any]:
+def build_clip_scorer(seed: int = 0, image_size: int = 64, projection_dim: int = 32,
+                      tower: dict[str, int] | None = None) -> tuple[Any, Any]:
     """A ``CLIPModel`` with seeded random weights and its ``CLIPProcessor`` (this module's generated tokenizer), in
-    the exact transformers format a ``--scorer`` folder holds."""
+    the exact transformers format a ``--scorer`` folder holds (``tower``: both towers' sizes, default ``TINY_CLIP``)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
     try:  # transformers 5 without torchvision: the PIL image processor (the one CLIPImageProcessor falls back to)
@@ -223,8 +224,9 @@ def build_clip_scorer(seed: int = 0, image_size: int = 64, projection_dim: int =
     special = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
                (("bos_token_id", "<|startoftext|>"), ("eos_token_id", "<|endoftext|>"),
                 ("pad_token_id", "<|endoftext|>"))}
-    text = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, **special, **TINY_CLIP)
-    vision = CLIPVisionConfig(image_size=image_size, patch_size=8, **TINY_CLIP)
+    tower = tower or TINY_CLIP
+    text = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, **special, **tower)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=8, **tower)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()

@@ -171,3 +171,35 @@ def test_candidates_need_a_scorer_and_a_scorer_must_load(shapes_model, scorer, t
     assert (table["two"]["status"], table["two"]["error_code"]) == ("failed", "bad_setting")
     assert "needs a scorer" in table["two"]["error"]
     assert json.loads((tmp_path / "o4" / "job.json").read_text())["scorer"] is None
+
+
+def test_the_shipped_shapes_scorer_passes_edits_that_worked_and_drops_the_others(tmp_path):
+    """``make-shapes-scorer``'s CLIP at InstructPix2Pix's thresholds, on held-out scenes drawn as the target: a
+    recolour, reshape or new background that worked passes; an unchanged picture, a wrong colour and a background
+    edit that grew the shape do not."""
+    from ddim_worker.core.scorer import ClipScorer
+    from ddim_worker.shapes.edit_bench import held_out
+    from ddim_worker.shapes.scorer import make_shapes_scorer
+
+    scorer = ClipScorer(str(make_shapes_scorer(tmp_path / "scorer")))
+    assert (tmp_path / "scorer" / "train.log").exists() and (tmp_path / "scorer" / "README.md").exists()
+    scenes = held_out(16, 8_080)
+    limits = Thresholds()
+
+    def passed(edit) -> float:
+        pairs = [edit(sc) for sc in scenes]
+        scores = scorer.score([S.render(sc) for sc in scenes], [S.render(drawn) for _, drawn in pairs],
+                              [sc.caption for sc in scenes], [target.caption for target, _ in pairs])
+        return float(np.mean([limits.passes(s) for s in scores]))
+
+    def other(value, pool, k=1):
+        return [v for v in pool if v != value][k % (len(pool) - 1)]
+
+    recolour = lambda sc: sc.with_(colour=other(sc.colour, list(S.COLOURS)))  # noqa: E731
+    assert passed(lambda sc: (recolour(sc), recolour(sc))) >= 0.8
+    assert passed(lambda sc: (sc.with_(shape=other(sc.shape, S.SHAPES)),) * 2) >= 0.8
+    new_background = lambda sc: sc.with_(background=other(sc.background, list(S.BACKGROUNDS)))  # noqa: E731
+    assert passed(lambda sc: (new_background(sc),) * 2) >= 0.8
+    assert passed(lambda sc: (recolour(sc), sc)) <= 0.1  # nothing changed
+    assert passed(lambda sc: (recolour(sc), sc.with_(colour=other(sc.colour, list(S.COLOURS), 2)))) <= 0.1
+    assert passed(lambda sc: (new_background(sc), new_background(sc).with_(r=min(sc.r * 1.7, 30.0)))) <= 0.1

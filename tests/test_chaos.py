@@ -97,8 +97,8 @@ def test_chaos_kills_and_a_rerun_leave_one_row_per_id(tiny_model_path, tmp_path,
     table = pq.read_table(out / "results").to_pylist()
     ids = [r["id"] for r in table]
     assert len(ids) == total and len(set(ids)) == total, (len(ids), len(set(ids)))
-    statuses = {s: sum(r["status"] == s for r in table) for s in ("ok", "failed", "skipped")}
-    assert statuses == {"ok": IMAGES * EDITS, "failed": BAD, "skipped": 0}
+    statuses = {s: sum(r["status"] == s for r in table) for s in ("ok", "filtered", "failed", "skipped")}
+    assert statuses == {"ok": IMAGES * EDITS, "filtered": 0, "failed": BAD, "skipped": 0}
     # The CLI's counts are the table's, and so are job.json's.
     printed = COUNTS.search(rerun.stdout)
     assert printed, rerun.stdout

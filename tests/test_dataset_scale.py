@@ -47,7 +47,8 @@ def test_edited_dataset_with_users_columns_loads_with_datasets(tiny_model_path, 
     # engine actor keeps recent trajectories
     assert summary["inversions"] <= 2 * 24, summary["inversions"]
     some = table["e3-1-7"]
-    assert (some["label"], some["score"], some["manifest_status"]) == (307, 0.7, "raw")
+    # the manifest's own "score" meets ours (the scorer's): it is carried as manifest_score
+    assert (some["label"], some["manifest_score"], some["manifest_status"], some["score"]) == (307, 0.7, "raw", None)
     loaded = datasets.load_dataset("parquet", data_files=str(out / "results" / "*.parquet"), split="train")
     assert loaded.num_rows == 192
     assert isinstance(loaded.features["edited_image"], datasets.Image)

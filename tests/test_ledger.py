@@ -39,7 +39,7 @@ LATEST_SQL = r"""SELECT * EXCLUDE (filename) FROM read_parquet('OUT/results/*.pa
                                                   filename = true)
 QUALIFY row_number() OVER (
     PARTITION BY CASE WHEN id IS NULL OR error_code = 'duplicate_id' THEN '#' || manifest_row ELSE id END
-    ORDER BY generation DESC, CASE status WHEN 'ok' THEN 3 WHEN 'failed' THEN 2 ELSE 1 END DESC,
+    ORDER BY generation DESC, CASE status WHEN 'ok' THEN 4 WHEN 'filtered' THEN 3 WHEN 'failed' THEN 2 ELSE 1 END DESC,
         coalesce(try_cast(regexp_extract(filename, '-c(\d+)-[0-9a-f]+\.parquet$', 1) AS INTEGER), 0) DESC,
         filename DESC) = 1"""
 

@@ -17,6 +17,6 @@ def test_a_generated_output_packs_through_the_cli(tmp_path):
     assert figures["rows"] == 300 and figures["files"] >= 7 and figures["rss_peak_mb"] > 100
     data = sorted((out / "dataset" / "data").rglob("train-*.parquet"))  # one packing's folder: data/<version>/
     assert len(data) == figures["files"] and sum(pq.read_metadata(f).num_rows for f in data) == 300
-    assert pq.read_table(data[0]).column_names[:2] == ["edited_image", "id"] and "score" in pq.read_schema(data[0]).names
+    assert pq.read_table(data[0]).column_names[:2] == ["edited_image", "id"] and "aesthetic" in pq.read_schema(data[0]).names
     assert json.loads((out / "job.json").read_text())["dataset"]["rows"] == 300
     assert "| 300 |" in markdown([{"rows_made": 300, **figures}])

@@ -53,10 +53,10 @@ def make_output(root: Path, rows: int, distinct: int = 64) -> Path:
     ids = [f"row-{i:07d}" for i in range(rows)]
     manifest = pa.table({"id": ids, "image_url": [f"img-{i % distinct}.png" for i in range(rows)],
                          "source_prompt": ["a picture"] * rows, "edit_prompt": ["a red picture"] * rows,
-                         "score": [i / rows for i in range(rows)]})
+                         "aesthetic": [i / rows for i in range(rows)]})
     root.mkdir(parents=True, exist_ok=True)
     pq.write_table(manifest, root / "m.parquet", row_group_size=65536)
-    schema = shards.results_schema(pa.schema([("score", pa.float64())]), False)
+    schema = shards.results_schema(pa.schema([("aesthetic", pa.float64())]), False)
     for start in range(0, rows, SHARD_ROWS):
         batch = []
         for i in range(start, min(start + SHARD_ROWS, rows)):
@@ -68,8 +68,8 @@ def make_output(root: Path, rows: int, distinct: int = 64) -> Path:
                           "edit_prompt": "a red picture", "status": "ok", "output_uri": str(path),
                           "image_bytes": len(data), "manifest_row": i, "generation": GENERATION,
                           "num_steps": 50, "start_step": 10, "guidance_scale": 3.5, "inversion_guidance": 3.5,
-                          "eta": 0.0, "seed": 0, "negative_prompt": "", "inversion": "ddim", "score": i / rows})
-        table = pa.Table.from_pylist(batch, schema=pa.schema([*RESULTS_SCHEMA, pa.field("score", pa.float64())]))
+                          "eta": 0.0, "seed": 0, "negative_prompt": "", "inversion": "ddim", "aesthetic": i / rows})
+        table = pa.Table.from_pylist(batch, schema=pa.schema([*RESULTS_SCHEMA, pa.field("aesthetic", pa.float64())]))
         shards.write_shard(layout, table.cast(schema), GENERATION, None)
     config = JobConfig.from_flat({"manifest": str(root / "m.parquet"), "output": str(out), "model": "bench"})
     (out / "job.json").write_text(json.dumps({"state": "finished", "config": recorded_config(config),

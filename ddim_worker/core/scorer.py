@@ -20,7 +20,7 @@ class ScorerLoadError(RuntimeError):
     """The scorer cannot be loaded where the actors load it; the message says why, in one line."""
 
 
-def _features(output: object) -> torch.Tensor:
+def projected(output: object) -> torch.Tensor:
     """transformers 4 returns the projected features; 5 returns an output whose ``pooler_output`` holds them."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
 
@@ -42,14 +42,14 @@ class ClipScorer:
     def _images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         pixels = self.processor(images=[np.asarray(im) for im in images], return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, self.model.dtype)
-        return torch.nn.functional.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(),
+        return torch.nn.functional.normalize(projected(self.model.get_image_features(pixel_values=pixels)).float(),
                                              dim=-1)
 
     @torch.inference_mode()
     def _texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.processor(text=list(texts), padding=True, truncation=True, return_tensors="pt")
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
-        return torch.nn.functional.normalize(_features(self.model.get_text_features(**tokens)).float(), dim=-1)
+        return torch.nn.functional.normalize(projected(self.model.get_text_features(**tokens)).float(), dim=-1)
 
     def score(self, inputs: Sequence[np.ndarray], edited: Sequence[np.ndarray], source_prompts: Sequence[str],
               edit_prompts: Sequence[str]) -> list[Scores]:

@@ -43,7 +43,7 @@ examples:
   ray job submit --working-dir . -- python jobs/edit.py manifest.parquet --output s3://bucket/edits
 
 exit codes:
-  0  every manifest row is accounted for in OUTPUT/results (ok, or failed with its error_code)
+  0  every manifest row is accounted for in OUTPUT/results (ok, filtered, or failed with its error_code)
   2  the job cannot run: bad manifest, model or output, another run holds the output (or took it
      from this run), no engine actor could start
      (one line on stderr; OUTPUT/job.json says why)

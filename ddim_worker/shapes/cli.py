@@ -1,4 +1,5 @@
-"""``ddim-edit`` subcommands of the shapes model: ``train-shapes-model``, ``make-shapes-model``, ``sample``.
+"""``ddim-edit`` subcommands of the shapes model and its scorer: ``train-shapes-model``, ``make-shapes-model``,
+``train-shapes-scorer``, ``make-shapes-scorer``, ``sample``.
 
 The main CLI wires them with ``add_parsers(subparsers)`` and dispatches ``HANDLERS[args.command](args)``.
 """
@@ -19,6 +20,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("make-shapes-model", help="write the shipped, trained shapes model as a diffusers folder")
     p.add_argument("path", help="output folder")
+
+    p = sub.add_parser("make-shapes-scorer", help="write the shipped shapes scorer (a small CLIP trained here on the "
+                                                  "shapes scenes) as a transformers folder, for --scorer")
+    p.add_argument("path", help="output folder")
+
+    p = sub.add_parser("train-shapes-scorer", help="train the shapes scorer here on CPU (seeded; about ten minutes) "
+                                                   "and write it as a transformers CLIP folder")
+    p.add_argument("path", help="output folder")
+    p.add_argument("--work", default=None, help="the training log (default PATH.work)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
 
     p = sub.add_parser("sample", help="text-to-image with the engine: DDIM from seeded noise")
     p.add_argument("--model", required=True, help="diffusers folder of an SD 1.x model (e.g. make-shapes-model's)")
@@ -52,6 +65,22 @@ def cmd_make_shapes_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_shapes_scorer(args: argparse.Namespace) -> int:
+    from ddim_worker.shapes.scorer import make_shapes_scorer
+
+    started = time.perf_counter()
+    path = make_shapes_scorer(args.path)
+    print(f"wrote the shapes scorer to {path} in {time.perf_counter() - started:.2f}s")
+    return 0
+
+
+def cmd_train_shapes_scorer(args: argparse.Namespace) -> int:
+    from ddim_worker.shapes.train_scorer import main
+
+    argv = [args.path, "--steps", str(args.steps), "--seed", str(args.seed), "--threads", str(args.threads)]
+    return main(argv + (["--work", args.work] if args.work else []))
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from ddim_worker.shapes.sample import run_sample
 
@@ -66,6 +95,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 HANDLERS = {
     "train-shapes-model": cmd_train_shapes_model,
     "make-shapes-model": cmd_make_shapes_model,
+    "make-shapes-scorer": cmd_make_shapes_scorer,
+    "train-shapes-scorer": cmd_train_shapes_scorer,
     "sample": cmd_sample,
 }
 

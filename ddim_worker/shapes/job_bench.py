@@ -6,7 +6,9 @@ not use) are rows of one manifest; each method is one job over it. A last job ed
 prompts under attention control and direct inversion and reads job.json: one inversion and one source branch per
 image, so the UNet samples run equal the ideal.
 
-    python -m ddim_worker.shapes.job_bench --model M --work DIR [--count 24] [--json OUT]
+    python -m ddim_worker.shapes.job_bench --model M --work DIR [--count 24] [--json OUT] [--scorer CLIP]
+
+With ``--scorer`` one more job makes four candidates per row and keeps what the scorer passes (``filter_check``).
 """
 
 from __future__ import annotations
@@ -107,6 +109,40 @@ def augmentation_check(folder: Path, model: str, work: Path, images: int = 4) ->
             "unet_samples": record["unet_samples"], "ideal_unet_samples": record["ideal_unet_samples"]}
 
 
+#: The filter's job: the recommended control, four candidates drawing their cross-attention fraction, and a scorer.
+FILTER_FLAGS = ["--cross-replace", "--self-replace", "--candidates", "4", "--sample-cross-replace", "0.4:1"]
+
+
+def filter_check(folder: Path, index: dict, model: str, scorer: str, work: Path, flags: list[str]) -> dict:
+    """One job with candidates and the scorer over the manifest: per kind, how many rows it kept and how often the
+    kept and the dropped (filtered) edits succeed, judged from the PNGs (a filtered row's PNG is written too), and
+    the UNet samples per row next to the ideal."""
+    from ddim_worker.job.ledger import read_table
+
+    output = work / "filter"
+    record = run_job(folder / "manifest.parquet", output, model, [*flags, "--scorer", scorer])
+    layout = OutputLayout(str(output))
+    status = {r["id"]: r["status"] for r in read_table(layout, images=False).to_pylist()}
+    judged: dict[str, dict[str, list]] = {kind: {"kept": [], "dropped": []} for kind in KINDS}
+    for rid, (kind, sc, target) in index.items():
+        image = np.asarray(Image.open(layout.image("edited", rid)).convert("RGB"))
+        side = "kept" if status[rid] == "ok" else "dropped"
+        judged[kind][side].append(judge(kind, image, S.render(sc), sc, target)["success"])
+    kinds = {kind: {"rows": len(v["kept"]) + len(v["dropped"]), "kept": len(v["kept"]),
+                    "success_kept": float(np.mean(v["kept"])) if v["kept"] else None,
+                    "success_dropped": float(np.mean(v["dropped"])) if v["dropped"] else None}
+             for kind, v in judged.items()}
+    rows = sum(k["rows"] for k in kinds.values())
+    kept = [s for v in judged.values() for s in v["kept"]]
+    dropped = [s for v in judged.values() for s in v["dropped"]]
+    return {"flags": flags, "kinds": kinds, "keep_rate": len(kept) / max(rows, 1),
+            "success_kept": float(np.mean(kept)) if kept else None,
+            "success_dropped": float(np.mean(dropped)) if dropped else None,
+            "counts": record["counts"], "unet_samples_per_row": record["unet_samples"] / max(rows, 1),
+            "ideal_unet_samples_per_row": record["ideal_unet_samples"] / max(rows, 1),
+            "inversions": record["inversions"], "wall_seconds": record["wall_seconds"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -114,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=24)
     p.add_argument("--methods", default=",".join(name for name, _ in METHODS))
     p.add_argument("--json", default=None)
+    p.add_argument("--scorer", default=None, help="a CLIP folder (make-shapes-scorer's): also run the filter's job")
+    p.add_argument("--no-augmentation", action="store_true", help="skip the augmentation check")
     args = p.parse_args(argv)
     work = Path(args.work)
     folder = work / "inputs"
@@ -129,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "ideal_unet_samples": record["ideal_unet_samples"],
                                    "wall_seconds": record["wall_seconds"]}
         print(name, json.dumps(figures), flush=True)
-    report["augmentation"] = augmentation_check(folder, args.model, work)
-    print("augmentation", json.dumps(report["augmentation"]), flush=True)
+    if args.scorer:
+        report["filter"] = filter_check(folder, index, args.model, args.scorer, work, FILTER_FLAGS)
+        print("filter", json.dumps(report["filter"]), flush=True)
+    if not args.no_augmentation:
+        report["augmentation"] = augmentation_check(folder, args.model, work)
+        print("augmentation", json.dumps(report["augmentation"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -164,11 +164,13 @@ def probe_engine_device(config: JobConfig, gpus_per_actor: float,
 
 
 def batch_size_for(config: JobConfig, gpus_per_actor: float, device: EngineDevice | None) -> int:
-    """``--batch-size``, else on a GPU from its free memory, else the device's default."""
+    """``--batch-size``, else on a GPU from its free memory, else the device's default. Without ``--batch-size`` a
+    CPU call holds at least a row's candidates and their source branch (``--candidates K``: K + 1 branches), so the
+    source branch is sampled once per image, not once per call a row's candidates would be cut into."""
     if config.engine.batch_size:
         return config.engine.batch_size
     if gpus_per_actor <= 0:
-        return DEFAULT_BATCH_SIZE["cpu"]
+        return max(DEFAULT_BATCH_SIZE["cpu"], config.edit.candidates + 1 if config.edit.candidates > 1 else 0)
     import torch
 
     from ddim_worker.core import fastpath

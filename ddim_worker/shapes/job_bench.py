@@ -109,18 +109,40 @@ def augmentation_check(folder: Path, model: str, work: Path, images: int = 4) ->
             "unet_samples": record["unet_samples"], "ideal_unet_samples": record["ideal_unet_samples"]}
 
 
-#: The filter's job: the recommended control, four candidates drawing their cross-attention fraction, and a scorer.
-FILTER_FLAGS = ["--cross-replace", "--self-replace", "--candidates", "4", "--sample-cross-replace", "0.4:1"]
+#: The filter's job: the shapes model's recommended settings per kind of edit (``edit_settings.json``, as rows'
+#: columns), four candidates per row drawing both attention fractions, and the scorer.
+RECOMMENDED_FLAGS = ["--inversion", "direct", "--cross-replace", "--self-replace"]
+FILTER_FLAGS = [*RECOMMENDED_FLAGS, "--candidates", "4", "--sample-cross-replace", "0.2:1",
+                "--sample-self-replace", "0.2:1"]
+
+
+def per_kind_manifest(folder: Path, index: dict) -> Path:
+    """The manifest again, each row with its kind's recommended settings as columns (the demo's way)."""
+    from ddim_worker.shapes.model import edit_settings
+
+    per_edit = edit_settings()["per_edit"]
+    names = sorted({name for settings in per_edit.values() for name in settings})
+    rows = []
+    for rid, (kind, sc, target) in index.items():
+        n = int(rid.rsplit("-", 1)[1])
+        rows.append({"id": rid, "image_url": f"scene{n}.png", "source_prompt": sc.caption,
+                     "edit_prompt": target.caption, **{k: per_edit[kind].get(k) for k in names}})
+    path = folder / "manifest-per-kind.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
 
 
 def filter_check(folder: Path, index: dict, model: str, scorer: str, work: Path, flags: list[str]) -> dict:
-    """One job with candidates and the scorer over the manifest: per kind, how many rows it kept and how often the
-    kept and the dropped (filtered) edits succeed, judged from the PNGs (a filtered row's PNG is written too), and
-    the UNet samples per row next to the ideal."""
+    """The recommended settings per kind (``before``: one edit per row, no scorer), then one job with candidates and
+    the scorer: per kind, how many rows it kept and how often the kept and the dropped (filtered) edits succeed,
+    judged from the PNGs (a filtered row's PNG is written too), and the UNet samples per row next to the ideal."""
     from ddim_worker.job.ledger import read_table
 
+    manifest = per_kind_manifest(folder, index)
+    run_job(manifest, work / "recommended", model, RECOMMENDED_FLAGS)
+    before = judge_job(work / "recommended", folder, index)
     output = work / "filter"
-    record = run_job(folder / "manifest.parquet", output, model, [*flags, "--scorer", scorer])
+    record = run_job(manifest, output, model, [*flags, "--scorer", scorer])
     layout = OutputLayout(str(output))
     status = {r["id"]: r["status"] for r in read_table(layout, images=False).to_pylist()}
     judged: dict[str, dict[str, list]] = {kind: {"kept": [], "dropped": []} for kind in KINDS}
@@ -135,7 +157,7 @@ def filter_check(folder: Path, index: dict, model: str, scorer: str, work: Path,
     rows = sum(k["rows"] for k in kinds.values())
     kept = [s for v in judged.values() for s in v["kept"]]
     dropped = [s for v in judged.values() for s in v["dropped"]]
-    return {"flags": flags, "kinds": kinds, "keep_rate": len(kept) / max(rows, 1),
+    return {"flags": flags, "before": before, "kinds": kinds, "keep_rate": len(kept) / max(rows, 1),
             "success_kept": float(np.mean(kept)) if kept else None,
             "success_dropped": float(np.mean(dropped)) if dropped else None,
             "counts": record["counts"], "unet_samples_per_row": record["unet_samples"] / max(rows, 1),

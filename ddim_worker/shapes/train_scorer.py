@@ -4,8 +4,9 @@ captions, on CPU, seeded, so that the candidate filter (``--scorer``) can be mea
 Every step draws one scene for each of the 54 captions (so a batch has no two equal captions and CLIP's contrastive
 loss has one positive per row), drawn by the four renderers and degraded like the shapes model's edits are (blur,
 noise, a little colour drift). Beside the caption loss, a second contrastive loss pairs each scene with another
-drawn at the same place and size but with random colour, shape and background: the image embedding then holds the
-picture's layout as well as its caption. A real CLIP knows far more about a picture than its caption says, which is
+drawn at the same place and size but with random colour, shape and background, with soft targets (scenes of a
+nearby layout count a little, ``layout_targets``): the image embedding then holds the picture's layout as well as
+its caption, and its similarity falls smoothly as the layout drifts. A real CLIP knows far more about a picture than its caption says, which is
 what its image-image similarity measures; a CLIP that knew only the caption would find a recoloured picture no
 closer to its input than any other picture of two of the three words. With the layout in it, an edit that keeps the
 layout stays close to its input (InstructPix2Pix's image similarity >= 0.7) and one that moves or grows the shape
@@ -35,8 +36,9 @@ from ddim_worker.shapes import scenes as S
 #: Both towers: 64 wide, 3 layers, 4 heads; 64-dim projections (about 0.3 M parameters).
 TOWER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4}
 PROJECTION = 64
-LAYOUT_WEIGHT = 1.0  # the layout loss beside the caption loss
+LAYOUT_WEIGHT = 0.5  # the layout loss beside the caption loss
 LAYOUT_TEMPERATURE = 0.1
+LAYOUT_SIGMA = 0.06  # of the layout's distance (centre and radius over the side): about 4 px
 EVAL_SEED = 424_242
 CAPTIONS = [S.caption(c, s, b) for c, s, b in itertools.product(S.COLOURS, S.SHAPES, S.BACKGROUNDS)]
 
@@ -56,10 +58,11 @@ def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def draw(rng: np.random.Generator, captions: list[str], clean: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def draw(rng: np.random.Generator, captions: list[str],
+         clean: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene per caption, and one more of each at the same place and size with random words: images
-    (n, 64, 64, 3) uint8 each."""
-    images, twins = [], []
+    (n, 64, 64, 3) uint8 each, and the layouts (n, 3): centre x, centre y, radius over the picture's side."""
+    images, twins, layouts = [], [], []
     for text in captions:
         colour, shape, background = S.parse_caption(text)
         scene = S.random_scene(rng, renderer=str(rng.choice(S.RENDERERS))).with_(colour=colour, shape=shape,
@@ -69,7 +72,16 @@ def draw(rng: np.random.Generator, captions: list[str], clean: bool = False) -> 
         for out, item in ((images, scene), (twins, twin)):
             image = S.render(item)
             out.append(image if clean else degrade(image, rng))
-    return np.stack(images), np.stack(twins)
+        layouts.append((scene.cx / S.SIZE, scene.cy / S.SIZE, scene.r / S.SIZE))
+    return np.stack(images), np.stack(twins), np.asarray(layouts, np.float32)
+
+
+def layout_targets(layouts: np.ndarray) -> torch.Tensor:
+    """Soft targets of the image-image loss: each scene's twin most, scenes of a nearby layout a little (a Gaussian
+    of the layouts' distance), so that similarity falls smoothly as a shape moves or grows, as a real CLIP's does,
+    rather than at the first pixel."""
+    g = torch.from_numpy(layouts)
+    return torch.softmax(-torch.cdist(g, g).pow(2) / (2 * LAYOUT_SIGMA ** 2), dim=-1)
 
 
 def pixel_values(processor, images: np.ndarray) -> torch.Tensor:
@@ -84,7 +96,7 @@ def evaluate(model, processor, tokens: dict, seed: int = EVAL_SEED, n: int = 4) 
     hits = {"caption": 0, "colour": 0, "shape": 0, "background": 0}
     total = 0
     for k in range(n):
-        images, _ = draw(rng, CAPTIONS, clean=k % 2 == 0)
+        images, _, _ = draw(rng, CAPTIONS, clean=k % 2 == 0)
         image = F.normalize(projected(model.get_image_features(pixel_values=pixel_values(processor, images))), dim=-1)
         best = (image @ text.T).argmax(-1).tolist()
         for i, j in enumerate(best):
@@ -115,12 +127,12 @@ def train(path: Path, work: Path, steps: int, seed: int, lr: float = 2e-3) -> di
         for group in optimiser.param_groups:
             warm = min(1.0, (step + 1) / 100)
             group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        images, twins = draw(rng, CAPTIONS)
+        images, twins, layouts = draw(rng, CAPTIONS)
         out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                     pixel_values=pixel_values(processor, images), return_loss=True)
         twin = F.normalize(projected(model.get_image_features(pixel_values=pixel_values(processor, twins))), dim=-1)
         logits = out.image_embeds @ twin.T / LAYOUT_TEMPERATURE
-        target = torch.arange(len(logits))
+        target = layout_targets(layouts)
         layout = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         loss = out.loss + LAYOUT_WEIGHT * layout
         optimiser.zero_grad(set_to_none=True)

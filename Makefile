@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  := models/shapes
+SCORER := models/shapes-scorer
 OUT    := out
 
 .PHONY: install test demo model clean chromium
@@ -26,7 +27,11 @@ install: $(STAMP)
 $(MODEL)/model_index.json: $(STAMP)
 	$(BIN)/ddim-edit make-shapes-model $(MODEL)
 
-model: $(MODEL)/model_index.json
+# Its scorer: a small CLIP trained here on the same scenes (ddim_worker/shapes/scorer_weights), for --scorer.
+$(SCORER)/config.json: $(STAMP)
+	$(BIN)/ddim-edit make-shapes-scorer $(SCORER)
+
+model: $(MODEL)/model_index.json $(SCORER)/config.json
 
 # The report test opens report.html in headless Chromium (Debian's package). Installed when we are root with apt;
 # elsewhere that one test says it is skipped and why.
@@ -41,8 +46,8 @@ chromium:
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q --durations=10
 
-demo: $(STAMP) $(MODEL)/model_index.json
-	$(BIN)/python -m jobs.demo --model $(MODEL) --output $(OUT)
+demo: $(STAMP) $(MODEL)/model_index.json $(SCORER)/config.json
+	$(BIN)/python -m jobs.demo --model $(MODEL) --scorer $(SCORER) --output $(OUT)
 
 clean:
 	rm -rf $(VENV) $(MODEL) $(OUT) *.egg-info

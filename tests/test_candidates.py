@@ -131,7 +131,7 @@ def test_the_job_keeps_the_best_candidate_and_filters_rows_none_passes(shapes_mo
     out2 = tmp_path / "out2"
     summary = run(manifest, str(out2), shapes_model, min_direction=cut, min_image_similarity=-1,
                   min_text_similarity=-1, **options)
-    assert summary["counts"]["ok"] == 3 and summary["counts"]["filtered"] == 1
+    assert summary["counts"]["ok"] == 3 and summary["counts"]["filtered"] == 1 and summary["computed"] == 4
     filtered = [r for r in results(str(out2)).values() if r["status"] == "filtered"]
     assert len(filtered) == 1 and filtered[0]["score"] == scores[0] and filtered[0]["error_code"] is None
     text = read_png_text(png_path(out2, filtered[0]["id"]).read_bytes())

@@ -18,7 +18,7 @@ from ddim_worker.job.lease import Lease
 from ddim_worker.job.pack import PackResult
 from ddim_worker.job.source import SourceContext
 from ddim_worker.outputs import OutputLayout
-from ddim_worker.rows import FAILED, OK
+from ddim_worker.rows import EDITED, FAILED
 from ddim_worker.job.stages import StageContext
 
 log = logging.getLogger("ddim_edit.job")
@@ -85,7 +85,7 @@ class Tally:
         rows = summary["manifest_row"].astype(np.int64)
         statuses = [str(s) for s in summary["status"]]
         recovered = summary["recovered"].astype(bool)
-        ran = np.array([s in (OK, FAILED) for s in statuses], bool) & ~recovered
+        ran = np.array([s in (*EDITED, FAILED) for s in statuses], bool) & ~recovered
         self.computed[rows[ran]] = True
         self.rows_seen += len(statuses)
         self.failed_seen += sum(s == FAILED for s in statuses)
@@ -101,7 +101,7 @@ class Tally:
             if column in summary:
                 values = summary[column].astype(np.float64)
                 self.written[kind] += int(values[~recovered].sum()) if kind == "images" else int(values.sum())
-        self.dtypes.update(str(d) for d, s in zip(summary["dtype"], statuses) if s == OK and d)
+        self.dtypes.update(str(d) for d, s in zip(summary["dtype"], statuses) if s in EDITED and d)
         return statuses
 
 

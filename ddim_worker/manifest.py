@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 
 from ddim_worker.rows import RowError, is_missing
-from ddim_worker.core.settings import SETTING_NAMES, EditSettings, SettingError, from_values
+from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError, from_values
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,11 @@ def ledger_key(row_id_text: Any, error_code: Any, manifest_row: int) -> int:
     return id_hash(f"\x00manifest-row:{int(manifest_row)}")
 
 
+#: Settings declared after input digests were first recorded: they join a row's digest only when they differ from
+#: their default, so the rows an earlier version finished keep their digests (a rerun does not redo them).
+DIGEST_WHEN_SET = ("candidates", "sample_cross_replace", "sample_self_replace")
+
+
 def input_digest(row_id_text: str, values: Mapping[str, Any]) -> str:
     """A digest of what a row is made from: its id, image reference, prompts and every resolved setting.
 
@@ -231,7 +236,8 @@ def input_digest(row_id_text: str, values: Mapping[str, Any]) -> str:
         "image": values.get("image_url") or values.get("image_digest"),
         "source_prompt": values.get("source_prompt"),
         "edit_prompt": values.get("edit_prompt"),
-        "settings": {name: values.get(name) for name in SETTING_NAMES},
+        "settings": {name: values.get(name) for name in SETTING_NAMES
+                     if name not in DIGEST_WHEN_SET or values.get(name) != getattr(DEFAULTS, name)},
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

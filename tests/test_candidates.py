@@ -203,3 +203,20 @@ def test_the_shipped_shapes_scorer_passes_edits_that_worked_and_drops_the_others
     assert passed(lambda sc: (recolour(sc), sc)) <= 0.1  # nothing changed
     assert passed(lambda sc: (recolour(sc), sc.with_(colour=other(sc.colour, list(S.COLOURS), 2)))) <= 0.1
     assert passed(lambda sc: (new_background(sc), new_background(sc).with_(r=min(sc.r * 1.7, 30.0)))) <= 0.1
+
+
+def test_the_new_settings_join_a_rows_digest_only_when_set():
+    """Rows an earlier version finished keep their input digests (a rerun after the upgrade redoes none of them);
+    a row given candidates or a range is made from other inputs, so its digest changes."""
+    import hashlib
+
+    from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES
+    from ddim_worker.manifest import DIGEST_WHEN_SET, input_digest
+
+    values = {"image_url": "a.png", "source_prompt": "s", "edit_prompt": "e", **DEFAULTS.as_dict()}
+    before = {"id": "x", "image": "a.png", "source_prompt": "s", "edit_prompt": "e",
+              "settings": {n: values[n] for n in SETTING_NAMES if n not in DIGEST_WHEN_SET}}
+    recorded = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert input_digest("x", values) == recorded
+    assert input_digest("x", {**values, "candidates": 4}) != recorded
+    assert input_digest("x", {**values, "sample_self_replace": "0.2:1"}) != recorded

@@ -56,7 +56,12 @@ class ClipScorer:
         """One :class:`Scores` per candidate (``inputs[i]`` the image candidate ``i`` edited, uint8 (H, W, 3))."""
         if not len(edited):
             return []
-        before, after = self._images(inputs), self._images(edited)
+        # an image's candidates (and its other edit prompts) share one input: embed each distinct input once
+        keys = [np.ascontiguousarray(im).tobytes() for im in inputs]
+        distinct = {key: k for k, key in enumerate(dict.fromkeys(keys))}
+        firsts = {key: im for key, im in zip(keys, inputs)}
+        embedded = self._images([firsts[key] for key in distinct])
+        before, after = embedded[[distinct[key] for key in keys]], self._images(edited)
         unique = sorted(set(source_prompts) | set(edit_prompts))
         text = dict(zip(unique, self._texts(unique)))
         source = torch.stack([text[p] for p in source_prompts])

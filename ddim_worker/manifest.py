@@ -223,7 +223,7 @@ def ledger_key(row_id_text: Any, error_code: Any, manifest_row: int) -> int:
 
 #: Settings declared after input digests were first recorded: they join a row's digest only when they differ from
 #: their default, so the rows an earlier version finished keep their digests (a rerun does not redo them).
-DIGEST_WHEN_SET = ("candidates", "sample_cross_replace", "sample_self_replace")
+DIGEST_WHEN_SET = ("candidates", "sample_cross_replace", "sample_self_replace", "control_rules")
 
 
 def input_digest(row_id_text: str, values: Mapping[str, Any]) -> str:

@@ -12,8 +12,13 @@ sampled with the source prompt (``call_plan``):
   keys and the edit's values. It goes through the same kernel as the plain layer (``F.scaled_dot_product_attention``
   for ``AttnProcessor2_0``), so the (HW)^2 probabilities are never formed where that kernel does not form them.
 
-Control runs for the first ``cross_replace`` / ``self_replace`` fraction of the sampled (n - s) steps, on the text
-half of a guided call only (the unconditional half runs plain, as in Prompt-to-Prompt). The processors are
+Control runs for the first ``cross_replace`` / ``self_replace`` fraction of the m = n - s sampled steps, on the text
+half of a guided call only (the unconditional half runs plain, as in Prompt-to-Prompt). How a fraction becomes steps
+and which layers self-attention control reaches are the row's ``control_rules``: ``reference`` (the default) as
+google/prompt-to-prompt defines them: cross-attention maps for the first int(f * (m + 1)) steps (its word-alpha table
+has m + 1 entries), self-attention for the first int(f * m), and self-attention only in layers of at most 16 x 16
+tokens; ``every-layer`` as this project defined them before: floor(f * m) steps both, self-attention in every layer
+(at 512 px that adds the 64 x 64 and 32 x 32 layers, which pin the layout far harder). The processors are
 installed for one UNet call and removed after it (``controlled_attention``), and a row that reads nothing gets the
 plain layer's bytes: rows with and without control share a call.
 
@@ -32,12 +37,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ddim_worker.core.settings import EVERY_LAYER_RULES, REFERENCE_RULES
 from ddim_worker.core.token_alignment import WORD_SWAP, TokenMap
+
+
+#: Under the reference rules self-attention is replaced only in layers of at most this many tokens (16 x 16).
+REFERENCE_SELF_TOKENS = 16 * 16
 
 
 def replaced_steps(fraction: float, sampled_steps: int) -> int:
     """How many of the sampled steps a fraction covers (the first ones): floor, robust to 0.8 * 30 = 24.000...04."""
     return int(math.floor(float(fraction) * sampled_steps + 1e-9))
+
+
+def cross_steps(fraction: float, sampled_steps: int, rules: str) -> int:
+    """The first sampled steps whose cross-attention maps are replaced. The reference indexes a table of m + 1
+    entries by step (``get_time_words_attention_alpha``): int(f * (m + 1)), which is one more than floor(f * m) for
+    12 steps at 0.8 (int(10.4) = 10 against 9)."""
+    if rules == REFERENCE_RULES:
+        return min(sampled_steps, int(float(fraction) * (sampled_steps + 1)))
+    return replaced_steps(fraction, sampled_steps)
+
+
+def self_steps(fraction: float, sampled_steps: int, rules: str) -> int:
+    """The first sampled steps whose self-attention is replaced: the reference's int(f * m), else floor(f * m)."""
+    if rules == REFERENCE_RULES:
+        return int(float(fraction) * sampled_steps)
+    return replaced_steps(fraction, sampled_steps)
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,7 @@ class RowControl:
     self_replace: float  # self-attention maps (queries and keys) from the source for this fraction
     tokens: TokenMap
     edit_word_weight: float = 1.0  # the edit words' attention is scaled by this while cross maps are replaced
+    rules: str = REFERENCE_RULES  # control_rules: how fractions become steps, which layers self control reaches
 
     @property
     def active(self) -> bool:
@@ -62,12 +89,18 @@ class StepControl:
     cross_source: tuple[int | None, ...]  # whose cross-attention maps it uses (None: its own, plain)
     tokens: tuple[TokenMap | None, ...]
     weights: tuple[float, ...]
+    every_layer: tuple[bool, ...] = ()  # per branch: self control reaches layers over REFERENCE_SELF_TOKENS too
 
     def over_unet_batch(self, size: int, guided: bool, length: int, device: torch.device) -> UnetControl:
         """The control of each UNet row: branches padded to ``size``, the text half only when guided."""
         offset = size if guided else 0
         rows = size + offset
         self_source = list(range(rows))
+        self_source_large = list(range(rows))
+        every_layer = self.every_layer or (False,) * len(self.self_source)
+        for j, (own_self, large) in enumerate(zip(self.self_source, every_layer)):
+            if large:
+                self_source_large[offset + j] = offset + own_self
         cross_source = list(range(rows))
         explicit_rows = [False] * rows
         mapper = [list(range(length)) for _ in range(rows)]
@@ -94,7 +127,9 @@ class StepControl:
                            tensor(cross_source, torch.long), tensor(explicit_rows, torch.bool),
                            tensor(mapper, torch.long), tensor(alphas, torch.float32),
                            tensor(weights, torch.float32), has_self=self_source != own,
-                           has_cross=cross_source != own, has_explicit=any(explicit_rows))
+                           has_cross=cross_source != own, has_explicit=any(explicit_rows),
+                           self_source_large=tensor(self_source_large, torch.long),
+                           has_self_large=self_source_large != own)
 
 
 @dataclass(frozen=True)
@@ -107,19 +142,21 @@ class CallControl:
 
     def at(self, step: int) -> StepControl | None:
         """The control at sampled step ``step`` (0 = the first sampled step), None when nothing is replaced."""
-        self_source, cross_source, tokens, weights = [], [], [], []
+        self_source, cross_source, tokens, weights, every_layer = [], [], [], [], []
+        m = self.sampled_steps
         for j, (source, control) in enumerate(zip(self.sources, self.controls)):
             use_self = control is not None and source is not None and \
-                step < replaced_steps(control.self_replace, self.sampled_steps)
+                step < self_steps(control.self_replace, m, control.rules)
             use_cross = control is not None and source is not None and \
-                step < replaced_steps(control.cross_replace, self.sampled_steps)
+                step < cross_steps(control.cross_replace, m, control.rules)
             self_source.append(source if use_self else j)
             cross_source.append(source if use_cross else None)
             tokens.append(control.tokens if use_cross else None)
             weights.append(control.edit_word_weight if use_cross else 1.0)
+            every_layer.append(use_self and control.rules == EVERY_LAYER_RULES)
         if all(s == j for j, s in enumerate(self_source)) and all(c is None for c in cross_source):
             return None
-        return StepControl(tuple(self_source), tuple(cross_source), tuple(tokens), tuple(weights))
+        return StepControl(tuple(self_source), tuple(cross_source), tuple(tokens), tuple(weights), tuple(every_layer))
 
 
 @dataclass(frozen=True)
@@ -136,6 +173,14 @@ class UnetControl:
     has_self: bool  # some row reads another row's queries and keys
     has_cross: bool  # some row reads another row's cross-attention maps
     has_explicit: bool  # some row needs its maps formed
+    self_source_large: torch.Tensor | None = None  # (R,) long: self_source in layers over REFERENCE_SELF_TOKENS
+    has_self_large: bool = False
+
+    def self_sources(self, tokens: int) -> tuple[torch.Tensor, bool]:
+        """The self-attention sources of a layer of ``tokens`` tokens, and whether any row reads another's."""
+        if tokens <= REFERENCE_SELF_TOKENS or self.self_source_large is None:
+            return self.self_source, self.has_self
+        return self.self_source_large, self.has_self_large
 
 
 def _math_attention(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -176,14 +221,17 @@ class ControlledAttnProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  control: UnetControl | None = None) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
-        if control is None or not (control.has_cross if is_cross else control.has_self):
+        if control is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self_source, has_self = control.self_sources(hidden_states.shape[1])
+        if not (control.has_cross if is_cross else has_self):
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attention_mask is not None or attn.spatial_norm is not None or hidden_states.ndim != 3 or \
                 attn.norm_q is not None or attn.norm_k is not None:
             raise ValueError("attention control supports Stable Diffusion 1.x's UNet attention layers (no mask, "
                              "spatial norm or query/key norm)")
         if not is_cross:
-            return self._gathered(attn, hidden_states, None, control.self_source)
+            return self._gathered(attn, hidden_states, None, self_source)
         out = self._gathered(attn, hidden_states, encoder_hidden_states, control.cross_gathered)
         if control.has_explicit:
             mixed = self._cross_mixed(attn, hidden_states, encoder_hidden_states, control)

@@ -50,6 +50,7 @@ class EditRow:
     self_replace: float = DEFAULTS.self_replace
     edit_word_weight: float = DEFAULTS.edit_word_weight
     mask: str = DEFAULTS.mask
+    control_rules: str = DEFAULTS.control_rules  # reference (google/prompt-to-prompt's definitions) | every-layer
     candidates: int = DEFAULTS.candidates  # the engine edits a row as given; the job draws its candidates
     sample_cross_replace: str = DEFAULTS.sample_cross_replace
     sample_self_replace: str = DEFAULTS.sample_self_replace

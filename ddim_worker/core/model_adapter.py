@@ -138,7 +138,7 @@ class ModelAdapter:
         ids = [tokenizer(p, truncation=True, max_length=length).input_ids for p in (row.source_prompt,
                                                                                     row.edit_prompt)]
         return RowControl(float(row.cross_replace), float(row.self_replace), align_tokens(ids[0], ids[1], length),
-                          float(row.edit_word_weight))
+                          float(row.edit_word_weight), str(row.control_rules))
 
     # -- images --------------------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:

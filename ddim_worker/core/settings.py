@@ -58,6 +58,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "
 #: (docs/quality.md, the shapes benchmark's colour and shape edits).
 CONTROL_WHEN_NAMED = {"cross_replace": 0.8, "self_replace": 1.0}
 
+#: ``control_rules``: ``reference`` (google/prompt-to-prompt's definitions) or ``every-layer`` (ours before;
+#: ``core.attention_control`` says what each means).
+REFERENCE_RULES, EVERY_LAYER_RULES = "reference", "every-layer"
+CONTROL_RULES = (REFERENCE_RULES, EVERY_LAYER_RULES)
+
 #: ``mask``: ``none`` edits the whole image; ``auto`` finds what the edit prompt changes and keeps the rest.
 MASK_MODES = ("none", "auto")
 
@@ -103,6 +108,13 @@ class EditSettings:
                                "latents are blended back to the inverted trajectory at every step, and the mask is "
                                "written beside the image (the flag alone: auto)", group="edit",
                        choices=MASK_MODES, per_row=True, when_named="auto")
+
+    control_rules: str = option(REFERENCE_RULES, "how Prompt-to-Prompt's fractions become steps and where "
+                                                 "self-attention is replaced: reference (google/prompt-to-prompt: "
+                                                 "cross maps for int(f(m+1)) of the m sampled steps, self-attention "
+                                                 "for int(fm) and only in layers of at most 16x16 tokens) | "
+                                                 "every-layer (floor(fm) both, self-attention in every layer)",
+                                group="edit", choices=CONTROL_RULES, per_row=True)
 
     candidates: int = option(1, "edits made of the row (one inversion, one source branch): each draws its "
                                 "attention control from --sample-cross-replace / --sample-self-replace, and the "

@@ -67,7 +67,7 @@ class Column:
         """The column's array for ``n`` rows the stage has not filled: NaN, 0, False or "" (text is never None in
         flight: a block of Nones would get another Arrow type than a block of strings, and Ray could not join them)."""
         kind = self.type
-        if kind is None or pa.types.is_string(kind):
+        if kind is None or pa.types.is_string(kind) or pa.types.is_list(kind):  # lists travel as JSON text
             return np.array([""] * n, dtype=object)
         if pa.types.is_floating(kind):
             return np.full(n, np.nan)
@@ -176,6 +176,12 @@ RESULT_SETTING_FIELDS: tuple[str, ...] = tuple(c.name for c in setting_columns()
 
 _S, _I, _F, _B, _X = pa.string(), pa.int64(), pa.float64(), pa.bool_(), pa.binary()
 
+#: ``all_candidates`` (--keep-candidates): each candidate of a row, its own image's uri, draws, scores and verdict. In
+#: flight it is JSON text (``Column.empty``); the results read it as this type (``rows.coerce_value``).
+KEPT_CANDIDATE = pa.struct([("candidate", _I), ("id", _S), ("uri", _S), ("cross_replace", _F), ("self_replace", _F),
+                            ("score", _F), ("clip_image_similarity", _F), ("clip_text_similarity", _F),
+                            ("passed", _B)])
+
 #: Every column, in the results' order (columns outside the results anywhere among them).
 COLUMNS: tuple[Column, ...] = (
     Column("id", _S, SOURCE, dataset=True),
@@ -206,7 +212,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("ideal_unet_samples", _I, RESULTS, summary=True, compute=_ideal_unet_samples),
     Column("seconds", _F, RESULTS, compute=_seconds),
     Column("image_bytes", _I, WRITE, summary=True, doc="bytes of the edited PNG (stored in images/ or embedded)"),
-    Column("input_bytes", _I, WRITE, summary=True, doc="bytes this row wrote to inputs/ and reconstructions/"),
+    Column("input_bytes", _I, WRITE, summary=True,
+           doc="bytes of this row's side images: inputs/, reconstructions/, masks/ and candidates/"),
     Column("latent_bytes", _I, WRITE, summary=True,
            doc="bytes this row wrote to the latent cache (0 on a cache hit or with it off)"),
     Column("candidate", _I, ENGINE, dataset=True, ok_only=True, output="candidate",
@@ -221,6 +228,9 @@ COLUMNS: tuple[Column, ...] = (
            doc="--scorer: CLIP similarity of the edited image to the input"),
     Column("clip_text_similarity", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("text_similarity"),
            doc="--scorer: CLIP similarity of the edited image to the edit prompt"),
+    Column("all_candidates", pa.list_(KEPT_CANDIDATE), WRITE, ok_only=True,
+           doc="--keep-candidates: every candidate of the row (candidates/<p>/<id>.c<k>.png, its own id), with its "
+               "draws, scores and the filter's verdict; null without the flag or with one candidate"),
     Column("psnr", _F, ENGINE, ok_only=True, output="psnr",
            doc="fidelity (--measure-fidelity): reconstruction vs preprocessed input, dB"),
     Column("ssim", _F, ENGINE, ok_only=True, output="ssim"),
@@ -245,6 +255,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("mask_pixels", None, ENGINE, results=False, output="mask"),
     Column("has_mask", _B, ENGINE, results=False, compute=_has_mask),
     Column("passed", _B, ENGINE, results=False, output="passed", doc="the scorer's verdict (no scorer: true)"),
+    Column("candidate_images", None, ENGINE, results=False,
+           doc="--keep-candidates: the row's candidates (pickled core.candidates.KeptCandidate) for the write stage"),
     Column("reconstruction", None, ENGINE, results=False, output="reconstruction"),
     Column("engine_seconds", _F, ENGINE, results=False),
     Column("engine_dtype", _S, ENGINE, results=False),

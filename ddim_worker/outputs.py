@@ -6,6 +6,7 @@
       inputs/<p>/<id>.png          the preprocessed input the engine saw (--save-inputs; else only the report's sample)
       reconstructions/<p>/<id>.png the inversion resampled with the source prompt (--measure-fidelity)
       masks/<p>/<id>.png           what the edit changed, 255 inside (--mask auto)
+      candidates/<p>/<id>.c<k>.png every candidate k of a row (--keep-candidates): each under its own id
       latents/<xyz>/<digest>.safetensors   cached inversion trajectories (--latent-cache: elsewhere, or off)
       results/ok-*.parquet, retry-*.parquet   the results ledger as shards: one row per manifest row
       results/_made_with.json      the options and model the results are made with (a rerun must match them)
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from ddim_worker.storage import join_uri
 
 #: Image folders by what they hold (the report shows them side by side).
-IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions", "mask": "masks"}
+IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions", "mask": "masks",
+                 "candidate": "candidates"}
 REPORT_NAME = "report.html"
 CONTACT_SHEET_NAME = "contact-sheet.png"
 
@@ -39,6 +41,11 @@ PREFIX_DIGITS = 3
 
 #: ``--latent-cache off``: no trajectory is read or written (a rerun still skips finished rows: the ledger does that).
 LATENT_CACHE_OFF = "off"
+
+
+def candidate_id(row_id: str, candidate: int) -> str:
+    """A kept candidate's own id (``--keep-candidates``): the row's id and its index, ``<id>.c<k>``."""
+    return f"{row_id}.c{int(candidate)}"
 
 
 def prefix(row_id: str) -> str:

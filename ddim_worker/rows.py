@@ -5,6 +5,7 @@ The columns themselves (the results schema, the summary, the dataset) are declar
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow as pa
@@ -89,4 +90,6 @@ def _coerce_or_raise(value: object, type_: pa.DataType) -> object:
         return float(value)
     if pa.types.is_boolean(type_):
         return bool(value)
+    if pa.types.is_list(type_) and isinstance(value, str):  # a list column in flight is JSON text ("": none)
+        return json.loads(value) if value else None
     return value

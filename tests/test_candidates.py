@@ -4,9 +4,11 @@ columns, the ``filtered`` status and what reaches the dataset."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ddim_worker.core.candidate_edits import combine, expand
 from ddim_worker.core.candidates import Scores, Thresholds, candidate_settings, select
@@ -90,7 +92,8 @@ def test_candidates_share_one_inversion_and_one_source_branch(shapes_model, scen
 def test_the_job_keeps_the_best_candidate_and_filters_rows_none_passes(shapes_model, scorer, scenes, tmp_path):
     """Through the Ray job: each row's candidates are scored, the best is the row's result with its scores in the
     results, the PNG and the dataset; thresholds no candidate reaches end a row ``filtered``: in the results with
-    its scores, counted in job.json and on the card, not in the dataset, and not edited again by a rerun."""
+    its scores, counted in job.json and on the card, not in the dataset, and not edited again by a rerun. With
+    ``--keep-candidates`` every candidate is written under its own id and listed in the results."""
     import datasets
 
     from ddim_worker.core.images import encode_png, read_png_text
@@ -121,6 +124,8 @@ def test_the_job_keeps_the_best_candidate_and_filters_rows_none_passes(shapes_mo
         assert f"candidate={row['candidate']} cross_replace={row['candidate_cross_replace']}" \
             in text["ddim_edit:candidate"]
         assert text["ddim_edit:scores"].startswith(f"score={row['score']:.4f}") and text["ddim_edit:status"] == "ok"
+        assert row["all_candidates"] is None
+    assert not (out / "candidates").exists()  # without --keep-candidates only the chosen one is written
     packed = datasets.load_dataset(str(out / "dataset"), split="train")
     assert packed.num_rows == 4 and {"score", "candidate", "clip_text_similarity"} <= set(packed.column_names)
 
@@ -129,11 +134,27 @@ def test_the_job_keeps_the_best_candidate_and_filters_rows_none_passes(shapes_mo
     assert scores[0] < scores[-1]
     cut = (scores[0] + scores[1]) / 2
     out2 = tmp_path / "out2"
+    options["keep_candidates"] = True
     summary = run(manifest, str(out2), shapes_model, min_direction=cut, min_image_similarity=-1,
                   min_text_similarity=-1, **options)
     assert summary["counts"]["ok"] == 3 and summary["counts"]["filtered"] == 1 and summary["computed"] == 4
     filtered = [r for r in results(str(out2)).values() if r["status"] == "filtered"]
     assert len(filtered) == 1 and filtered[0]["score"] == scores[0] and filtered[0]["error_code"] is None
+    for rid, row in results(str(out2)).items():  # --keep-candidates: all three, each a PNG of its own id
+        kept = row["all_candidates"]
+        assert [c["candidate"] for c in kept] == [0, 1, 2] and [c["id"] for c in kept] == [f"{rid}.c{k}" for k in
+                                                                                            range(3)]
+        chosen = kept[row["candidate"]]
+        assert (chosen["score"], chosen["cross_replace"]) == (row["score"], row["candidate_cross_replace"])
+        assert max(c["score"] for c in kept) == row["score"] and all(c["self_replace"] == 0.4 for c in kept)
+        assert [c["passed"] for c in kept] == [c["score"] >= cut for c in kept]
+        for c in kept:
+            png = Path(c["uri"]).read_bytes()
+            assert Path(c["uri"]).parent.parent.name == "candidates"
+            assert f"candidate={c['candidate']} " in read_png_text(png)["ddim_edit:candidate"]
+            assert read_png_text(png)["ddim_edit:status"] == ("ok" if c["passed"] else "filtered")
+        assert np.array_equal(np.asarray(Image.open(kept[row["candidate"]]["uri"])),
+                              np.asarray(Image.open(png_path(out2, rid))))  # the row's image is its chosen one
     text = read_png_text(png_path(out2, filtered[0]["id"]).read_bytes())
     assert text["ddim_edit:status"] == "filtered"
     packed = datasets.load_dataset(str(out2 / "dataset"), split="train")

@@ -57,6 +57,18 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class KeptCandidate:
+    """One candidate of a row as ``--keep-candidates`` writes it: its index, image, draws, scores and verdict."""
+
+    candidate: int
+    image: np.ndarray  # (H, W, 3) uint8
+    cross_replace: float
+    self_replace: float
+    scores: Scores | None
+    passed: bool
+
+
+@dataclass(frozen=True)
 class Thresholds:
     """What a candidate must reach to pass (InstructPix2Pix's filter; see docs/quality.md)."""
 

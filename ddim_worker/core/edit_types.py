@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ddim_worker.core.call_plan import RowNeeds
-from ddim_worker.core.candidates import Scores
+from ddim_worker.core.candidates import KeptCandidate, Scores
 from ddim_worker.core.inversion import InversionMethod, parse_method
 from ddim_worker.core.inversion_key import InversionKey
 from ddim_worker.core.settings import DEFAULTS, SETTING_NAMES, EditSettings, SettingError, sampling_start
@@ -122,6 +122,7 @@ class EditOutput:
     self_replace: float | None = None
     scores: Scores | None = None
     passed: bool = True
+    kept_candidates: tuple[KeptCandidate, ...] = ()  # every candidate of the row (--keep-candidates)
 
 
 @dataclass

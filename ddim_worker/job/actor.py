@@ -8,6 +8,7 @@ the engine is retried row by row, so one poisoned row fails alone (``engine_erro
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ class EditActor:
                  storage_options: dict | None = None, num_threads: int | None = None,
                  measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None,
                  cache_latents: bool = True, schema: RowSchema | None = None, scorer: str | None = None,
-                 thresholds: Thresholds | None = None):
+                 thresholds: Thresholds | None = None, keep_candidates: bool = False):
         import torch
 
         from ddim_worker.core.engine import EditEngine
@@ -63,6 +64,7 @@ class EditActor:
         self._recent: OrderedDict[str, Any] = OrderedDict()
         self.schema = schema or current()  # the driver's: the engine columns it planned the results with
         self.thresholds = thresholds or Thresholds()
+        self.keep_candidates = keep_candidates  # every candidate goes on to the write stage, not only the chosen
         self.scorer = None
         if scorer:  # on the engine's device, loaded once like the engine
             from ddim_worker.core.scorer import ClipScorer
@@ -107,7 +109,8 @@ class EditActor:
             edited = {i: [next(outputs) for _ in requests[i]] for i in todo}
             scores = self._scores(batch, requests, edited)
             done = {i: (rows[i], scores[i] if isinstance(scores.get(i), Exception)
-                        else combine(requests[i], edited[i], scores.get(i), self.thresholds)) for i in todo}
+                        else combine(requests[i], edited[i], scores.get(i), self.thresholds,
+                                     keep=self.keep_candidates)) for i in todo}
             return {**{i: (rows[i], refused[i]) for i in index if refused[i] is not None}, **done}
         except Exception as exc:  # noqa: BLE001 - isolate the poisoned row(s) by retrying one at a time
             if len(index) == 1:
@@ -184,6 +187,10 @@ class EditActor:
         result.update(output_columns(self.schema, n, {i: row for i, (row, _) in done.items()},
                                      {i: out for i, (_, out) in done.items()}))
         result.update(self._payloads(n, {i: out for i, (_, out) in done.items()}))
+        result["candidate_images"] = np.array([b""] * n, dtype=object)
+        for i, (_, out) in done.items():
+            if out.kept_candidates:
+                result["candidate_images"][i] = pickle.dumps(out.kept_candidates, protocol=pickle.HIGHEST_PROTOCOL)
         result.update(trajectory_blob=self._trajectories(batch, n, done), status=status, error_code=code,
                       error=error, engine_dtype=np.full(n, self.dtype, dtype=object))
         return result

@@ -92,6 +92,9 @@ class JobConfig:
     min_text_similarity: float = option(THRESHOLDS.text_similarity, "least CLIP similarity of a kept edit to its "
                                                                     "edit prompt", group="candidates", minimum=-1,
                                         maximum=1)
+    keep_candidates: bool = option(False, "also write every candidate of a row with more than one: its image as "
+                                          "candidates/<p>/<id>.c<k>.png (its own id) and its draws and scores in "
+                                          "the results' all_candidates column, for filtering later", group="candidates")
     report: bool = option(True, "write report.html and contact-sheet.png at the end", group="job")
     pack: bool = option(True, "pack the edited dataset into OUTPUT/dataset at the end of a finished run (parquet "
                               "shards + dataset card; `ddim-edit pack OUTPUT` does it later)", group="storage")

@@ -9,6 +9,8 @@ that fails gets ``status = failed`` with a stable ``error_code``, and its neighb
 from __future__ import annotations
 
 import hashlib
+import json
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -40,7 +42,7 @@ from ddim_worker.core.images import (
     read_png_text,
 )
 from ddim_worker.manifest import ManifestFiles, id_hash
-from ddim_worker.outputs import OutputLayout
+from ddim_worker.outputs import OutputLayout, candidate_id
 from ddim_worker.rows import EDITED, FAILED, FILTERED, OK, PENDING, RowError, is_missing, text_or_none
 from ddim_worker.url_policy import FetchError, FetchPolicy
 
@@ -346,6 +348,7 @@ class _Writes:
         self.fidelity = {name: np.array(batch[name], np.float64) if name in batch else np.full(n, np.nan)
                          for name in ("psnr", "ssim")}
         self.controls = list(batch["attention_control"]) if "attention_control" in batch else [None] * n
+        self.candidates = [""] * n  # --keep-candidates: each row's candidates as JSON text (lists travel so)
 
     def recovered(self, i: int, row: dict) -> None:
         """A row recorded from the PNG a killed run left: its files are found, nothing is written."""
@@ -370,6 +373,7 @@ class _Writes:
             self.status[i], self.code[i], self.error[i] = FAILED, "write_failed", f"{type(exc).__name__}: {exc}"
             for column in self.uris:
                 self.uris[column][i] = None
+            self.candidates[i] = ""
 
     def _write(self, i: int, row: dict, dtype: str) -> None:
         ctx, rid, uris, sizes = self.ctx, str(row["id"]), self.uris, self.sizes
@@ -388,6 +392,9 @@ class _Writes:
                 self._put(i, column, ctx.layout.image(kind, rid), encode_png(np.asarray(row[key])))
         if row.get("has_mask"):  # what the edit changed (mask auto), for dataset builders
             self._put(i, "mask_uri", ctx.layout.image("mask", rid), encode_mask_png(np.asarray(row["mask_pixels"])))
+        kept = row.get("candidate_images")
+        if kept is not None and len(kept):
+            self.candidates[i] = json.dumps(self._write_candidates(i, row, pickle.loads(bytes(kept)), dtype))
         png = encode_png(np.asarray(row["edited"]), png_text(row, ctx, dtype))
         sizes["image_bytes"][i] = len(png)
         if ctx.save_images or sampled:
@@ -396,6 +403,26 @@ class _Writes:
             failpoint("image_written")
         if ctx.embed_images:
             self.pngs[i] = png
+
+    def _write_candidates(self, i: int, row: dict, kept: list, dtype: str) -> list[dict]:
+        """Every candidate's PNG under its own id (its chunks say which candidate, its draws, scores and verdict);
+        their records for the results' ``all_candidates`` column."""
+        records = []
+        for c in kept:
+            scores = {"score": None, "clip_image_similarity": None, "clip_text_similarity": None}
+            if c.scores is not None:
+                scores = {"score": c.scores.direction, "clip_image_similarity": c.scores.image_similarity,
+                          "clip_text_similarity": c.scores.text_similarity}
+            own = {**row, "candidate": c.candidate, "candidate_cross_replace": c.cross_replace,
+                   "candidate_self_replace": c.self_replace, "passed": c.passed, **scores}
+            cid = candidate_id(str(row["id"]), c.candidate)
+            uri = self.ctx.layout.image("candidate", cid)
+            png = encode_png(np.asarray(c.image), png_text(own, self.ctx, dtype))
+            storage.write_bytes(uri, png, self.ctx.storage_options)
+            self.sizes["input_bytes"][i] += len(png)
+            records.append({"candidate": c.candidate, "id": cid, "uri": uri, "cross_replace": c.cross_replace,
+                            "self_replace": c.self_replace, **scores, "passed": bool(c.passed)})
+        return records
 
     def _put(self, i: int, column: str, uri: str, data: bytes) -> None:
         """A side image (input, reconstruction, mask): written, its uri recorded, its bytes counted."""
@@ -412,7 +439,7 @@ class _Writes:
         result.update(status=text_column(self.status), error_code=text_column(self.code),
                       error=text_column(self.error), **{c: text_column(v) for c, v in self.uris.items()},
                       **self.sizes, png=np.array([p or b"" for p in self.pngs], dtype=object),
-                      write_seconds=self.write_seconds)
+                      write_seconds=self.write_seconds, all_candidates=text_column(self.candidates))
         return result
 
 

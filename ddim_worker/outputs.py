@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from ddim_worker.storage import join_uri
 
 #: Image folders by what they hold (the report shows them side by side).
-IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions", "mask": "masks",
-                 "candidate": "candidates"}
+IMAGE_FOLDERS = {"input": "inputs", "edited": "images", "reconstruction": "reconstructions", "mask": "masks"}
+#: --keep-candidates: every candidate of a row, under its own id (not a report column: a row has K of them).
+CANDIDATES_FOLDER = "candidates"
 REPORT_NAME = "report.html"
 CONTACT_SHEET_NAME = "contact-sheet.png"
 
@@ -72,6 +73,10 @@ class OutputLayout:
     def relative_image(kind: str, row_id: str) -> str:
         """``images/<p>/<id>.png``: where a row's image of ``kind`` lives, relative to the output (the report links)."""
         return f"{IMAGE_FOLDERS[kind]}/{prefix(row_id)}/{row_id}.png"
+
+    def candidate(self, row_id: str, candidate: int) -> str:
+        """``candidates/<p>/<id>.c<k>.png``: candidate k of a row (``--keep-candidates``), filed by the row's id."""
+        return join_uri(self.root, f"{CANDIDATES_FOLDER}/{prefix(row_id)}/{candidate_id(row_id, candidate)}.png")
 
     def edited(self, row_id: str) -> str:
         return self.image("edited", row_id)

@@ -416,7 +416,7 @@ class _Writes:
             own = {**row, "candidate": c.candidate, "candidate_cross_replace": c.cross_replace,
                    "candidate_self_replace": c.self_replace, "passed": c.passed, **scores}
             cid = candidate_id(str(row["id"]), c.candidate)
-            uri = self.ctx.layout.image("candidate", cid)
+            uri = self.ctx.layout.candidate(str(row["id"]), c.candidate)
             png = encode_png(np.asarray(c.image), png_text(own, self.ctx, dtype))
             storage.write_bytes(uri, png, self.ctx.storage_options)
             self.sizes["input_bytes"][i] += len(png)

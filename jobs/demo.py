@@ -5,8 +5,9 @@ a shape of one colour on a plain background. The demo edits colours, shapes and 
 recommended settings (direct inversion with Prompt-to-Prompt attention control; the manifest's rows add a mask to
 colour and background edits and drop the control for background edits), then shows the results in
 ``out/shapes/report.html`` and ``out/shapes/contact-sheet.png`` (input | edited | mask). With ``--scorer`` (the
-Makefile passes the shapes scorer) each row is edited four times, its candidates drawing their attention control,
-and the scorer keeps the best edit that passes; rows none passes are marked ``[filtered]`` on the contact sheet and
+Makefile passes the shapes scorer) each row is edited four times, its candidates drawing their attention control
+(colour and shape edits) or their noise (background edits, ``candidates_per_edit``), and the scorer keeps the best
+edit that passes; rows none passes are marked ``[filtered]`` on the contact sheet and
 left out of ``out/shapes/dataset``. First it edits one scene with ``ddim-edit edit``, and it ends with text-to-image
 (``ddim-edit sample``).
 """
@@ -40,8 +41,27 @@ def filter_flags(scorer: str | None) -> list[str]:
     """Four candidates per row and the scorer (a call of 5 holds a row's candidates and their source branch)."""
     if not scorer:
         return ["--batch-size", "4"]
-    return ["--candidates", "4", "--sample-cross-replace", "0.2:1", "--sample-self-replace", "0.2:1",
-            "--scorer", scorer, "--batch-size", "5"]
+    return ["--candidates", "4", "--scorer", scorer, "--batch-size", "5"]
+
+
+def candidates_manifest(out: Path) -> Path:
+    """The shipped manifest with each row's candidate draws for its kind of edit as columns (the shapes model's
+    ``candidates_per_edit``: colour and shape edits draw their attention control, background edits their noise),
+    its image paths made absolute so that it can live under the output."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    draws = edit_settings()["candidates_per_edit"]
+    table = pq.read_table(REPO / "manifests" / "shapes.parquet")
+    rows = table.to_pylist()
+    names = sorted({name for values in draws.values() for name in values})
+    for row in rows:
+        row["image_url"] = str(REPO / "manifests" / row["image_url"])
+        row.update({name: draws[row["edit"]].get(name) for name in names})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "shapes-candidates.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                        "--out", str(out / "edit-one.png")])
     if status:
         return status
-    print("== the batch job: ddim-edit run manifests/shapes.parquet")
-    status = job_main([str(REPO / "manifests" / "shapes.parquet"), "--output", str(out / "shapes"), "--model",
+    manifest = candidates_manifest(out) if args.scorer else REPO / "manifests" / "shapes.parquet"
+    print(f"== the batch job: ddim-edit run {manifest}")
+    status = job_main([str(manifest), "--output", str(out / "shapes"), "--model",
                        args.model, *flags, *filter_flags(args.scorer), "--overwrite"])  # a fresh demo every time
     if status:
         return status

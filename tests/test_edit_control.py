@@ -162,6 +162,21 @@ def test_an_image_with_several_edit_prompts_costs_one_inversion_and_one_source_b
     assert engine.guided_unet.samples - before == ideal
 
 
+def test_an_image_whose_rows_fall_in_several_groups_is_inverted_once(engine, scenes, one_thread):
+    """A masked row samples deeper and eta is a group's own, so one image's rows can fall in three sampling groups;
+    the deepest group inverts the image and lends its trajectory to the others (shared, not a cache hit), which
+    edit to the bytes they get alone."""
+    from ddim_worker.core.settings import sampling_start
+
+    rows = [_row(scenes[1]), _row(scenes[1], mask="auto"), _row(scenes[1], eta=0.5, seed=3)]
+    together = engine.edit(rows)
+    assert [o.inversion_passes for o in together] == [0, N - sampling_start(START), 0]
+    assert [(o.shared_inversion, o.cache_hit) for o in together] == [(True, False), (False, False), (True, False)]
+    for row, out in zip(rows, together):
+        alone = engine.edit([row])[0]
+        assert np.array_equal(alone.image, out.image) and alone.inversion_passes > 0
+
+
 def test_refinement_is_chosen_when_the_prompts_tokenise_to_different_lengths(engine, scenes):
     [swap, refine] = engine.edit([_row(scenes[0], cross_replace=0.8),
                                   _row(scenes[0], scenes[0].with_(colour="green").caption, cross_replace=0.8)])

@@ -18,7 +18,8 @@ edits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -144,9 +145,30 @@ class EditEngine:
         for i, row in enumerate(rows):
             groups.setdefault(row.group, []).append(i)
         outputs: list[EditOutput | None] = [None] * len(rows)
-        for (num_steps, start_step, eta), index in groups.items():
-            for i, out in zip(index, edit_group(self.model, [rows[i] for i in index], num_steps, start_step, eta,
-                                                measure_fidelity)):
+        inverted: dict[Hashable, Trajectory] = {}
+        # The deepest sampling level first: its trajectories hold every shallower group's levels, so an image whose
+        # rows fall in several groups (a masked row samples deeper; eta is the group's) is inverted once.
+        for (num_steps, start_step, eta), index in sorted(groups.items(), key=lambda item: item[0][1]):
+            group_rows, lent = self._lend_trajectories([rows[i] for i in index], inverted)
+            for k, (i, out) in enumerate(zip(index, edit_group(self.model, group_rows, num_steps, start_step, eta,
+                                                              measure_fidelity))):
+                if k in lent:  # inverted by an earlier group of this call: shared, not a latent-cache hit
+                    out.cache_hit, out.shared_inversion = False, True
+                elif rows[i].method.caches and not self.model.vae_sample:
+                    inverted.setdefault(rows[i].inversion_key(), out.trajectory)
                 outputs[i] = out
         self.stats.edits += len(rows)
         return outputs  # type: ignore[return-value]
+
+    @staticmethod
+    def _lend_trajectories(rows: list[EditRow], inverted: dict[Hashable, Trajectory]) -> tuple[list[EditRow], set]:
+        """``rows`` with the trajectories earlier groups of this call inverted for the same key, as stored ones (a
+        row with a stored trajectory of its own keeps it); and the positions of the rows given one."""
+        out, lent = [], set()
+        for k, row in enumerate(rows):
+            trajectory = inverted.get(row.inversion_key()) if row.cached is None and row.method.caches else None
+            if trajectory is not None:
+                row = dataclasses.replace(row, cached=trajectory)
+                lent.add(k)
+            out.append(row)
+        return out, lent

@@ -112,22 +112,26 @@ def augmentation_check(folder: Path, model: str, work: Path, images: int = 4) ->
 #: The filter's job: the shapes model's recommended settings per kind of edit (``edit_settings.json``, as rows'
 #: columns), four candidates per row drawing both attention fractions, and the scorer.
 RECOMMENDED_FLAGS = ["--inversion", "direct", "--cross-replace", "--self-replace"]
-FILTER_FLAGS = [*RECOMMENDED_FLAGS, "--candidates", "4", "--sample-cross-replace", "0.2:1",
-                "--sample-self-replace", "0.2:1"]
+#: The filter's job: four candidates per row, each drawn as its kind's ``candidates_per_edit`` says (columns).
+FILTER_FLAGS = [*RECOMMENDED_FLAGS, "--candidates", "4"]
 
 
-def per_kind_manifest(folder: Path, index: dict) -> Path:
-    """The manifest again, each row with its kind's recommended settings as columns (the demo's way)."""
+def per_kind_manifest(folder: Path, index: dict, candidates: bool = False) -> Path:
+    """The manifest again, each row with its kind's recommended settings as columns (the demo's way); with
+    ``candidates``, also its kind's candidate draws (``candidates_per_edit``: colour and shape edits draw their
+    attention control, background edits, masked without control, their noise: eta > 0, seed + k)."""
     from ddim_worker.shapes.model import edit_settings
 
-    per_edit = edit_settings()["per_edit"]
-    names = sorted({name for settings in per_edit.values() for name in settings})
+    settings = edit_settings()
+    per_edit = {kind: {**settings["per_edit"][kind], **(settings["candidates_per_edit"][kind] if candidates else {})}
+                for kind in KINDS}
+    names = sorted({name for values in per_edit.values() for name in values})
     rows = []
     for rid, (kind, sc, target) in index.items():
         n = int(rid.rsplit("-", 1)[1])
         rows.append({"id": rid, "image_url": f"scene{n}.png", "source_prompt": sc.caption,
                      "edit_prompt": target.caption, **{k: per_edit[kind].get(k) for k in names}})
-    path = folder / "manifest-per-kind.parquet"
+    path = folder / ("manifest-candidates.parquet" if candidates else "manifest-per-kind.parquet")
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
@@ -142,7 +146,7 @@ def filter_check(folder: Path, index: dict, model: str, scorer: str, work: Path,
     run_job(manifest, work / "recommended", model, RECOMMENDED_FLAGS)
     before = judge_job(work / "recommended", folder, index)
     output = work / "filter"
-    record = run_job(manifest, output, model, [*flags, "--scorer", scorer])
+    record = run_job(per_kind_manifest(folder, index, candidates=True), output, model, [*flags, "--scorer", scorer])
     layout = OutputLayout(str(output))
     status = {r["id"]: r["status"] for r in read_table(layout, images=False).to_pylist()}
     judged: dict[str, dict[str, list]] = {kind: {"kept": [], "dropped": []} for kind in KINDS}

@@ -47,19 +47,20 @@ def filter_flags(scorer: str | None) -> list[str]:
 def candidates_manifest(out: Path) -> Path:
     """The shipped manifest with each row's candidate draws for its kind of edit as columns (the shapes model's
     ``candidates_per_edit``: colour and shape edits draw their attention control, background edits their noise),
-    its image paths made absolute so that it can live under the output."""
+    written under the output beside a copy of its images (a manifest reads local files in its own folder only)."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     draws = edit_settings()["candidates_per_edit"]
-    table = pq.read_table(REPO / "manifests" / "shapes.parquet")
-    rows = table.to_pylist()
+    rows = pq.read_table(REPO / "manifests" / "shapes.parquet").to_pylist()
     names = sorted({name for values in draws.values() for name in values})
     for row in rows:
-        row["image_url"] = str(REPO / "manifests" / row["image_url"])
         row.update({name: draws[row["edit"]].get(name) for name in names})
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "shapes-candidates.parquet"
+    folder = out / "manifest"
+    shutil.copytree(REPO / "manifests" / "shapes", folder / "shapes", dirs_exist_ok=True)
+    path = folder / "shapes-candidates.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 

@@ -2,7 +2,8 @@
 
 - **colour**: only the shape's colour changes. Success: the shape's pixels have the new colour; background PSNR
   (pixels more than 2 px from the shape) and shape IoU (pixels unlike the background vs the scene's mask) say what
-  was kept; the share of the outline band still in the old colour says whether a fringe was left.
+  was kept; the share of the outline band still in the old colour says whether a fringe was left, and the area
+  ratio (largest area unlike the background, over the input's shape) whether the shape shrank or grew.
 - **shape**: only the shape changes (circle, square, triangle). Success: the largest area of pixels unlike the
   background has the new shape (``shape_class``: the best-overlapping template in its bounding box); background PSNR
   away from both the old and the new outline; the shape's colour kept; that area's centroid shift (px) and area
@@ -94,7 +95,8 @@ def judge(kind: str, image: np.ndarray, source: np.ndarray, scene: S.Scene, targ
         return {"success": S.shape_colour(image, m) == target.colour, "bg_psnr": S.psnr(image, source,
                                                                                          ~S._dilate(m, 2)),
                 "iou": float((seg & m).sum() / max(1, (seg | m).sum())),
-                "edge_old_colour": edge_old_colour(image, m, scene)}
+                "edge_old_colour": edge_old_colour(image, m, scene),
+                "area_ratio": float(largest_blob(seg).sum() / max(1, m.sum()))}  # did it shrink inside its mask
     if kind == "shape":
         seg = largest_blob(S.segment(image, scene.background))  # the shape, without specks elsewhere
         away = ~S._dilate(m | S.mask(target), 2)

@@ -163,11 +163,23 @@ def _has_mask(row: Any, out: Any) -> bool:
     return out.mask is not None
 
 
-def _scored(name: str) -> Callable[[Any, Any], float | None]:
+#: The score columns and the field of ``core.candidates.Scores`` each one holds: the results' and the dataset's
+#: columns, a PNG's ``ddim_edit:scores`` chunk and each kept candidate's record all take their names from here.
+SCORE_FIELDS: dict[str, str] = {"score": "direction", "clip_image_similarity": "image_similarity",
+                                "clip_text_similarity": "text_similarity"}
+
+
+def score_values(scores: Any) -> dict[str, float | None]:
+    """A ``Scores`` (or None: not scored) as its columns' values."""
+    return {column: None if scores is None else float(getattr(scores, field))
+            for column, field in SCORE_FIELDS.items()}
+
+
+def _scored(column: str) -> Callable[[Any, Any], float | None]:
     """An engine column of one of the result's scores (None: not scored)."""
     def value(row: Any, out: Any) -> float | None:
-        return None if out.scores is None else float(getattr(out.scores, name))
-    value.__name__ = f"score_{name}"
+        return score_values(out.scores)[column]
+    value.__name__ = f"score_{SCORE_FIELDS[column]}"
     return value
 
 
@@ -222,11 +234,11 @@ COLUMNS: tuple[Column, ...] = (
            doc="the cross_replace the result was made with (drawn from sample_cross_replace, else the row's)"),
     Column("candidate_self_replace", _F, ENGINE, dataset=True, ok_only=True, output="self_replace",
            doc="the self_replace the result was made with (drawn from sample_self_replace, else the row's)"),
-    Column("score", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("direction"),
+    Column("score", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("score"),
            doc="--scorer: CLIP directional similarity, the image's change vs the prompts' change (the ranking)"),
-    Column("clip_image_similarity", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("image_similarity"),
+    Column("clip_image_similarity", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("clip_image_similarity"),
            doc="--scorer: CLIP similarity of the edited image to the input"),
-    Column("clip_text_similarity", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("text_similarity"),
+    Column("clip_text_similarity", _F, ENGINE, dataset=True, ok_only=True, compute=_scored("clip_text_similarity"),
            doc="--scorer: CLIP similarity of the edited image to the edit prompt"),
     Column("all_candidates", pa.list_(KEPT_CANDIDATE), WRITE, ok_only=True,
            doc="--keep-candidates: every candidate of the row (candidates/<p>/<id>.c<k>.png, its own id), with its "

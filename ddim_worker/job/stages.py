@@ -23,10 +23,12 @@ from ddim_worker.columns import (
     ENGINE,
     PREPARE,
     RESULT_SETTING_FIELDS,
+    SCORE_FIELDS,
     WRITE,
     RowSchema,
     current,
     results_columns,
+    score_values,
     setting_value,
 )
 from ddim_worker.failpoints import failpoint
@@ -293,13 +295,10 @@ def _candidate_text(row: dict) -> dict[str, str]:
         ("candidate", "candidate"), ("cross_replace", "candidate_cross_replace"),
         ("self_replace", "candidate_self_replace")) if not is_missing(row.get(column)))}
     if scored:
-        text["ddim_edit:scores"] = " ".join(f"{name}={float(row[name]):.4f}" for name in SCORE_COLUMNS)
+        text["ddim_edit:scores"] = " ".join(f"{name}={float(row[name]):.4f}" for name in SCORE_FIELDS)
         text["ddim_edit:status"] = OK if _passed(row) else FILTERED
     return text
 
-
-#: The score columns a PNG's ``ddim_edit:scores`` chunk lists.
-SCORE_COLUMNS = ("score", "clip_image_similarity", "clip_text_similarity")
 
 
 def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
@@ -409,10 +408,7 @@ class _Writes:
         their records for the results' ``all_candidates`` column."""
         records = []
         for c in kept:
-            scores = {"score": None, "clip_image_similarity": None, "clip_text_similarity": None}
-            if c.scores is not None:
-                scores = {"score": c.scores.direction, "clip_image_similarity": c.scores.image_similarity,
-                          "clip_text_similarity": c.scores.text_similarity}
+            scores = score_values(c.scores)
             own = {**row, "candidate": c.candidate, "candidate_cross_replace": c.cross_replace,
                    "candidate_self_replace": c.self_replace, "passed": c.passed, **scores}
             cid = candidate_id(str(row["id"]), c.candidate)

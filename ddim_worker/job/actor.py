@@ -43,16 +43,20 @@ class EditActor:
                  measure_fidelity: bool = False, revision: str | None = None, variant: str | None = None,
                  cache_latents: bool = True, schema: RowSchema | None = None, scorer: str | None = None,
                  thresholds: Thresholds | None = None, keep_candidates: bool = False):
+        ensure_worker_logging()
+        # The model's local copy first, before torch: a node that cannot hold it (a broken disk, no room) fails its
+        # actor in a second instead of after the heavy imports, and Ray Data restarts it on the same node again and
+        # again while the job runs elsewhere.
+        model_path = local_model_path(model, storage_options)
         import torch
 
         from ddim_worker.core.engine import EditEngine
         from ddim_worker.core.fastpath import apply_fast_path
 
-        ensure_worker_logging()
         if num_threads:
             torch.set_num_threads(num_threads)  # the cores Ray gave this actor, not every core of the node
         # A fixed engine batch size makes every row's output independent of its neighbours (see EditEngine).
-        self.engine = EditEngine.from_pretrained(local_model_path(model, storage_options), device=device,
+        self.engine = EditEngine.from_pretrained(model_path, device=device,
                                                  dtype=engine.dtype, size=engine.size, batch_size=batch_size,
                                                  revision=revision, variant=variant)
         # The same switches the benchmark measures; with a fixed batch size a compiled UNet sees one shape.

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ddim_worker.core.images import read_png_text
-from ddim_worker.job.source import find_duplicates, id_hash, plan_source
-from tests.jobkit import picture, png_path, result_rows, results, run, run_script, write_manifest
+from ddim_worker.job.source import READ_SLICE_ROWS, find_duplicates, id_hash, plan_source
+from tests.jobkit import picture, png_path, result_rows, results, run, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,9 +150,20 @@ def test_manifest_folder_skips_spark_leftovers_hidden_files_and_fifos(tmp_path):
     assert any("part-00009.parquet: not a regular file" in w for w in warnings), warnings
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_a_two_cpu_node_does_not_stall(tiny_model_path, tmp_path):
-    """Every stage can run at once on a 2-CPU Ray node (the reading task once starved fetching there)."""
+    """Every stage can run at once on a 2-CPU Ray node (the reading task once starved fetching there): the session's
+    Ray is such a node. One row group bigger than one read slice, so the reading task pauses on backpressure after
+    the first slice while fetching, the engine actor and the writes must go on."""
+    import ray
+
+    assert ray.cluster_resources().get("CPU") == 2, "this test needs the session's Ray to be a 2-CPU node"
     (tmp_path / "a.png").write_bytes(picture(9))
-    report, _ = run_script("small_node.py", str(tmp_path), str(tiny_model_path), timeout=420)
-    counts = report["counts"]
-    assert counts["ok"] == 4 and counts["failed"] == 8192 + 2000 - 4
+    rows = READ_SLICE_ROWS + 2000
+    table = pa.table({"id": [f"r{i}" for i in range(rows)],
+                      "image_url": ["missing.png"] * (rows - 4) + ["a.png"] * 4,  # most fail fast, 4 are edited
+                      "source_prompt": ["a"] * rows, "edit_prompt": [f"b {i}" for i in range(rows)]})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=rows)
+    summary = run(str(tmp_path / "m.parquet"), str(tmp_path / "out"), tiny_model_path, num_steps=2, start_step=1,
+                  batch_size=64, report=False, results_shard_rows=2048)
+    assert summary["counts"]["ok"] == 4 and summary["counts"]["failed"] == rows - 4

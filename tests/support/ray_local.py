@@ -1,4 +1,4 @@
-"""One local Ray instance (4 logical CPUs, 512 MiB object store), started and stopped by ``local_ray``."""
+"""One local Ray instance (2 logical CPUs, 512 MiB object store), started and stopped by ``local_ray``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from tests.support.env import prepare_environment
 #: ``ray.init`` arguments of the test session's instance.
 RAY_INIT_KWARGS: dict[str, Any] = dict(
     address="local",  # a new instance, never a cluster a `ray start` recorded in /tmp/ray
-    num_cpus=4,
+    # This machine's cores: a job's stages run fewer tasks at once than with more logical CPUs, so fewer worker
+    # processes start (each costs seconds of CPU to import what its tasks need: the suite is CPU-bound); it is also
+    # the 2-CPU node that test_a_two_cpu_node_does_not_stall needs.
+    num_cpus=2,
     num_gpus=0,
     object_store_memory=512 * 2**20,
     include_dashboard=True,  # the state API (ray.util.state) the fault tests use goes through it
@@ -21,8 +24,8 @@ RAY_INIT_KWARGS: dict[str, Any] = dict(
     log_to_driver=True,
     configure_logging=True,
     logging_level="WARNING",
-    # What each worker imports as it starts: tests.support.worker_preload (the engine's modules only in the workers
-    # of the session's own job, which FreshWorkers keeps ready for its in-process jobs' engine actors).
+    # What each worker imports as it starts: tests.support.worker_preload (the engine's modules only in a worker of
+    # the session's own job still idle two seconds after it started: one FreshWorkers keeps for an engine actor).
     _system_config={"preload_python_modules": ["tests.support.worker_preload"]},
 )
 
@@ -53,7 +56,7 @@ class FreshWorkers:
     """Keeps ``target`` worker processes that have never run anything idle on this driver's raylet.
 
     Why: Ray gives a new actor an idle worker that has never run a task when it has one, and starts a process
-    otherwise (with the preload above, about 5 s on 2 cores); every job's engine actor is a new actor, so each job in
+    otherwise (with the engine's imports, about 5 s on 2 cores); every job's engine actor is a new actor, so each job in
     the suite paid that start on its critical path. A thread polls the raylet's children every quarter second, counts
     a worker as used once it is seen under another name than ``ray::IDLE``, and asks the raylet for more
     (``prestart_workers``) while fewer than ``target`` fresh ones are idle or starting. A task shorter than the poll

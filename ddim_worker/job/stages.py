@@ -300,7 +300,6 @@ def _candidate_text(row: dict) -> dict[str, str]:
     return text
 
 
-
 def write_images(batch: dict[str, np.ndarray], ctx: StageContext) -> dict[str, np.ndarray]:
     """Write each edited row's new latents, its side images and its PNG; the PNG last, so its presence means "done".
 

@@ -54,6 +54,12 @@ def largest_blob(seg: np.ndarray) -> np.ndarray:
     return ids == values[counts.argmax()]
 
 
+def area_ratio(shape: np.ndarray, m: np.ndarray) -> float:
+    """The largest area of ``shape`` (pixels unlike the background) over the input shape's ``m``: did it grow or
+    shrink."""
+    return float(largest_blob(shape).sum() / max(1, m.sum()))
+
+
 def _bbox_templates(seg: np.ndarray) -> dict[str, np.ndarray] | None:
     """Each shape class drawn in the bounding box of ``seg``'s largest area (after an opening that drops thin
     lines): the inscribed ellipse, the box, the upward triangle with its apex at the top centre."""
@@ -96,7 +102,7 @@ def judge(kind: str, image: np.ndarray, source: np.ndarray, scene: S.Scene, targ
                                                                                          ~S._dilate(m, 2)),
                 "iou": float((seg & m).sum() / max(1, (seg | m).sum())),
                 "edge_old_colour": edge_old_colour(image, m, scene),
-                "area_ratio": float(largest_blob(seg).sum() / max(1, m.sum()))}  # did it shrink inside its mask
+                "area_ratio": area_ratio(seg, m)}  # did it shrink inside its mask
     if kind == "shape":
         seg = largest_blob(S.segment(image, scene.background))  # the shape, without specks elsewhere
         away = ~S._dilate(m | S.mask(target), 2)
@@ -106,7 +112,7 @@ def judge(kind: str, image: np.ndarray, source: np.ndarray, scene: S.Scene, targ
         return {"success": shape_class(image, scene.background) == target.shape,
                 "bg_psnr": S.psnr(image, source, away), "colour_kept": colour == scene.colour,
                 "centroid_shift": float(math.hypot(x - x0, y - y0)) if seg.any() else math.nan,
-                "area_ratio": float(seg.sum() / max(1, m.sum()))}
+                "area_ratio": area_ratio(seg, m)}
     if kind == "background":
         seg = S.segment(image, target.background)
         outer = ~S._dilate(m, 3)
@@ -116,7 +122,7 @@ def judge(kind: str, image: np.ndarray, source: np.ndarray, scene: S.Scene, targ
                 "shape_psnr": S.psnr(image, source, S._erode(m, 2) if S._erode(m, 2).any() else m),
                 "iou": float((seg & m).sum() / max(1, (seg | m).sum())),
                 "flatness": S.psnr(image, flat, outer),
-                "area_ratio": float(largest_blob(seg).sum() / max(1, m.sum())),
+                "area_ratio": area_ratio(seg, m),
                 "ring_new_background": ring_new_background(image, m, target)}
     raise ValueError(f"edit kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
